@@ -1,0 +1,37 @@
+"""Domain values shared by the control plane and the data plane: no gRPC, no tensors."""
+
+from weightsync.core.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    TransferError,
+    Unauthenticated,
+    Unavailable,
+    WeightsyncError,
+)
+from weightsync.core.plan import ALIGN_BYTES, DEFAULT_BUCKET_SIZE_BYTES, Assignment, Bucket, BucketEntry, BucketPlan, fusion_key
+from weightsync.core.types import Participant, Rendezvous, TensorSpec
+
+__all__ = [
+    "ALIGN_BYTES",
+    "DEFAULT_BUCKET_SIZE_BYTES",
+    "Assignment",
+    "Bucket",
+    "BucketEntry",
+    "BucketPlan",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "NotFound",
+    "Participant",
+    "PermissionDenied",
+    "Rendezvous",
+    "TensorSpec",
+    "TransferError",
+    "Unauthenticated",
+    "Unavailable",
+    "WeightsyncError",
+    "fusion_key",
+]

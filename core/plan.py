@@ -1,0 +1,173 @@
+"""The bucket plan: which tensor sits at which offset of which bucket.
+
+The coordinator computes it once and sends the same plan to the trainer and to
+every daemon, so the two sides of the data plane cannot disagree on layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from weightsync.core.types import Participant, Rendezvous, TensorSpec
+
+__all__ = [
+    "ALIGN_BYTES",
+    "DEFAULT_BUCKET_SIZE_BYTES",
+    "Assignment",
+    "Bucket",
+    "BucketEntry",
+    "BucketPlan",
+    "fusion_key",
+]
+
+# 256 B keeps every tensor view aligned for int64 checksum views and vector loads.
+ALIGN_BYTES = 256
+# Chosen by bench/transfer.py (BENCHMARKS.md): large enough that per-collective
+# latency vanishes on gloo and NCCL, small enough that two buckets stay cheap.
+DEFAULT_BUCKET_SIZE_BYTES = 256 << 20
+
+# vLLM fuses these into one parameter; a partial write of the group corrupts
+# its siblings, so members of one group always travel and apply together.
+_FUSION_PATTERNS = (
+    (re.compile(r"\.(q_proj|k_proj|v_proj)\."), ".qkv_proj."),
+    (re.compile(r"\.(gate_proj|up_proj)\."), ".gate_up_proj."),
+    (re.compile(r"\.(w1|w3)\."), ".w13."),
+)
+
+
+def fusion_key(name: str) -> str:
+    """Tensors with equal keys are fused by vLLM into one parameter."""
+    for pattern, replacement in _FUSION_PATTERNS:
+        if pattern.search(name):
+            return pattern.sub(replacement, name)
+    return name
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN_BYTES - 1) // ALIGN_BYTES * ALIGN_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class BucketEntry:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    offset_bytes: int
+    nbytes: int
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.shape, self.dtype)
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    index: int
+    size_bytes: int
+    entries: tuple[BucketEntry, ...]
+
+    def __post_init__(self) -> None:
+        for e in self.entries:
+            if e.offset_bytes < 0 or e.offset_bytes + e.nbytes > self.size_bytes:
+                raise ValueError(
+                    f"bucket {self.index}: entry {e.name!r} at [{e.offset_bytes}, "
+                    f"{e.offset_bytes + e.nbytes}) lies outside the bucket of {self.size_bytes} bytes"
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class BucketPlan:
+    buckets: tuple[Bucket, ...]
+    total_bytes: int
+    digest: str
+
+    @classmethod
+    def build(cls, manifest: Sequence[TensorSpec], bucket_size_bytes: int = DEFAULT_BUCKET_SIZE_BYTES) -> "BucketPlan":
+        """Packs tensors in manifest order, keeping fusion groups inside one bucket.
+
+        A group larger than bucket_size_bytes gets a bucket of its own size.
+        """
+        if bucket_size_bytes < ALIGN_BYTES:
+            raise ValueError(f"bucket_size_bytes {bucket_size_bytes}: expected at least {ALIGN_BYTES}")
+        groups: dict[str, list[TensorSpec]] = {}
+        for spec in manifest:
+            groups.setdefault(fusion_key(spec.name), []).append(spec)
+        buckets: list[Bucket] = []
+        current: list[BucketEntry] = []
+        used = 0
+
+        def close() -> None:
+            nonlocal current, used
+            if current:
+                buckets.append(Bucket(len(buckets), max(used, 1), tuple(current)))
+            current, used = [], 0
+
+        for specs in groups.values():
+            group_bytes = sum(_align(s.nbytes) for s in specs)
+            if current and used + group_bytes > bucket_size_bytes:
+                close()
+            for s in specs:
+                current.append(BucketEntry(s.name, s.shape, s.dtype, used, s.nbytes))
+                used += _align(s.nbytes)
+        close()
+        total = sum(b.size_bytes for b in buckets)
+        return cls(tuple(buckets), total, _digest(buckets))
+
+    @classmethod
+    def from_buckets(cls, buckets: Sequence[Bucket], digest: str | None = None) -> "BucketPlan":
+        """Rebuilds a received plan and checks its digest, so a damaged plan is refused."""
+        actual = _digest(buckets)
+        if digest is not None and digest != actual:
+            raise ValueError(f"bucket plan digest {digest!r} does not match its contents ({actual!r})")
+        return cls(tuple(buckets), sum(b.size_bytes for b in buckets), actual)
+
+    def entries(self) -> Iterator[tuple[Bucket, BucketEntry]]:
+        for bucket in self.buckets:
+            for entry in bucket.entries:
+                yield bucket, entry
+
+    @property
+    def num_tensors(self) -> int:
+        return sum(len(b.entries) for b in self.buckets)
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(e.nbytes for _, e in self.entries())
+
+    @property
+    def max_bucket_bytes(self) -> int:
+        return max((b.size_bytes for b in self.buckets), default=0)
+
+
+def _digest(buckets: Sequence[Bucket]) -> str:
+    canon = [
+        [b.index, b.size_bytes, [[e.name, list(e.shape), e.dtype, e.offset_bytes, e.nbytes] for e in b.entries]]
+        for b in buckets
+    ]
+    return hashlib.sha256(json.dumps(canon, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """One round as the data plane sees it: identical for the trainer and every daemon."""
+
+    update_id: str
+    version: int
+    rendezvous: Rendezvous
+    participants: tuple[Participant, ...]
+    plan: BucketPlan
+    deadline_s: float
+
+    def ranks_of(self, daemon_id: str) -> tuple[int, ...]:
+        for p in self.participants:
+            if p.daemon_id == daemon_id:
+                return p.ranks
+        raise KeyError(f"daemon {daemon_id!r} is not a participant of update {self.update_id}")
+
+    @property
+    def receiver_ranks(self) -> tuple[int, ...]:
+        return tuple(r for p in self.participants for r in p.ranks)

@@ -203,14 +203,16 @@ class SessionHello(_message.Message):
     def __init__(self, daemon_id: _Optional[str] = ..., session_token: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("served_version", "dirty", "busy_update_id")
+    __slots__ = ("served_version", "dirty", "busy_update_id", "draining")
     SERVED_VERSION_FIELD_NUMBER: _ClassVar[int]
     DIRTY_FIELD_NUMBER: _ClassVar[int]
     BUSY_UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     served_version: int
     dirty: bool
     busy_update_id: str
-    def __init__(self, served_version: _Optional[int] = ..., dirty: _Optional[bool] = ..., busy_update_id: _Optional[str] = ...) -> None: ...
+    draining: bool
+    def __init__(self, served_version: _Optional[int] = ..., dirty: _Optional[bool] = ..., busy_update_id: _Optional[str] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("update_id", "buckets_done", "bytes_done")

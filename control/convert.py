@@ -1,0 +1,95 @@
+"""Protobuf <-> domain dataclass conversion, used only at the servicer/client boundary."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from weightsync.core import Assignment, Bucket, BucketEntry, BucketPlan, Participant, Rendezvous, TensorSpec
+from weightsync.v1 import weightsync_pb2 as pb
+
+__all__ = [
+    "assignment_from_pb",
+    "assignment_to_pb",
+    "checksums_from_pb",
+    "checksums_to_pb",
+    "spec_from_pb",
+    "spec_to_pb",
+]
+
+
+def spec_to_pb(spec: TensorSpec) -> pb.TensorSpec:
+    return pb.TensorSpec(name=spec.name, shape=list(spec.shape), dtype=spec.dtype)
+
+
+def spec_from_pb(msg: pb.TensorSpec) -> TensorSpec:
+    """Raises ValueError naming the tensor when the spec is malformed."""
+    return TensorSpec(msg.name, tuple(msg.shape), msg.dtype)
+
+
+def checksums_to_pb(checksums: Mapping[str, int]) -> list[pb.TensorChecksum]:
+    return [pb.TensorChecksum(name=n, checksum=c) for n, c in checksums.items()]
+
+
+def checksums_from_pb(msgs: Iterable[pb.TensorChecksum]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for m in msgs:
+        if m.name in out:
+            raise ValueError(f"checksum for tensor {m.name!r} appears twice")
+        out[m.name] = m.checksum
+    return out
+
+
+def _plan_to_pb(plan: BucketPlan) -> pb.BucketPlan:
+    return pb.BucketPlan(
+        buckets=[
+            pb.Bucket(
+                index=b.index,
+                size_bytes=b.size_bytes,
+                entries=[
+                    pb.BucketEntry(name=e.name, shape=list(e.shape), dtype=e.dtype, offset_bytes=e.offset_bytes, nbytes=e.nbytes)
+                    for e in b.entries
+                ],
+            )
+            for b in plan.buckets
+        ],
+        total_bytes=plan.total_bytes,
+        digest=plan.digest,
+    )
+
+
+def _plan_from_pb(msg: pb.BucketPlan) -> BucketPlan:
+    buckets = [
+        Bucket(
+            b.index,
+            b.size_bytes,
+            tuple(BucketEntry(e.name, tuple(e.shape), e.dtype, e.offset_bytes, e.nbytes) for e in b.entries),
+        )
+        for b in msg.buckets
+    ]
+    return BucketPlan.from_buckets(buckets, msg.digest or None)
+
+
+def assignment_to_pb(a: Assignment) -> pb.Assignment:
+    r = a.rendezvous
+    return pb.Assignment(
+        update_id=a.update_id,
+        version=a.version,
+        rendezvous=pb.Rendezvous(
+            transport=r.transport, host=r.host, port=r.port, world_size=r.world_size, group_id=r.group_id, timeout_s=r.timeout_s
+        ),
+        participants=[pb.Participant(daemon_id=p.daemon_id, ranks=list(p.ranks)) for p in a.participants],
+        plan=_plan_to_pb(a.plan),
+        deadline_s=a.deadline_s,
+    )
+
+
+def assignment_from_pb(msg: pb.Assignment) -> Assignment:
+    r = msg.rendezvous
+    return Assignment(
+        update_id=msg.update_id,
+        version=msg.version,
+        rendezvous=Rendezvous(r.transport, r.host, r.port, r.world_size, r.group_id, r.timeout_s),
+        participants=tuple(Participant(p.daemon_id, tuple(p.ranks)) for p in msg.participants),
+        plan=_plan_from_pb(msg.plan),
+        deadline_s=msg.deadline_s,
+    )

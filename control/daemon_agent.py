@@ -1,0 +1,321 @@
+"""The daemon side of the control plane: registration, one long-lived session, heartbeats.
+
+A pluggable handler does the tensor work for each Assignment (the data-plane receiver,
+the vLLM adapter, or a test handler); the agent only speaks gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from weightsync.control.channel import error_from_rpc, make_channel
+from weightsync.control.convert import assignment_from_pb, checksums_to_pb, spec_to_pb
+from weightsync.core import Assignment, TensorSpec
+from weightsync.v1 import weightsync_pb2 as pb
+from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
+
+__all__ = ["DaemonAgent", "DaemonIdentity", "HandlerResult", "ProgressFn", "UpdateHandler"]
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerResult:
+    checksums: dict[str, int]
+    bytes_received: int = 0
+    receive_s: float = 0.0
+    apply_s: float = 0.0
+
+
+# handler(assignment, my_ranks, progress) -> HandlerResult; raise to report failure.
+# progress(buckets_done, bytes_done) may be called from any thread.
+UpdateHandler = Callable[[Assignment, tuple[int, ...], ProgressFn], Awaitable[HandlerResult]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DaemonIdentity:
+    daemon_id: str
+    engine: str
+    model: str
+    host: str
+    inventory: tuple[TensorSpec, ...]
+    num_ranks: int = 1
+    transports: tuple[str, ...] = ("gloo",)
+
+    def __post_init__(self) -> None:
+        if not self.daemon_id:
+            raise ValueError("daemon_id must be non-empty")
+        if self.num_ranks < 1:
+            raise ValueError(f"num_ranks must be >= 1, got {self.num_ranks}")
+
+
+@dataclass(slots=True)
+class _Session:
+    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+class DaemonAgent:
+    """Registers, keeps a session open (reconnecting with backoff) and runs the handler.
+
+    `served_version` and `dirty` survive reconnects and coordinator restarts: they are
+    re-registered so that the coordinator recovers what each engine holds.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        identity: DaemonIdentity,
+        handler: UpdateHandler,
+        *,
+        served_version: int = -1,
+        dirty: bool = False,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        rpc_timeout_s: float = 10.0,
+        reconnect_min_s: float = 0.2,
+        reconnect_max_s: float = 5.0,
+        on_verdict: Callable[[pb.UpdateVerdict], None] | None = None,
+    ) -> None:
+        self.identity = identity
+        self._target = target
+        self._handler = handler
+        self._credentials = credentials
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._rpc_timeout_s = rpc_timeout_s
+        self._reconnect_min_s = reconnect_min_s
+        self._reconnect_max_s = reconnect_max_s
+        self._on_verdict = on_verdict
+        self.served_version = served_version
+        self.dirty = dirty
+        self.stale = False
+        self.draining = False
+        self.sessions_opened = 0
+        self.last_error: str = ""
+        self.verdicts: list[pb.UpdateVerdict] = []
+        self.connected = asyncio.Event()
+        self._channel: grpc.aio.Channel | None = None
+        self._run_task: asyncio.Task | None = None
+        self._work: asyncio.Task | None = None
+        self._work_update_id = ""
+        self._closing = False
+        self._session: _Session | None = None
+        self._full_rounds: dict[str, bool] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self._run_task is None:
+            self._run_task = asyncio.get_running_loop().create_task(self._run(), name=f"daemon-agent-{self.identity.daemon_id}")
+
+    async def wait_connected(self, timeout_s: float = 30.0) -> None:
+        async with asyncio.timeout(timeout_s):
+            await self.connected.wait()
+
+    async def close(self, drain_timeout_s: float = 30.0) -> None:
+        """Drains: tells the coordinator, finishes the current round (bounded), then stops."""
+        self.draining = True
+        if self._session is not None:
+            self._session.outbox.put_nowait(self._heartbeat_msg())
+        if self._work is not None and not self._work.done():
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                async with asyncio.timeout(drain_timeout_s):
+                    await asyncio.shield(self._work)
+        self._closing = True
+        for task in (self._work, self._run_task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    @property
+    def busy(self) -> bool:
+        return self._work is not None and not self._work.done()
+
+    # ------------------------------------------------------------------ session
+
+    async def _run(self) -> None:
+        backoff_s = self._reconnect_min_s
+        while not self._closing:
+            opened_before = self.sessions_opened
+            try:
+                await self._session_once()
+                self.last_error = "session closed by coordinator"
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as e:
+                self.last_error = f"{e.code().name}: {e.details()}"
+                log.warning("session lost daemon_id=%s error=%s", self.identity.daemon_id, self.last_error)
+            except Exception as e:  # process boundary of the reconnect loop: log and retry
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.error("session failed daemon_id=%s", self.identity.daemon_id, exc_info=True)
+            self.connected.clear()
+            if self._closing:
+                break
+            if self.sessions_opened > opened_before:
+                backoff_s = self._reconnect_min_s
+            await asyncio.sleep(backoff_s * random.uniform(0.5, 1.0))
+            backoff_s = min(backoff_s * 2, self._reconnect_max_s)
+
+    async def _session_once(self) -> None:
+        if self._channel is None:
+            self._channel = make_channel(self._target, self._credentials)
+        stub = pb_grpc.DaemonServiceStub(self._channel)
+        ident = self.identity
+        try:
+            reg = await stub.RegisterDaemon(
+                pb.RegisterDaemonRequest(
+                    daemon_id=ident.daemon_id,
+                    engine=ident.engine,
+                    model=ident.model,
+                    host=ident.host,
+                    num_ranks=ident.num_ranks,
+                    inventory=[spec_to_pb(s) for s in ident.inventory],
+                    transports=list(ident.transports),
+                    served_version=self.served_version,
+                    dirty=self.dirty,
+                ),
+                timeout=self._rpc_timeout_s,
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                log.error("registration refused daemon_id=%s: %s", ident.daemon_id, e.details())
+            raise
+        self.stale = reg.stale
+        session = _Session()
+        session.outbox.put_nowait(pb.DaemonMessage(hello=pb.SessionHello(daemon_id=ident.daemon_id, session_token=reg.session_token)))
+
+        async def requests():
+            while True:
+                msg = await session.outbox.get()
+                if msg is None:
+                    return
+                yield msg
+
+        call = stub.Connect(requests(), metadata=self._metadata)
+        self._session = session
+        beats = asyncio.get_running_loop().create_task(self._heartbeats(session, reg.heartbeat_interval_s), name="heartbeats")
+        self.sessions_opened += 1
+        self.connected.set()
+        log.info("session open daemon_id=%s served_version=%d dirty=%s stale=%s", ident.daemon_id, self.served_version, self.dirty, reg.stale)
+        try:
+            async for msg in call:
+                kind = msg.WhichOneof("kind")
+                if kind == "assignment":
+                    self._on_assignment(msg.assignment, session)
+                elif kind == "cancel":
+                    self._on_cancel(msg.cancel)
+                elif kind == "verdict":
+                    self._on_verdict_msg(msg.verdict)
+        finally:
+            self._session = None
+            beats.cancel()
+            session.outbox.put_nowait(None)
+            call.cancel()
+
+    def _heartbeat_msg(self) -> pb.DaemonMessage:
+        return pb.DaemonMessage(
+            heartbeat=pb.Heartbeat(
+                served_version=self.served_version,
+                dirty=self.dirty,
+                busy_update_id=self._work_update_id if self.busy else "",
+                draining=self.draining,
+            )
+        )
+
+    async def _heartbeats(self, session: _Session, interval_s: float) -> None:
+        # Its own task, and tensor work runs in threads: heartbeats never wait on tensors.
+        while True:
+            session.outbox.put_nowait(self._heartbeat_msg())
+            await asyncio.sleep(interval_s)
+
+    # ------------------------------------------------------------------ work
+
+    def _on_assignment(self, msg: pb.Assignment, session: _Session) -> None:
+        try:
+            assignment = assignment_from_pb(msg)
+            ranks = assignment.ranks_of(self.identity.daemon_id)
+        except (ValueError, KeyError) as e:
+            session.outbox.put_nowait(pb.DaemonMessage(result=pb.UpdateResult(update_id=msg.update_id, ok=False, error=f"bad assignment: {e}")))
+            return
+        if self.busy or self.draining:
+            why = "draining" if self.draining else f"busy with update {self._work_update_id}"
+            session.outbox.put_nowait(pb.DaemonMessage(result=pb.UpdateResult(update_id=msg.update_id, ok=False, error=why)))
+            return
+        inventory = {s.name for s in self.identity.inventory}
+        self._full_rounds[assignment.update_id] = inventory.issubset(e.name for _, e in assignment.plan.entries())
+        self._work_update_id = assignment.update_id
+        self._work = asyncio.get_running_loop().create_task(self._handle(assignment, ranks, session), name=f"update-{assignment.update_id}")
+
+    async def _handle(self, assignment: Assignment, ranks: tuple[int, ...], session: _Session) -> None:
+        loop = asyncio.get_running_loop()
+        daemon_id = self.identity.daemon_id
+
+        def progress(buckets_done: int, bytes_done: int) -> None:
+            msg = pb.DaemonMessage(progress=pb.Progress(update_id=assignment.update_id, buckets_done=buckets_done, bytes_done=bytes_done))
+            loop.call_soon_threadsafe(session.outbox.put_nowait, msg)
+
+        # From the first byte on, the engine may hold a mix: dirty until a verdict says OK.
+        self.dirty = True
+        t0 = time.monotonic()
+        try:
+            res = await self._handler(assignment, ranks, progress)
+        except asyncio.CancelledError:
+            log.warning("update cancelled update_id=%s daemon_id=%s", assignment.update_id, daemon_id)
+            session.outbox.put_nowait(pb.DaemonMessage(result=pb.UpdateResult(update_id=assignment.update_id, ok=False, error="cancelled")))
+            raise
+        except Exception as e:  # RPC-facing boundary: report the failure to the coordinator
+            log.error("update failed update_id=%s daemon_id=%s", assignment.update_id, daemon_id, exc_info=True)
+            session.outbox.put_nowait(
+                pb.DaemonMessage(result=pb.UpdateResult(update_id=assignment.update_id, ok=False, error=f"{type(e).__name__}: {e}"))
+            )
+            return
+        self.served_version = assignment.version
+        log.info(
+            "update applied update_id=%s daemon_id=%s version=%d tensors=%d seconds=%.3f",
+            assignment.update_id, daemon_id, assignment.version, len(res.checksums), time.monotonic() - t0,
+        )
+        session.outbox.put_nowait(
+            pb.DaemonMessage(
+                result=pb.UpdateResult(
+                    update_id=assignment.update_id,
+                    ok=True,
+                    checksums=checksums_to_pb(res.checksums),
+                    receive_s=res.receive_s,
+                    apply_s=res.apply_s,
+                    bytes_received=res.bytes_received,
+                )
+            )
+        )
+
+    def _on_cancel(self, msg: pb.CancelUpdate) -> None:
+        if self.busy and self._work_update_id == msg.update_id:
+            log.warning("cancelling update_id=%s reason=%s", msg.update_id, msg.reason)
+            self._work.cancel()
+
+    def _on_verdict_msg(self, v: pb.UpdateVerdict) -> None:
+        self.verdicts.append(v)
+        if v.status == pb.RESULT_STATUS_OK:
+            self.served_version = v.version
+            # A partial round verifies only its own tensors; a dirty engine needs a full one.
+            if self._full_rounds.pop(v.update_id, False):
+                self.dirty = False
+                self.stale = False
+        else:
+            self._full_rounds.pop(v.update_id, None)
+            self.dirty = True
+        if self._on_verdict is not None:
+            self._on_verdict(v)

@@ -1,0 +1,72 @@
+"""One server interceptor that maps the weightsync error hierarchy to gRPC status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from weightsync.core import errors as E
+
+__all__ = ["ErrorMappingInterceptor", "status_code_for"]
+
+log = logging.getLogger(__name__)
+
+_CODES: tuple[tuple[type[E.WeightsyncError], grpc.StatusCode], ...] = (
+    (E.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (E.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (E.NotFound, grpc.StatusCode.NOT_FOUND),
+    (E.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (E.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (E.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (E.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+)
+
+
+def status_code_for(err: E.WeightsyncError) -> grpc.StatusCode:
+    for cls, code in _CODES:
+        if isinstance(err, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str):
+    if isinstance(exc, E.WeightsyncError):
+        await context.abort(status_code_for(exc), str(exc))
+    log.error("unexpected error in %s", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}: {exc}")
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request, context):
+                try:
+                    return await inner_uu(request, context)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:  # RPC boundary: map, log, abort
+                    await _abort_for(exc, context, method)
+
+            return handler._replace(unary_unary=unary_unary)
+        if handler.stream_stream is not None:
+            inner_ss = handler.stream_stream
+
+            async def stream_stream(request_iterator, context):
+                try:
+                    async for response in inner_ss(request_iterator, context):
+                        yield response
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:  # RPC boundary: map, log, abort
+                    await _abort_for(exc, context, method)
+
+            return handler._replace(stream_stream=stream_stream)
+        return handler

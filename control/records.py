@@ -1,0 +1,106 @@
+"""Mutable coordinator-side records of daemons and rounds, owned by one Coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass, field
+
+from weightsync.core import Assignment, TensorSpec
+
+__all__ = ["DaemonRecord", "DaemonState", "ResultStatus", "RoundRecord", "RoundState", "DaemonOutcome"]
+
+
+class DaemonState(enum.Enum):
+    IDLE = "IDLE"
+    UPDATING = "UPDATING"
+    LOST = "LOST"
+    DRAINING = "DRAINING"
+
+
+class RoundState(enum.Enum):
+    TRANSFERRING = "TRANSFERRING"
+    COMMITTED = "COMMITTED"
+    FAILED = "FAILED"
+    ABORTED = "ABORTED"
+    TIMED_OUT = "TIMED_OUT"
+
+    @property
+    def finished(self) -> bool:
+        return self is not RoundState.TRANSFERRING
+
+
+class ResultStatus(enum.Enum):
+    PENDING = "PENDING"
+    OK = "OK"
+    CHECKSUM_MISMATCH = "CHECKSUM_MISMATCH"
+    FAILED = "FAILED"
+    TIMED_OUT = "TIMED_OUT"
+
+
+@dataclass(slots=True)
+class DaemonRecord:
+    daemon_id: str
+    engine: str
+    model: str
+    host: str
+    num_ranks: int
+    inventory: dict[str, TensorSpec]
+    transports: tuple[str, ...]
+    served_version: int
+    dirty: bool
+    stale: bool
+    session_token: str
+    state: DaemonState = DaemonState.LOST
+    reason: str = "registered; session not open yet"
+    last_heartbeat_mono: float = field(default_factory=time.monotonic)
+    last_heartbeat_unix: float = field(default_factory=time.time)
+    outbox: asyncio.Queue | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.outbox is not None and self.state is DaemonState.IDLE
+
+    def beat(self) -> None:
+        self.last_heartbeat_mono = time.monotonic()
+        self.last_heartbeat_unix = time.time()
+
+
+@dataclass(slots=True)
+class DaemonOutcome:
+    """What one daemon reported for a round, and the verdict on it."""
+
+    status: ResultStatus = ResultStatus.PENDING
+    reason: str = ""
+    checksums: dict[str, int] | None = None
+    mismatched: list[str] = field(default_factory=list)
+    receive_s: float = 0.0
+    apply_s: float = 0.0
+    bytes_received: int = 0
+
+
+@dataclass(slots=True)
+class RoundRecord:
+    assignment: Assignment
+    manifest_covers: frozenset[str]
+    started_mono: float = field(default_factory=time.monotonic)
+    started_unix: float = field(default_factory=time.time)
+    state: RoundState = RoundState.TRANSFERRING
+    reason: str = ""
+    outcomes: dict[str, DaemonOutcome] = field(default_factory=dict)
+    trainer_checksums: dict[str, int] | None = None
+    duration_s: float = 0.0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    deadline_task: asyncio.Task | None = None
+
+    @property
+    def update_id(self) -> str:
+        return self.assignment.update_id
+
+    @property
+    def version(self) -> int:
+        return self.assignment.version
+
+    def all_reported(self) -> bool:
+        return all(o.status is not ResultStatus.PENDING or o.checksums is not None for o in self.outcomes.values())

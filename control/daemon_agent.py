@@ -207,6 +207,13 @@ class DaemonAgent:
 
         call = stub.Connect(requests(), metadata=self._metadata)
         self._session = session
+        try:
+            async with asyncio.timeout(self._rpc_timeout_s):
+                await call.initial_metadata()  # sent once the coordinator has opened the session
+        except BaseException:
+            session.outbox.put_nowait(None)
+            call.cancel()
+            raise
         beats = asyncio.get_running_loop().create_task(self._heartbeats(session, reg.heartbeat_interval_s), name="heartbeats")
         self.sessions_opened += 1
         self.connected.set()
@@ -222,6 +229,11 @@ class DaemonAgent:
                     self._on_verdict_msg(msg.verdict)
         finally:
             self._session = None
+            if self.busy and not self._closing:
+                # The round's verdict can no longer arrive: a restarted coordinator does
+                # not know it. Give up on it; the engine stays flagged dirty.
+                log.warning("session lost mid-round: cancelling update_id=%s", self._work_update_id)
+                self._work.cancel()
             beats.cancel()
             session.outbox.put_nowait(None)
             call.cancel()

@@ -132,6 +132,8 @@ class DaemonServicer(pb_grpc.DaemonServiceServicer):
             raise InvalidArgument(f"first session message: expected hello, got {first.WhichOneof('kind')}")
         daemon_id = first.hello.daemon_id
         outbox = self._c.open_session(daemon_id, first.hello.session_token)
+        # Tells the daemon its session is open: only now is it eligible for rounds.
+        await context.send_initial_metadata((("weightsync-session", "open"),))
         reader = asyncio.create_task(self._read(daemon_id, it), name=f"session-reader-{daemon_id}")
         reason = "session ended"
         get: asyncio.Task | None = None

@@ -1,1 +1,1 @@
-"""weightsync.runtime."""
+"""Entry points that join the control plane and the data plane: CLI, trainer push, daemons."""

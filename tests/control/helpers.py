@@ -20,7 +20,7 @@ INVENTORY = (
     TensorSpec("model.norm.weight", (16,), "bfloat16"),
 )
 
-FAST = CoordinatorConfig(heartbeat_interval_s=0.1, heartbeat_timeout_s=1.0, default_deadline_s=20.0)
+FAST = CoordinatorConfig(heartbeat_interval_s=0.2, heartbeat_timeout_s=3.0, default_deadline_s=20.0)
 
 
 def fake_checksum(version: int, name: str) -> int:

@@ -1,0 +1,117 @@
+"""The `weightsync` command: one entry point, one subcommand per role."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+__all__ = ["main"]
+
+
+def _coordinator(args: argparse.Namespace) -> int:
+    from weightsync.control.coordinator import CoordinatorConfig
+    from weightsync.control.server import CoordinatorServer, run_coordinator
+    from weightsync.runtime.security import server_credentials_from_args, server_interceptors_from_args
+
+    config = CoordinatorConfig(
+        heartbeat_interval_s=args.heartbeat_interval_s,
+        heartbeat_timeout_s=args.heartbeat_timeout_s,
+        default_deadline_s=args.deadline_s,
+    )
+    server = CoordinatorServer(
+        config,
+        listen=args.listen,
+        metrics_port=args.metrics_port,
+        metrics_addr=args.metrics_addr,
+        server_credentials=server_credentials_from_args(args),
+        interceptors=server_interceptors_from_args(args),
+    )
+    asyncio.run(run_coordinator(server, grace_s=args.grace_s))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from weightsync.control.trainer_client import TrainerClient
+    from weightsync.runtime.security import channel_credentials_from_args
+    from weightsync.runtime.status import format_status, status_json
+    from weightsync.v1 import weightsync_pb2 as pb
+
+    async def fetch():
+        async with TrainerClient(args.coordinator, credentials=channel_credentials_from_args(args), token=args.token, rpc_timeout_s=args.timeout_s) as c:
+            daemons = await c.list_daemons()
+            rounds = await c._call("ListRounds", c._inspect.ListRounds, pb.ListRoundsRequest(limit=args.rounds))
+            return daemons, rounds
+
+    daemons, rounds = asyncio.run(fetch())
+    print(status_json(daemons, rounds) if args.json else format_status(daemons, rounds))
+    return 0
+
+
+def _add_security(p: argparse.ArgumentParser, server: bool) -> None:
+    g = p.add_argument_group("security")
+    g.add_argument("--tls-cert", help="PEM certificate (server: its own; client: its client cert for mTLS)")
+    g.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    g.add_argument("--tls-ca", help="PEM CA bundle that signs the peer (client: the server; server: client certs for mTLS)")
+    g.add_argument("--token", default=None, help="bearer token to present (clients)" if not server else argparse.SUPPRESS)
+    if server:
+        g.add_argument("--require-client-cert", action="store_true", help="mTLS: refuse clients without a certificate signed by --tls-ca")
+        g.add_argument(
+            "--tokens-file",
+            help="file of 'ROLE TOKEN' lines (roles: trainer, daemon, inspector); calls without a valid token are refused",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="weightsync", description="Verified, bucketed weight sync from RL trainers into live vLLM engines.")
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("coordinator", help="run the coordinator (gRPC control plane)")
+    c.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to serve gRPC on")
+    c.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    c.add_argument("--metrics-addr", default="127.0.0.1")
+    c.add_argument("--heartbeat-interval-s", type=float, default=1.0)
+    c.add_argument("--heartbeat-timeout-s", type=float, default=10.0)
+    c.add_argument("--deadline-s", type=float, default=600.0, help="default round deadline")
+    c.add_argument("--grace-s", type=float, default=10.0, help="on SIGTERM, wait this long for the open round")
+    _add_security(c, server=True)
+    c.set_defaults(func=_coordinator)
+
+    s = sub.add_parser("status", help="show daemons and recent rounds")
+    s.add_argument("--coordinator", required=True, help="HOST:PORT")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--rounds", type=int, default=10)
+    s.add_argument("--timeout-s", type=float, default=10.0)
+    _add_security(s, server=False)
+    s.set_defaults(func=_status)
+
+    try:
+        from weightsync.runtime import commands
+    except ImportError:  # pragma: no cover - commands arrive with the data plane
+        commands = None
+    if commands is not None:
+        commands.add_subcommands(sub, _add_security)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # process boundary: one clear line, details at DEBUG
+        from weightsync.core import WeightsyncError
+
+        if isinstance(e, WeightsyncError):
+            logging.getLogger("weightsync").debug("command failed", exc_info=True)
+            print(f"weightsync {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 
 from weightsync.control.convert import assignment_to_pb, checksums_from_pb, spec_from_pb
@@ -68,9 +69,15 @@ def daemon_to_pb(rec: DaemonRecord) -> pb.DaemonInfo:
     )
 
 
+@functools.lru_cache(maxsize=4)
+def _assignment_message(assignment) -> pb.CoordinatorMessage:
+    # Every participant gets the same plan: convert it once per round, not once per daemon.
+    return pb.CoordinatorMessage(assignment=assignment_to_pb(assignment))
+
+
 def _event_to_pb(ev: SessionEvent) -> pb.CoordinatorMessage:
     if ev.kind == "assignment":
-        return pb.CoordinatorMessage(assignment=assignment_to_pb(ev.assignment))
+        return _assignment_message(ev.assignment)
     if ev.kind == "cancel":
         return pb.CoordinatorMessage(cancel=pb.CancelUpdate(update_id=ev.update_id, reason=ev.reason))
     return pb.CoordinatorMessage(

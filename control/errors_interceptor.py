@@ -38,18 +38,52 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, meth
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}: {exc}")
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid protobuf message."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer):
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as e:  # any decode failure becomes INVALID_ARGUMENT below
+            return _Undecodable(e)
+
+    return deserialize
+
+
+def _checked(request, method: str):
+    if isinstance(request, _Undecodable):
+        raise E.InvalidArgument(f"{method}: request is not a valid protobuf message: {request.error}")
+    return request
+
+
+async def _checked_stream(request_iterator, method: str):
+    async for request in request_iterator:
+        yield _checked(request, method)
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
+        handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
 
             async def unary_unary(request, context):
                 try:
-                    return await inner_uu(request, context)
+                    return await inner_uu(_checked(request, method), context)
                 except (asyncio.CancelledError, grpc.aio.AbortError):
                     raise
                 except Exception as exc:  # RPC boundary: map, log, abort
@@ -61,7 +95,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream_stream(request_iterator, context):
                 try:
-                    async for response in inner_ss(request_iterator, context):
+                    async for response in inner_ss(_checked_stream(request_iterator, method), context):
                         yield response
                 except (asyncio.CancelledError, grpc.aio.AbortError):
                     raise

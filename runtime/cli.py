@@ -87,12 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_security(s, server=False)
     s.set_defaults(func=_status)
 
-    try:
-        from weightsync.runtime import commands
-    except ImportError:  # pragma: no cover - commands arrive with the data plane
-        commands = None
-    if commands is not None:
-        commands.add_subcommands(sub, _add_security)
+    from weightsync.runtime import commands
+
+    commands.add_subcommands(sub, _add_security)
     return p
 
 

@@ -1,0 +1,481 @@
+"""Data-plane process groups, built from a Rendezvous without touching torch's default group.
+
+The trainer (rank 0) hosts a TCPStore; receivers dial it. Each group lives under
+its own key prefix, `weightsync/{group_id}/{generation}`: the generation changes
+whenever the group is rebuilt, so a rebuilt group never reads the addresses that
+a dead one left in the store. Backends are built directly (ProcessGroupGloo for
+CPU tensors, ProcessGroupNCCL for CUDA tensors), so a trainer that runs FSDP in
+its own default world keeps that world to itself.
+
+Failure propagation: every wait polls for an abort notice that any failing rank
+posts in the store. gloo reports a dead peer only to the ranks that talk to it
+directly; without the notice the others would sit out the whole timeout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+
+import torch
+from torch.distributed import AllreduceOptions, BroadcastOptions, PrefixStore, ReduceOp, Store, TCPStore
+
+from weightsync.core import Assignment, Rendezvous, TransferError
+
+__all__ = ["DataPlaneGroup", "GroupCache", "TrainerStore"]
+
+log = logging.getLogger(__name__)
+
+_KEY_ROOT = "weightsync"
+# How often a waiting rank looks for a peer's abort notice: a store round trip
+# costs ~20 us, and a failure then reaches every rank within a tenth of a second.
+ABORT_POLL_INTERVAL_S = 0.05
+# Reading the reason a peer left in the store: it was written before the peer
+# entered the collective that told us about it, so it is there or never will be.
+_REASON_TIMEOUT_S = 2.0
+
+
+def _timedelta(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=seconds)
+
+
+class TrainerStore:
+    """The rendezvous store that the trainer hosts, listening before the coordinator knows its port.
+
+    `host` is the address that receivers dial; the listening socket binds `bind_host`
+    (default: `host`), and port 0 picks a free port, read back from `.port` and passed
+    to the coordinator in BeginUpdate. The store has no authentication: bind it to an
+    interface that only the fleet can reach.
+    """
+
+    def __init__(self, host: str, port: int = 0, *, bind_host: str | None = None, timeout_s: float = 300.0) -> None:
+        if not host:
+            raise ValueError("TrainerStore host must be the address receivers dial, e.g. '10.0.0.5'")
+        if not 0 <= port < 65536:
+            raise ValueError(f"TrainerStore port {port}: expected 0..65535 (0 picks a free port)")
+        if timeout_s <= 0:
+            raise ValueError(f"TrainerStore timeout_s {timeout_s}: expected > 0")
+        family = socket.getaddrinfo(bind_host or host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((bind_host or host, port))
+            sock.listen(1024)
+            bound_port = sock.getsockname()[1]
+        except OSError as e:
+            sock.close()
+            raise ValueError(f"cannot listen on {bind_host or host}:{port} for the rendezvous store: {e}") from e
+        # The store's event loop takes ownership of the descriptor and closes it.
+        fd = sock.detach()
+        self._host = host
+        self._store: TCPStore | None = TCPStore(
+            host, bound_port, is_master=True, wait_for_workers=False, timeout=_timedelta(timeout_s), master_listen_fd=fd
+        )
+        self._port = bound_port
+        log.info("rendezvous store listening on %s:%d (advertised as %s)", bind_host or host, bound_port, host)
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def store(self) -> TCPStore:
+        if self._store is None:
+            raise ValueError("TrainerStore is closed")
+        return self._store
+
+    def close(self) -> None:
+        self._store = None
+
+    def __enter__(self) -> "TrainerStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _local_address_towards(host: str, port: int) -> str:
+    """The local address that routes to host: what peers must dial to reach this rank."""
+    family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect(addr)  # UDP connect sends nothing; it only picks the route
+        return s.getsockname()[0]
+
+
+def _gloo_device(rank: int, rendezvous: Rendezvous):
+    from torch.distributed import ProcessGroupGloo
+
+    ifname = os.environ.get("GLOO_SOCKET_IFNAME")
+    if ifname:
+        return ProcessGroupGloo.create_device(interface=ifname.split(",")[0])
+    # Rank 0 advertised rendezvous.host as its own address; the others use the
+    # interface that reaches it, which is also the one their peers can reach.
+    address = rendezvous.host if rank == 0 else _local_address_towards(rendezvous.host, rendezvous.port)
+    return ProcessGroupGloo.create_device(hostname=address)
+
+
+def _make_backend(rendezvous: Rendezvous, rank: int, store: Store, device: torch.device):
+    timeout = _timedelta(rendezvous.timeout_s)
+    if rendezvous.transport == "gloo":
+        from torch.distributed import ProcessGroupGloo
+
+        options = ProcessGroupGloo._Options()
+        options._timeout = timeout
+        options._devices = [_gloo_device(rank, rendezvous)]
+        return ProcessGroupGloo(store, rank, rendezvous.world_size, options)
+    if rendezvous.transport == "nccl":
+        if not torch.distributed.is_nccl_available():
+            raise TransferError(f"rank {rank}: transport 'nccl' was assigned but this torch build has no NCCL")
+        from torch.distributed import ProcessGroupNCCL
+
+        torch.cuda.set_device(device)
+        options = ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return ProcessGroupNCCL(store, rank, rendezvous.world_size, options)
+    return None  # cuda_ipc moves bytes through shared GPU memory; the store carries control
+
+
+class DataPlaneGroup:
+    """One data-plane group: a gloo or NCCL backend (none for cuda_ipc) plus its store namespace.
+
+    Collectives are issued asynchronously and awaited with `wait`, which honours the
+    rendezvous timeout_s, the round's deadline and peers' abort notices.
+    """
+
+    def __init__(
+        self,
+        *,
+        rendezvous: Rendezvous,
+        rank: int,
+        generation: int,
+        store: Store,
+        device: torch.device,
+        backend: object | None,
+    ) -> None:
+        self.rendezvous = rendezvous
+        self.rank = rank
+        self.generation = generation
+        self.store = store
+        self.device = device
+        self.backend = backend
+        self.round_index = 0
+        self.update_id = ""
+        self._round_deadline = float("inf")
+        self._broken_reason: str | None = None
+        self._buffers: list[torch.Tensor] = []
+
+    @property
+    def group_id(self) -> str:
+        return self.rendezvous.group_id
+
+    @property
+    def world_size(self) -> int:
+        return self.rendezvous.world_size
+
+    @property
+    def transport(self) -> str:
+        return self.rendezvous.transport
+
+    @property
+    def timeout_s(self) -> float:
+        return self.rendezvous.timeout_s
+
+    @property
+    def is_broken(self) -> bool:
+        return self._broken_reason is not None
+
+    def begin_round(self, update_id: str, deadline_s: float) -> int:
+        """Counts rounds on this group; every rank counts the same rounds or the header check fails."""
+        self.round_index += 1
+        self.update_id = update_id
+        self._round_deadline = time.monotonic() + deadline_s
+        return self.round_index
+
+    def buffers(self, count: int, nbytes: int, device: torch.device) -> list[torch.Tensor]:
+        """Ring buffers kept across rounds: fresh pages would cost a page fault per 4 KiB every round."""
+        have = self._buffers
+        if len(have) < count or any(b.numel() < nbytes or b.device != device for b in have[:count]):
+            self._buffers = []  # free the old ring before allocating the new one
+            pin = device.type == "cpu" and torch.cuda.is_available()
+            have = [torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pin) for _ in range(count)]
+            self._buffers = have
+        return have[:count]
+
+    # ------------------------------------------------------------------ collectives
+
+    def _require_backend(self, what: str):
+        if self.backend is None:
+            raise TransferError(f"rank {self.rank}: {what} needs a collective backend; transport is {self.transport}")
+        if self.is_broken:
+            raise TransferError(f"rank {self.rank}: group {self.group_id} is broken: {self._broken_reason}")
+        return self.backend
+
+    def broadcast(self, tensor: torch.Tensor, what: str):
+        """Starts a broadcast from rank 0; returns the work for `wait`."""
+        backend = self._require_backend(what)
+        opts = BroadcastOptions()
+        opts.rootRank = 0
+        opts.rootTensor = 0
+        opts.timeout = _timedelta(self.timeout_s)
+        try:
+            return backend.broadcast([tensor], opts)
+        except RuntimeError as e:
+            raise self.fail(f"{what} could not start: {e}") from e
+
+    def all_reduce_max(self, tensor: torch.Tensor, what: str):
+        backend = self._require_backend(what)
+        opts = AllreduceOptions()
+        opts.reduceOp = ReduceOp.MAX
+        opts.timeout = _timedelta(self.timeout_s)
+        try:
+            return backend.allreduce([tensor], opts)
+        except RuntimeError as e:
+            raise self.fail(f"{what} could not start: {e}") from e
+
+    def _deadline(self) -> float:
+        return min(time.monotonic() + self.timeout_s, self._round_deadline)
+
+    def _timed_out(self, what: str, started: float) -> TransferError:
+        waited = time.monotonic() - started
+        if time.monotonic() >= self._round_deadline:
+            return self.fail(f"{what} did not finish before the round deadline (waited {waited:.1f} s)")
+        return self.fail(f"{what} did not finish within timeout_s={self.timeout_s:g} (a peer hangs or died)")
+
+    def wait(self, work, what: str) -> None:
+        """Waits for a collective, raising TransferError on failure, timeout or a peer's abort notice."""
+        started = time.monotonic()
+        deadline = self._deadline()
+        done = threading.Event()
+        if self.transport == "gloo":
+            # gloo completes the future on its own thread, so the wait wakes at once.
+            work.get_future().add_done_callback(lambda _: done.set())
+            is_done = lambda timeout: done.wait(timeout)  # noqa: E731
+        else:
+            # NCCL futures complete at enqueue time; only is_completed() reflects the GPU.
+            def is_done(timeout: float) -> bool:
+                end = time.monotonic() + timeout
+                while not work.is_completed():
+                    if time.monotonic() >= end:
+                        return False
+                    time.sleep(0.0005)
+                return True
+
+        while not is_done(min(ABORT_POLL_INTERVAL_S, max(0.0, deadline - time.monotonic()))):
+            self.check_abort(what)
+            if time.monotonic() >= deadline:
+                raise self._timed_out(what, started)
+        try:
+            work.wait(_timedelta(self.timeout_s))
+        except RuntimeError as e:
+            raise self.fail(f"{what} failed: {e}") from e
+
+    # ------------------------------------------------------------------ store-side control
+
+    def _abort_key(self) -> str:
+        return f"abort/{self.round_index}"
+
+    def check_abort(self, what: str) -> None:
+        """Raises TransferError if a peer posted an abort notice for this round."""
+        key = self._abort_key()
+        try:
+            if not self.store.check([key]):
+                return
+            notice = self.store.get(key).decode(errors="replace")
+        except RuntimeError as e:
+            raise self.fail(f"rendezvous store unreachable during {what}: {e}") from e
+        self._mark_broken(notice)
+        raise TransferError(f"rank {self.rank}: {what} abandoned: {notice}")
+
+    def wait_keys(self, keys: Sequence[str], what: str) -> None:
+        """Waits until every key exists in the group's store, with the same deadline and abort rules as `wait`."""
+        started = time.monotonic()
+        deadline = self._deadline()
+        delay_s = 0.0002
+        while True:
+            try:
+                if self.store.check(list(keys)):
+                    return
+            except RuntimeError as e:
+                raise self.fail(f"rendezvous store unreachable during {what}: {e}") from e
+            if time.monotonic() >= deadline:
+                raise self._timed_out(what, started)
+            self.check_abort(what)
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, ABORT_POLL_INTERVAL_S)
+
+    def read_reason(self, key: str) -> str | None:
+        try:
+            self.store.wait([key], _timedelta(_REASON_TIMEOUT_S))
+            return self.store.get(key).decode(errors="replace")
+        except RuntimeError:
+            return None  # the caller reports "no reason recorded"; the failure itself is already known
+
+    def fail(self, reason: str) -> TransferError:
+        """Marks the group broken, tells the peers, and returns the error for the caller to raise."""
+        message = f"rank {self.rank}: {reason}"
+        if not self.is_broken:
+            self._mark_broken(message)
+            try:
+                self.store.set(self._abort_key(), message)
+            except RuntimeError as e:
+                # The store lives in the trainer; if it is gone, the peers learn from their own timeouts.
+                log.warning("rank %d could not post the abort notice for group %s: %s", self.rank, self.group_id, e)
+        return TransferError(message)
+
+    def _mark_broken(self, reason: str) -> None:
+        if self._broken_reason is None:
+            self._broken_reason = reason
+            log.warning(
+                "data-plane group %s gen %d broken on rank %d (update %s): %s",
+                self.group_id, self.generation, self.rank, self.update_id, reason,
+            )
+
+    def close(self) -> None:
+        """Releases the backend. A broken NCCL communicator must be aborted or its kernels may spin forever."""
+        backend, self.backend = self.backend, None
+        self._buffers = []
+        if backend is None:
+            return
+        try:
+            if self.transport == "nccl":
+                backend.abort()
+            else:
+                backend.shutdown()
+        except RuntimeError as e:
+            log.warning("rank %d: closing group %s raised: %s", self.rank, self.group_id, e, exc_info=True)
+
+
+class GroupCache:
+    """Keeps one data-plane group per process and reuses it while the group_id is unchanged.
+
+    Rank 0 owns the TrainerStore and publishes, per update_id, which generation of the
+    group serves that round; the other ranks read it, so every rank reuses or rebuilds
+    together. A group marked broken by a failed round is rebuilt on the next `get`.
+    """
+
+    def __init__(self, *, trainer_store: TrainerStore | None = None, device: torch.device | str | None = None) -> None:
+        self._trainer_store = trainer_store
+        self._device = torch.device(device) if device is not None else None
+        self._client: tuple[tuple[str, int], TCPStore] | None = None
+        self._group: DataPlaneGroup | None = None
+        self._last_round_key: str | None = None
+        self.num_constructions = 0
+
+    @property
+    def group(self) -> DataPlaneGroup | None:
+        return self._group
+
+    def _raw_store(self, rendezvous: Rendezvous, rank: int) -> Store:
+        if rank == 0:
+            if self._trainer_store is None:
+                raise ValueError("rank 0 is the trainer: GroupCache(trainer_store=TrainerStore(...)) is required")
+            if self._trainer_store.port != rendezvous.port:
+                raise ValueError(
+                    f"rendezvous port {rendezvous.port} is not this trainer's store port {self._trainer_store.port}: "
+                    "pass TrainerStore.port as rendezvous_port in BeginUpdate"
+                )
+            return self._trainer_store.store
+        address = (rendezvous.host, rendezvous.port)
+        if self._client is None or self._client[0] != address:
+            try:
+                client = TCPStore(
+                    rendezvous.host, rendezvous.port, is_master=False, wait_for_workers=False,
+                    timeout=_timedelta(rendezvous.timeout_s),
+                )
+            except (RuntimeError, OSError) as e:
+                raise TransferError(
+                    f"rank {rank}: cannot reach the rendezvous store at {rendezvous.host}:{rendezvous.port} "
+                    f"within {rendezvous.timeout_s:g} s: {e}"
+                ) from e
+            self._client = (address, client)
+        return self._client[1]
+
+    def _device_for(self, transport: str) -> torch.device:
+        if transport == "gloo":
+            return torch.device("cpu")
+        if self._device is not None and self._device.type == "cuda":
+            return self._device
+        if not torch.cuda.is_available():
+            raise TransferError(f"transport {transport!r} needs a CUDA device and none is visible")
+        return torch.device("cuda", torch.cuda.current_device())
+
+    def get(self, assignment: Assignment, rank: int) -> DataPlaneGroup:
+        """The group for this round: the cached one if still valid, else a new one (blocks until all ranks join)."""
+        rdv = assignment.rendezvous
+        if not 0 <= rank < rdv.world_size:
+            raise ValueError(f"rank {rank}: expected 0..{rdv.world_size - 1} for world_size {rdv.world_size}")
+        if rdv.world_size < 2:
+            raise ValueError(f"world_size {rdv.world_size}: a round needs the sender and at least one receiver")
+        if rank > 0 and rank not in assignment.receiver_ranks:
+            raise ValueError(f"rank {rank} is not among the receiver ranks {list(assignment.receiver_ranks)} of this round")
+        store = self._raw_store(rdv, rank)
+        base = f"{_KEY_ROOT}/{rdv.group_id}"
+        round_key = f"{base}/round/{assignment.update_id}"
+        current = self._group
+        reusable = (
+            current is not None
+            and not current.is_broken
+            and current.rendezvous == rdv
+            and current.rank == rank
+        )
+        try:
+            if rank == 0:
+                generation = current.generation if reusable else int(store.add(f"{base}/generation", 1))
+                store.set(round_key, str(generation))
+                if self._last_round_key is not None and self._last_round_key != round_key:
+                    # Every receiver read it before the round that just ended could finish.
+                    store.delete_key(self._last_round_key)
+                self._last_round_key = round_key
+            else:
+                store.wait([round_key], _timedelta(rdv.timeout_s))
+                generation = int(store.get(round_key))
+        except RuntimeError as e:
+            self.drop()
+            raise TransferError(
+                f"rank {rank}: rendezvous for update {assignment.update_id} failed at "
+                f"{rdv.host}:{rdv.port} within {rdv.timeout_s:g} s: {e}"
+            ) from e
+        if reusable and current.generation == generation:
+            return current
+        self._close_group()
+        device = self._device_for(rdv.transport)
+        prefixed = PrefixStore(f"{base}/{generation}", store)
+        started = time.monotonic()
+        try:
+            backend = _make_backend(rdv, rank, prefixed, device)
+        except RuntimeError as e:
+            raise TransferError(
+                f"rank {rank}: could not form {rdv.transport} group {rdv.group_id} (world_size {rdv.world_size}) "
+                f"within {rdv.timeout_s:g} s: {e}"
+            ) from e
+        self._group = DataPlaneGroup(
+            rendezvous=rdv, rank=rank, generation=generation, store=prefixed, device=device, backend=backend
+        )
+        self.num_constructions += 1
+        log.info(
+            "rank %d joined %s group %s gen %d (world_size %d) in %.2f s",
+            rank, rdv.transport, rdv.group_id, generation, rdv.world_size, time.monotonic() - started,
+        )
+        return self._group
+
+    def _close_group(self) -> None:
+        group, self._group = self._group, None
+        if group is not None:
+            group.close()
+
+    def drop(self) -> None:
+        """Forgets the group and the store connection; the next `get` builds both anew."""
+        self._close_group()
+        self._client = None
+
+    def close(self) -> None:
+        self.drop()

@@ -1,0 +1,322 @@
+"""The engine side of a round: receive plan buckets, checksum them, and hand tensor views to a consumer."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from weightsync.core import Assignment, TransferError
+from weightsync.dataplane.checksum import checksum_views
+from weightsync.dataplane.groups import DataPlaneGroup
+from weightsync.dataplane.handshake import close_round, open_round
+from weightsync.dataplane.layout import entry_spans, entry_view
+
+__all__ = ["ReceiveResult", "ReceiveStream", "iter_assignment", "receive_assignment"]
+
+log = logging.getLogger(__name__)
+
+Batch = list[tuple[str, torch.Tensor]]
+ApplyFn = Callable[[Batch], None]
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiveResult:
+    """What a daemon reports in UpdateResult. Checksums are over the bytes received, in wire dtype."""
+
+    update_id: str
+    checksums: dict[str, int]
+    bytes_received: int
+    num_buckets: int
+    receive_s: float  # in the data plane: waiting for bytes, checksums, the handshakes
+    apply_s: float  # in the consumer (apply_fn, or the code pulling from the stream)
+    seconds: float
+
+
+class _BroadcastIn:
+    def __init__(self, group: DataPlaneGroup, num_buckets: int) -> None:
+        self._group = group
+        self._num_buckets = num_buckets
+
+    def start(self, k: int, slot: int, view: torch.Tensor):
+        return self._group.broadcast(view, f"receive of bucket {k + 1}/{self._num_buckets}")
+
+    def finish(self, k: int, handle) -> None:
+        self._group.wait(handle, f"receive of bucket {k + 1}/{self._num_buckets}")
+
+    def close(self) -> None:
+        pass
+
+
+def _inbound(group: DataPlaneGroup, num_buckets: int):
+    if group.transport == "cuda_ipc":
+        from weightsync.dataplane.cuda_ipc import IpcIn
+
+        return IpcIn(group, num_buckets)
+    return _BroadcastIn(group, num_buckets)
+
+
+def _describe(error: BaseException) -> str:
+    return f"consumer raised {type(error).__name__}: {error}"
+
+
+class ReceiveStream:
+    """One round on a receiver, pulled bucket by bucket.
+
+    Iterating yields `(name, view)` pairs in plan order; `next_bucket()` returns one bucket's
+    pairs at a time. Views point into a ring of `num_buffers` bucket buffers: a view stays
+    valid until the consumer pulls from the bucket `num_buffers - 1` after its own (with the
+    default 2: until the first pair of the next bucket is pulled). Copy or apply it before.
+
+    Use it as a context manager, or exhaust it: if the consumer stops early or raises, the
+    stream still receives the remaining buckets (so no rank hangs) and every rank raises
+    RoundFailed naming this rank and the consumer's error. `result` is ready once the
+    stream is exhausted.
+    """
+
+    def __init__(
+        self,
+        assignment: Assignment,
+        rank: int,
+        group: DataPlaneGroup,
+        *,
+        device: torch.device | str | None = None,
+        progress: ProgressFn | None = None,
+        num_buffers: int = 2,
+    ) -> None:
+        if group.rank != rank:
+            raise ValueError(f"rank {rank} was given a group whose rank is {group.rank}")
+        if rank not in assignment.receiver_ranks:
+            raise ValueError(f"rank {rank} is not among the receiver ranks {list(assignment.receiver_ranks)}")
+        if num_buffers < 2:
+            raise ValueError(f"num_buffers {num_buffers}: expected at least 2 so receiving overlaps applying")
+        dev = torch.device(device) if device is not None else group.device
+        if group.transport == "gloo" and dev.type != "cpu":
+            raise ValueError(f"transport 'gloo' receives into CPU buffers; got device {dev}")
+        if group.transport in ("nccl", "cuda_ipc") and dev.type != "cuda":
+            raise ValueError(f"transport {group.transport!r} receives into CUDA buffers; got device {dev}")
+        self._assignment = assignment
+        self._group = group
+        self._device = dev
+        self._progress = progress
+        self._num_buffers = num_buffers
+        self._plan = assignment.plan
+        self._ring: list[torch.Tensor] = []
+        self._inbound = None
+        self._inflight: dict[int, object] = {}
+        self._issued = 0
+        self._next = 0
+        self._bytes = 0
+        self._checksums: dict[str, int] = {}
+        self._opened = False
+        self._done = False
+        self._error: BaseException | None = None
+        self._result: ReceiveResult | None = None
+        self._started = 0.0
+        self._consumer_s = 0.0
+        self._returned_at: float | None = None
+
+    # ------------------------------------------------------------------ consumer API
+
+    @property
+    def result(self) -> ReceiveResult:
+        if self._error is not None:
+            raise self._error
+        if self._result is None:
+            raise ValueError("the round is not finished: exhaust the stream first")
+        return self._result
+
+    def next_bucket(self) -> Batch | None:
+        """The next bucket's (name, view) pairs, or None once the round has closed successfully."""
+        if self._done:
+            if self._error is not None:
+                raise self._error
+            return None
+        now = time.monotonic()
+        if self._returned_at is not None:
+            self._consumer_s += now - self._returned_at
+            self._returned_at = None
+        if self._opened and self._next > 0 and self._progress is not None:
+            try:
+                self._progress(self._next, self._bytes)
+            except Exception as e:
+                self.close(e)
+        try:
+            batch = self._advance()
+        except BaseException as e:
+            self._abandon(e)
+            raise
+        self._returned_at = time.monotonic()
+        return batch
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        try:
+            for batch in iter(self.next_bucket, None):
+                yield from batch
+        except GeneratorExit:
+            # The consumer dropped the iterator; its peers must still learn why.
+            self._close_quietly(None)
+            raise
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Ends the round early: drains the remaining buckets, then every rank raises RoundFailed."""
+        if self._done:
+            return
+        reason = _describe(error) if error is not None else (
+            f"consumer stopped after {self._next} of {len(self._plan.buckets)} buckets"
+        )
+        try:
+            if not self._opened:
+                self._started = time.monotonic()
+                open_round(self._group, self._assignment, local_problem=reason)
+            else:
+                self._drain()
+                close_round(self._group, self._assignment, None, local_problem=reason)
+        except BaseException as e:
+            self._abandon(e)
+            if error is not None and isinstance(e, TransferError):
+                raise e from error
+            raise
+        raise AssertionError("a round closed with a local problem must raise RoundFailed")
+
+    def __enter__(self) -> "ReceiveStream":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._done:
+            return
+        if exc is None:
+            self.close()
+        elif isinstance(exc, Exception):
+            self.close(exc)
+        else:
+            self._abandon(exc)  # KeyboardInterrupt and the like: no draining, just tell the peers
+
+    # ------------------------------------------------------------------ internals
+
+    def _open(self) -> None:
+        self._started = time.monotonic()
+        open_round(self._group, self._assignment)
+        self._ring = self._group.buffers(self._num_buffers, self._plan.max_bucket_bytes, self._device)
+        self._inbound = _inbound(self._group, len(self._plan.buckets))
+        self._opened = True
+
+    def _issue_upto(self, limit: int) -> None:
+        buckets = self._plan.buckets
+        while self._issued < min(limit, len(buckets)):
+            k = self._issued
+            slot = k % self._num_buffers
+            view = self._ring[slot][: buckets[k].size_bytes]
+            self._inflight[k] = self._inbound.start(k, slot, view)
+            self._issued += 1
+
+    def _advance(self) -> Batch | None:
+        if not self._opened:
+            self._open()
+        buckets = self._plan.buckets
+        k = self._next
+        if k == len(buckets):
+            self._finish()
+            return None
+        # Bucket k-1's slot is free now that the consumer asked for bucket k.
+        self._issue_upto(k + self._num_buffers)
+        self._inbound.finish(k, self._inflight.pop(k))
+        bucket = buckets[k]
+        buf = self._ring[k % self._num_buffers][: bucket.size_bytes]
+        sums = checksum_views(buf, entry_spans(bucket))
+        self._checksums.update((e.name, s) for e, s in zip(bucket.entries, sums))
+        self._next = k + 1
+        self._bytes += bucket.size_bytes
+        return [(e.name, entry_view(buf, e)) for e in bucket.entries]
+
+    def _drain(self) -> None:
+        buckets = self._plan.buckets
+        while self._next < len(buckets):
+            k = self._next
+            self._issue_upto(k + self._num_buffers)
+            self._inbound.finish(k, self._inflight.pop(k))
+            self._next = k + 1
+
+    def _finish(self) -> None:
+        names = [e.name for _, e in self._plan.entries()]
+        close_round(self._group, self._assignment, [self._checksums[n] for n in names])
+        self._done = True
+        self._release()
+        seconds = time.monotonic() - self._started
+        if self._progress is not None:
+            self._progress(self._next, self._bytes)
+        self._result = ReceiveResult(
+            update_id=self._assignment.update_id,
+            checksums=dict(self._checksums),
+            bytes_received=self._bytes,
+            num_buckets=len(self._plan.buckets),
+            receive_s=seconds - self._consumer_s,
+            apply_s=self._consumer_s,
+            seconds=seconds,
+        )
+        log.debug("rank %d: update %s received in %.2f s", self._group.rank, self._assignment.update_id, seconds)
+
+    def _abandon(self, error: BaseException) -> None:
+        """Marks the stream failed; if the group may still be waited on by peers, tells them."""
+        if self._done:
+            return
+        self._done = True
+        self._error = error
+        self._release()
+        if not isinstance(error, TransferError):
+            self._group.fail(f"receiver stopped: {type(error).__name__}: {error}")
+        elif not self._group.is_broken and not hasattr(error, "reasons"):
+            self._group.fail(str(error))
+
+    def _close_quietly(self, error: BaseException | None) -> None:
+        try:
+            self.close(error)
+        except TransferError as e:
+            # Nobody is left to catch it here; it is kept for `result` and the peers raise it too.
+            log.warning("rank %d: update %s ended early: %s", self._group.rank, self._assignment.update_id, e)
+
+    def _release(self) -> None:
+        if self._inbound is not None:
+            self._inbound.close()
+        self._inflight.clear()
+
+
+def iter_assignment(
+    assignment: Assignment,
+    rank: int,
+    group: DataPlaneGroup,
+    *,
+    device: torch.device | str | None = None,
+    progress: ProgressFn | None = None,
+    num_buffers: int = 2,
+) -> ReceiveStream:
+    """A ReceiveStream for this round: iterate it for `(name, view)` pairs (e.g. as a weights iterator)."""
+    return ReceiveStream(assignment, rank, group, device=device, progress=progress, num_buffers=num_buffers)
+
+
+def receive_assignment(
+    assignment: Assignment,
+    rank: int,
+    group: DataPlaneGroup,
+    apply_fn: ApplyFn,
+    *,
+    device: torch.device | str | None = None,
+    progress: ProgressFn | None = None,
+    num_buffers: int = 2,
+) -> ReceiveResult:
+    """Receives the round and calls apply_fn once per bucket while the next bucket arrives.
+
+    apply_fn gets the bucket's (name, view) pairs; the views are reused for a later bucket
+    as soon as apply_fn returns, so it must copy what it keeps. progress(buckets_done,
+    bytes_done) is called after each bucket is applied. Raises RoundFailed on every rank
+    if any rank fails; on failure some buckets may already have been applied.
+    """
+    stream = ReceiveStream(assignment, rank, group, device=device, progress=progress, num_buffers=num_buffers)
+    with stream:
+        for batch in iter(stream.next_bucket, None):
+            apply_fn(batch)
+    return stream.result

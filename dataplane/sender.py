@@ -1,0 +1,203 @@
+"""The trainer side of a round: pack tensors into plan buckets and send them to every receiver."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from weightsync.core import Assignment, BucketPlan
+from weightsync.dataplane.checksum import checksum_views
+from weightsync.dataplane.deferred import DeferredTensor, materialize
+from weightsync.dataplane.groups import DataPlaneGroup
+from weightsync.dataplane.handshake import RoundFailed, close_round, open_round
+from weightsync.dataplane.layout import entry_spans, entry_view
+
+__all__ = ["SendResult", "send_assignment"]
+
+log = logging.getLogger(__name__)
+
+SourceTensor = torch.Tensor | DeferredTensor
+TensorSource = Mapping[str, SourceTensor] | Iterable[tuple[str, SourceTensor]]
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """What the trainer reports in CommitUpdate. Empty checksums on trainer ranks other than 0."""
+
+    update_id: str
+    checksums: dict[str, int]
+    bytes_sent: int
+    num_buckets: int
+    seconds: float
+    pack_s: float
+    checksum_s: float
+
+
+def _validate(plan: BucketPlan, source: Mapping[str, SourceTensor]) -> list[str]:
+    problems = []
+    for _, e in plan.entries():
+        t = source.get(e.name)
+        if t is None:
+            problems.append(f"{e.name}: missing (the plan expects shape {list(e.shape)} {e.dtype})")
+            continue
+        if tuple(t.shape) != e.shape:
+            problems.append(f"{e.name}: shape {list(t.shape)}, the plan expects {list(e.shape)}")
+        if t.dtype.is_complex or t.device.type == "meta":
+            problems.append(f"{e.name}: a {t.dtype} tensor on {t.device} cannot be sent as {e.dtype}")
+    return problems
+
+
+def _gather_only(plan: BucketPlan, source: Mapping[str, SourceTensor]) -> None:
+    for _, e in plan.entries():
+        materialize(source[e.name])
+
+
+class _BroadcastOut:
+    """Buckets leave by broadcast from rank 0 (gloo or NCCL)."""
+
+    def __init__(self, group: DataPlaneGroup, num_buckets: int) -> None:
+        self._group = group
+        self._num_buckets = num_buckets
+
+    def start(self, k: int, slot: int, view: torch.Tensor):
+        return self._group.broadcast(view, f"broadcast of bucket {k + 1}/{self._num_buckets}")
+
+    def finish(self, k: int, handle) -> None:
+        self._group.wait(handle, f"broadcast of bucket {k + 1}/{self._num_buckets}")
+
+    def close(self) -> None:
+        pass
+
+
+def _outbound(group: DataPlaneGroup, ring: list[torch.Tensor], num_buckets: int):
+    if group.transport == "cuda_ipc":
+        from weightsync.dataplane.cuda_ipc import IpcOut
+
+        return IpcOut(group, ring, num_buckets)
+    return _BroadcastOut(group, num_buckets)
+
+
+def _buffer_device(group: DataPlaneGroup, device: torch.device | str | None) -> torch.device:
+    dev = torch.device(device) if device is not None else group.device
+    if group.transport == "gloo" and dev.type != "cpu":
+        raise ValueError(f"transport 'gloo' sends from CPU buffers; got device {dev}")
+    if group.transport in ("nccl", "cuda_ipc") and dev.type != "cuda":
+        raise ValueError(f"transport {group.transport!r} sends from CUDA buffers; got device {dev}")
+    return dev
+
+
+def send_assignment(
+    assignment: Assignment,
+    tensors: TensorSource,
+    group: DataPlaneGroup | None,
+    *,
+    device: torch.device | str | None = None,
+    num_buffers: int = 2,
+) -> SendResult:
+    """Sends every tensor of the plan to every receiver, bucket by bucket, and verifies delivery.
+
+    `tensors` maps Hugging Face names to plain tensors, DTensors or DeferredTensors (see
+    TitanToHF.map_state_dict); entries outside the plan are ignored. Each is cast to the plan's wire dtype and copied to its offset in a bucket;
+    while bucket k is on the wire, bucket k+1 is packed into the next of `num_buffers`
+    rotating buffers (on CUDA, on a stream of its own).
+
+    Lockstep contract for a sharded trainer: every trainer rank calls send_assignment with
+    the same plan and the same tensors, in the same order relative to its other collectives.
+    DTensors are gathered with full_tensor() (DeferredTensors computed) lazily, in plan
+    order, on every trainer rank.
+    Only data-plane rank 0 sends; the other trainer ranks pass `group=None`, take part in
+    the gathers and return a result with no checksums.
+
+    Raises ValueError, naming each tensor with the expected and actual shape, when the
+    tensors do not match the plan; the receivers are told first and raise RoundFailed.
+    Raises RoundFailed (a TransferError) when any rank fails, naming the rank and reason.
+    """
+    if num_buffers < 2:
+        raise ValueError(f"num_buffers {num_buffers}: expected at least 2 so packing overlaps sending")
+    started = time.monotonic()
+    plan = assignment.plan
+    source = dict(tensors.items()) if isinstance(tensors, Mapping) else dict(tensors)
+    problems = _validate(plan, source)
+    problem_text = f"{len(problems)} tensor(s) do not match the plan: " + "; ".join(problems) if problems else None
+    if group is None:
+        if problem_text:
+            raise ValueError(problem_text)
+        _gather_only(plan, source)
+        return SendResult(assignment.update_id, {}, 0, len(plan.buckets), time.monotonic() - started, 0.0, 0.0)
+    if group.rank != 0:
+        raise ValueError(f"send_assignment runs on data-plane rank 0; this group's rank is {group.rank}")
+    buffer_device = _buffer_device(group, device)
+    try:
+        open_round(group, assignment, local_problem=problem_text)
+    except RoundFailed as e:
+        if problem_text:
+            raise ValueError(problem_text) from e
+        raise
+    try:
+        return _send_buckets(assignment, source, group, buffer_device, num_buffers, started)
+    except BaseException as e:
+        # Tell the receivers now rather than let them sit out the timeout.
+        if not isinstance(e, RoundFailed):
+            group.fail(f"sender stopped: {type(e).__name__}: {e}")
+        raise
+
+
+def _send_buckets(
+    assignment: Assignment,
+    source: Mapping[str, SourceTensor],
+    group: DataPlaneGroup,
+    device: torch.device,
+    num_buffers: int,
+    started: float,
+) -> SendResult:
+    plan = assignment.plan
+    ring = group.buffers(num_buffers, plan.max_bucket_bytes, device)
+    out = _outbound(group, ring, len(plan.buckets))
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    if stream is not None:
+        # The trainer wrote the tensors on its own stream; packing must see those writes.
+        stream.wait_stream(torch.cuda.current_stream(device))
+    checksums: dict[str, int] = {}
+    inflight: deque[tuple[int, object]] = deque()
+    pack_s = checksum_s = 0.0
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        for k, bucket in enumerate(plan.buckets):
+            slot = k % num_buffers
+            if len(inflight) == num_buffers:
+                out.finish(*inflight.popleft())
+            buf = ring[slot][: bucket.size_bytes]
+            t0 = time.monotonic()
+            for e in bucket.entries:
+                entry_view(buf, e).copy_(materialize(source[e.name]))
+            t1 = time.monotonic()
+            inflight.append((k, out.start(k, slot, buf)))
+            # The checksum reads the bucket while it is on the wire: reading is safe, and it hides the cost.
+            sums = checksum_views(buf, entry_spans(bucket))
+            checksum_s += time.monotonic() - t1
+            pack_s += t1 - t0
+            checksums.update((e.name, s) for e, s in zip(bucket.entries, sums))
+        while inflight:
+            out.finish(*inflight.popleft())
+    close_round(group, assignment, [checksums[e.name] for _, e in plan.entries()])
+    out.close()
+    seconds = time.monotonic() - started
+    log.info(
+        "update %s: sent %d tensors in %d buckets (%.1f MiB) to %d receivers in %.2f s (%.2f GiB/s)",
+        assignment.update_id, plan.num_tensors, len(plan.buckets), plan.total_bytes / 2**20,
+        group.world_size - 1, seconds, plan.total_bytes / 2**30 / max(seconds, 1e-9),
+    )
+    return SendResult(
+        update_id=assignment.update_id,
+        checksums=checksums,
+        bytes_sent=plan.total_bytes,
+        num_buckets=len(plan.buckets),
+        seconds=seconds,
+        pack_s=pack_s,
+        checksum_s=checksum_s,
+    )

@@ -1,0 +1,61 @@
+"""Daemon side: the data-plane receiver as a control-plane handler, and the memory daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Iterable
+
+import torch
+
+from weightsync.control.daemon_agent import HandlerResult, ProgressFn
+from weightsync.core import Assignment, TransferError
+from weightsync.dataplane import GroupCache, receive_assignment
+
+__all__ = ["ReceiverHandler"]
+
+log = logging.getLogger(__name__)
+
+ApplyFn = Callable[[list[tuple[str, torch.Tensor]]], None]
+
+
+class ReceiverHandler:
+    """Receives each assignment on this process's one receiver rank and applies it bucket by bucket.
+
+    The transfer runs in a worker thread, so the agent's heartbeats never wait on it. A
+    round cancelled by the coordinator keeps its thread until the collective timeout
+    ends it; the next round waits for that thread instead of joining a second group.
+    """
+
+    def __init__(self, apply_fn: ApplyFn, *, device: str | torch.device | None = None, on_applied: Callable[[Assignment], None] | None = None) -> None:
+        self._apply = apply_fn
+        self._device = device
+        self._groups = GroupCache(device=device)
+        self._lock = threading.Lock()
+        self._on_applied = on_applied
+
+    async def __call__(self, assignment: Assignment, ranks: tuple[int, ...], progress: ProgressFn) -> HandlerResult:
+        if len(ranks) != 1:
+            raise ValueError(f"this daemon hosts one receiver rank; the plan gave it {list(ranks)}")
+        return await asyncio.to_thread(self._run, assignment, ranks[0], progress)
+
+    def _run(self, assignment: Assignment, rank: int, progress: ProgressFn) -> HandlerResult:
+        wait_s = 2 * assignment.rendezvous.timeout_s
+        if not self._lock.acquire(timeout=wait_s):
+            raise TransferError(f"rank {rank}: the previous round's transfer did not end within {wait_s:g} s")
+        try:
+            group = self._groups.get(assignment, rank)
+            res = receive_assignment(assignment, rank, group, self._apply, device=self._device, progress=progress)
+        finally:
+            self._lock.release()
+        if self._on_applied is not None:
+            self._on_applied(assignment)
+        return HandlerResult(res.checksums, res.bytes_received, res.receive_s, res.apply_s)
+
+
+def inventory_of(tensors: Iterable[tuple[str, torch.Tensor]]):
+    from weightsync.core import TensorSpec
+    from weightsync.dataplane.layout import dtype_name
+
+    return tuple(TensorSpec(n, tuple(t.shape), dtype_name(t.dtype)) for n, t in tensors)

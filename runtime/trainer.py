@@ -1,0 +1,165 @@
+"""The one-call trainer API: `WeightSync(...).push(model, version=step)`.
+
+    sync = WeightSync("coordinator:50051", rendezvous_host="10.0.0.5")
+    for step in range(num_steps):
+        train_step(model)
+        sync.push(model, version=step)      # on every trainer rank; raises RoundFailed naming bad daemons
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from weightsync.control.trainer_client import RoundReport, SyncTrainerClient
+from weightsync.core import TensorSpec, WeightsyncError
+from weightsync.dataplane import DeferredTensor, GroupCache, TitanToHF, TrainerStore, send_assignment
+from weightsync.dataplane.layout import dtype_name, torch_dtype
+
+__all__ = ["WeightSync", "named_tensors", "manifest_for"]
+
+log = logging.getLogger(__name__)
+
+Source = torch.nn.Module | Mapping[str, Any] | Iterable[tuple[str, Any]]
+
+
+def named_tensors(source: Source) -> dict[str, Any]:
+    """HF name -> tensor (or DTensor/DeferredTensor) for a module, a state dict or (name, tensor) pairs."""
+    if isinstance(source, torch.nn.Module):
+        return dict(source.state_dict(keep_vars=False).items())
+    if isinstance(source, Mapping):
+        return dict(source.items())
+    return dict(source)
+
+
+def manifest_for(tensors: Mapping[str, Any], dtype: str | torch.dtype | Mapping[str, str] | None = None) -> list[TensorSpec]:
+    """The manifest to send: each tensor's shape, in the wire dtype (default: its own dtype)."""
+    specs = []
+    for name, t in tensors.items():
+        if isinstance(dtype, Mapping):
+            wire = dtype.get(name) or dtype_name(t.dtype)
+        elif dtype is not None:
+            wire = dtype if isinstance(dtype, str) else dtype_name(dtype)
+        else:
+            wire = dtype_name(t.dtype)
+        specs.append(TensorSpec(name, tuple(t.shape), wire))
+    return specs
+
+
+def _trainer_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class WeightSync:
+    """Pushes a model's weights to every engine as one verified round.
+
+    Call `push` on every trainer rank with the same model (FSDP2/DTensor parameters are
+    gathered bucket by bucket); rank 0 of the trainer's own world talks to the
+    coordinator and sends, the others only take part in the gathers. The data-plane
+    store and group live across rounds and are rebuilt when the fleet changes.
+    """
+
+    def __init__(
+        self,
+        coordinator: str,
+        *,
+        rendezvous_host: str = "127.0.0.1",
+        rendezvous_port: int = 0,
+        bind_host: str | None = None,
+        transport: str = "gloo",
+        dtype: str | torch.dtype | Mapping[str, str] | None = None,
+        bucket_size_bytes: int = 0,
+        deadline_s: float = 600.0,
+        collective_timeout_s: float = 120.0,
+        min_daemons: int = 1,
+        titan: TitanToHF | None = None,
+        device: str | torch.device | None = None,
+        credentials=None,
+        token: str | None = None,
+    ) -> None:
+        self.rank, self.world_size = _trainer_world()
+        self._options = dict(
+            transport=transport,
+            bucket_size_bytes=bucket_size_bytes,
+            deadline_s=deadline_s,
+            min_daemons=min_daemons,
+            collective_timeout_s=collective_timeout_s,
+        )
+        self._dtype = dtype
+        self._titan = titan
+        self._device = device
+        self._client = SyncTrainerClient(coordinator, credentials=credentials, token=token) if self.rank == 0 else None
+        self._store = TrainerStore(rendezvous_host, rendezvous_port, bind_host=bind_host) if self.rank == 0 and transport != "cuda_ipc" else None
+        self._groups = GroupCache(trainer_store=self._store, device=device) if self.rank == 0 else None
+        self.last_report: RoundReport | None = None
+
+    def _prepare(self, source: Source) -> dict[str, Any]:
+        tensors = named_tensors(source)
+        if self._titan is not None:
+            tensors = self._titan.map_state_dict(tensors)
+        return tensors
+
+    def push(self, source: Source, *, version: int, raise_on_failure: bool = True) -> RoundReport | None:
+        """One round: BeginUpdate, transfer, verdict. Returns the report on trainer rank 0, None elsewhere."""
+        tensors = self._prepare(source)
+        assignment = None
+        error: BaseException | None = None
+        if self.rank == 0:
+            try:
+                assignment = self._client.begin_update(
+                    version,
+                    manifest_for(tensors, self._dtype),
+                    rendezvous_host=self._store.host if self._store else "",
+                    rendezvous_port=self._store.port if self._store else 0,
+                    **self._options,
+                )
+            except WeightsyncError as e:
+                error = e
+        if self.world_size > 1:
+            # Every trainer rank needs the plan to gather in lockstep (or to learn that there is none).
+            box = [assignment if error is None else error]
+            torch.distributed.broadcast_object_list(box, src=0)
+            assignment, error = (box[0], None) if not isinstance(box[0], BaseException) else (None, box[0])
+        if error is not None:
+            raise error
+        if self.rank != 0:
+            send_assignment(assignment, tensors, None)
+            return None
+        t0 = time.monotonic()
+        try:
+            group = self._groups.get(assignment, 0)
+            sent = send_assignment(assignment, tensors, group, device=self._device)
+        except BaseException as e:
+            reason = f"trainer failed to send: {type(e).__name__}: {e}"
+            try:
+                self._client.abort_update(assignment.update_id, reason[:2000])
+            except WeightsyncError:
+                log.warning("abort of update_id=%s failed", assignment.update_id, exc_info=True)
+            raise
+        report = self._client.commit_update(assignment, sent.checksums, sender_s=time.monotonic() - t0)
+        self.last_report = report
+        log.info(
+            "push update_id=%s version=%d state=%s bytes=%d seconds=%.3f",
+            report.update_id, version, report.state, sent.bytes_sent, time.monotonic() - t0,
+        )
+        if raise_on_failure:
+            report.raise_if_failed()
+        return report
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        if self._store is not None:
+            self._store.close()
+
+    def __enter__(self) -> "WeightSync":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -25,7 +25,7 @@ async def _run_memory_daemon(args: argparse.Namespace) -> int:
 
     from weightsync.control.daemon_agent import DaemonAgent, DaemonIdentity
     from weightsync.dataplane import MemoryEngine
-    from weightsync.runtime.daemon import ReceiverHandler
+    from weightsync.runtime.daemon import memory_engine_handler
     from weightsync.runtime.security import channel_credentials_from_args
     from weightsync.v1 import weightsync_pb2 as pb
 
@@ -48,7 +48,7 @@ async def _run_memory_daemon(args: argparse.Namespace) -> int:
     agent = DaemonAgent(
         args.coordinator,
         ident,
-        ReceiverHandler(engine.apply),
+        memory_engine_handler(engine),
         served_version=args.served_version,
         credentials=channel_credentials_from_args(args),
         token=args.token,

@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
 from weightsync.control.daemon_agent import HandlerResult, ProgressFn
 from weightsync.core import Assignment, TransferError
-from weightsync.dataplane import GroupCache, receive_assignment
+from weightsync.dataplane import GroupCache, MemoryEngine, receive_assignment, tensor_checksum
+from weightsync.runtime.failpoints import load_failpoints
 
-__all__ = ["ReceiverHandler"]
+__all__ = ["ReceiverHandler", "memory_engine_handler"]
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +30,16 @@ class ReceiverHandler:
     ends it; the next round waits for that thread instead of joining a second group.
     """
 
-    def __init__(self, apply_fn: ApplyFn, *, device: str | torch.device | None = None, on_applied: Callable[[Assignment], None] | None = None) -> None:
+    def __init__(
+        self,
+        apply_fn: ApplyFn,
+        *,
+        device: str | torch.device | None = None,
+        held_checksums: Callable[[Iterable[str]], Mapping[str, int]] | None = None,
+        on_applied: Callable[[Assignment], None] | None = None,
+    ) -> None:
         self._apply = apply_fn
+        self._held_checksums = held_checksums
         self._device = device
         self._groups = GroupCache(device=device)
         self._lock = threading.Lock()
@@ -49,13 +59,27 @@ class ReceiverHandler:
             res = receive_assignment(assignment, rank, group, self._apply, device=self._device, progress=progress)
         finally:
             self._lock.release()
+        checksums = res.checksums
+        if self._held_checksums is not None:
+            # Verify what the engine holds, not only what arrived: a bad copy shows as a mismatch.
+            checksums = dict(self._held_checksums(checksums.keys()))
         if self._on_applied is not None:
             self._on_applied(assignment)
-        return HandlerResult(res.checksums, res.bytes_received, res.receive_s, res.apply_s)
+        return HandlerResult(checksums, res.bytes_received, res.receive_s, res.apply_s)
 
 
-def inventory_of(tensors: Iterable[tuple[str, torch.Tensor]]):
-    from weightsync.core import TensorSpec
-    from weightsync.dataplane.layout import dtype_name
+def memory_engine_handler(engine: MemoryEngine) -> ReceiverHandler:
+    """A handler that applies into a MemoryEngine and reports checksums of the tensors it then holds."""
+    held = engine.state_dict()
 
-    return tuple(TensorSpec(n, tuple(t.shape), dtype_name(t.dtype)) for n, t in tensors)
+    def apply(batch) -> None:
+        engine.apply(batch)
+        faults = load_failpoints()
+        if faults.corrupt_applied:
+            for name, _ in batch:
+                if name == faults.corrupt_applied:
+                    held[name].view(-1).view(torch.uint8)[0] ^= 1
+        if faults.apply_delay_s:
+            time.sleep(faults.apply_delay_s)
+
+    return ReceiverHandler(apply, held_checksums=lambda names: {n: tensor_checksum(held[n]) for n in names})

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from weightsync.control.trainer_client import RoundReport, SyncTrainerClient
+from weightsync.control.trainer_client import RoundFailed, RoundReport, SyncTrainerClient
 from weightsync.core import TensorSpec, WeightsyncError
 from weightsync.dataplane import DeferredTensor, GroupCache, TitanToHF, TrainerStore, send_assignment
 from weightsync.dataplane.layout import dtype_name, torch_dtype
@@ -135,13 +135,17 @@ class WeightSync:
         try:
             group = self._groups.get(assignment, 0)
             sent = send_assignment(assignment, tensors, group, device=self._device)
-        except BaseException as e:
+        except Exception as e:
             reason = f"trainer failed to send: {type(e).__name__}: {e}"
             try:
-                self._client.abort_update(assignment.update_id, reason[:2000])
+                report = self._client.abort_update(assignment.update_id, reason[:2000])
             except WeightsyncError:
                 log.warning("abort of update_id=%s failed", assignment.update_id, exc_info=True)
-            raise
+                raise e from None
+            self.last_report = report
+            if raise_on_failure:
+                raise RoundFailed(report) from e
+            return report
         report = self._client.commit_update(assignment, sent.checksums, sender_s=time.monotonic() - t0)
         self.last_report = report
         log.info(

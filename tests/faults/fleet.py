@@ -1,0 +1,190 @@
+"""A whole fleet as real processes: coordinator, memory daemons, trainer pushes; faults by real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import free_port
+from weightsync.control.trainer_client import SyncTrainerClient
+
+ROOT = Path(__file__).resolve().parents[2]
+HEARTBEAT_TIMEOUT_S = 3.0
+COLLECTIVE_TIMEOUT_S = 8.0
+DEADLINE_S = 25.0
+BUCKET_BYTES = 1 << 20
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "weightsync.runtime.cli", "--log-level", "WARNING", *args]
+
+
+def make_weights(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {"model.embed_tokens.weight": torch.randn(1024, 512, generator=g)}
+    for i in range(4):
+        for p, shape in (("self_attn.q_proj", (512, 512)), ("self_attn.k_proj", (128, 512)), ("self_attn.v_proj", (128, 512)),
+                         ("self_attn.o_proj", (512, 512)), ("mlp.gate_proj", (1024, 512)), ("mlp.up_proj", (1024, 512)),
+                         ("mlp.down_proj", (512, 1024))):
+            out[f"model.layers.{i}.{p}.weight"] = torch.randn(shape, generator=g)
+    out["model.norm.weight"] = torch.randn(512, generator=g)
+    return {k: v.to(torch.bfloat16) for k, v in out.items()}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)) for k in a)
+
+
+class Fleet:
+    def __init__(self, tmp: Path, num_daemons: int = 3) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.coordinator: subprocess.Popen | None = None
+        self.daemons: dict[str, subprocess.Popen] = {}
+        self.weights: dict[int, Path] = {}
+        self.base = self.checkpoint(0)
+        self.logs = tmp / "logs"
+        self.logs.mkdir()
+        self.start_coordinator()
+        for i in range(num_daemons):
+            self.start_daemon(f"mem{i}", served_version=0)
+        self.client = SyncTrainerClient(self.address, rpc_timeout_s=10)
+        self.wait_daemons(list(self.daemons))
+
+    # ---------------------------------------------------------------- processes
+
+    def _log(self, name: str):
+        return open(self.logs / f"{name}.log", "a")
+
+    def start_coordinator(self) -> None:
+        self.coordinator = subprocess.Popen(
+            cli("coordinator", "--listen", self.address, "--heartbeat-interval-s", "0.3", "--heartbeat-timeout-s", str(HEARTBEAT_TIMEOUT_S)),
+            cwd=ROOT, env=self.env, stdout=self._log("coordinator"), stderr=subprocess.STDOUT,
+        )
+
+    def failpoints(self, daemon_id: str) -> Path:
+        return self.tmp / f"{daemon_id}.failpoints"
+
+    def saved(self, daemon_id: str) -> Path:
+        return self.tmp / f"{daemon_id}.held.safetensors"
+
+    def start_daemon(self, daemon_id: str, served_version: int = -1) -> None:
+        self.failpoints(daemon_id).write_text("")
+        self.saved(daemon_id).unlink(missing_ok=True)
+        self.daemons[daemon_id] = subprocess.Popen(
+            cli("daemon", "--coordinator", self.address, "--weights", str(self.weights[0]), "--daemon-id", daemon_id,
+                "--served-version", str(served_version), "--save-on-commit", str(self.saved(daemon_id)), "--drain-s", "2"),
+            cwd=ROOT, env={**self.env, "WEIGHTSYNC_FAILPOINTS_FILE": str(self.failpoints(daemon_id))},
+            stdout=self._log(daemon_id), stderr=subprocess.STDOUT,
+        )
+
+    def set_failpoints(self, daemon_id: str, **points) -> None:
+        self.failpoints(daemon_id).write_text("".join(f"{k} {v}\n" for k, v in points.items()))
+
+    def slow_all(self, apply_delay_s: float = 0.15) -> None:
+        for d in self.daemons:
+            self.set_failpoints(d, apply_delay_s=apply_delay_s)
+
+    def clear_failpoints(self) -> None:
+        for d in self.daemons:
+            self.set_failpoints(d)
+
+    def checkpoint(self, version: int) -> dict[str, torch.Tensor]:
+        w = make_weights(version)
+        path = self.tmp / f"v{version}.safetensors"
+        save_file(w, path)
+        self.weights[version] = path
+        return w
+
+    def push(self, version: int, *, background: bool = False):
+        if version not in self.weights:
+            self.checkpoint(version)
+        cmd = cli("push", "--coordinator", self.address, "--weights", str(self.weights[version]), "--version", str(version),
+                  "--bucket-size-bytes", str(BUCKET_BYTES), "--collective-timeout-s", str(COLLECTIVE_TIMEOUT_S),
+                  "--deadline-s", str(DEADLINE_S), "--json")
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=self._log(f"push-v{version}"), text=True)
+        if background:
+            return proc
+        return self.finish_push(proc)
+
+    def finish_push(self, proc: subprocess.Popen, timeout_s: float = DEADLINE_S + 30) -> tuple[int, dict | None]:
+        out, _ = proc.communicate(timeout=timeout_s)
+        try:
+            return proc.returncode, json.loads(out) if out.strip() else None
+        except json.JSONDecodeError:
+            return proc.returncode, None
+
+    # ---------------------------------------------------------------- observation
+
+    def daemons_info(self) -> dict:
+        return {d.daemon_id: d for d in self.client.list_daemons().daemons}
+
+    def wait_daemons(self, ids, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                info = self.daemons_info()
+                if all(i in info and info[i].state == 1 for i in ids):  # DAEMON_STATE_IDLE
+                    return
+            except Exception:  # the coordinator may be restarting; keep polling until the deadline
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"daemons {ids} not idle within {timeout_s} s; logs in {self.logs}")
+            time.sleep(0.2)
+
+    def wait_round_started(self, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            rounds = self.client.list_rounds(1)
+            if rounds and rounds[0].state == "TRANSFERRING":
+                return
+            time.sleep(0.05)
+        raise AssertionError("no round started")
+
+    def assert_consistent(self, version: int) -> None:
+        """Every engine serves `version`, is clean, and holds exactly that version's bytes."""
+        info = self.daemons_info()
+        want = load_file(self.weights[version])
+        for d in self.daemons:
+            assert info[d].served_version == version and not info[d].dirty and not info[d].stale, (d, info[d])
+            deadline = time.monotonic() + 10
+            while not self.saved(d).exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert same(load_file(self.saved(d)), want), f"{d} does not hold version {version}"
+
+    # ---------------------------------------------------------------- faults
+
+    def kill_daemon(self, daemon_id: str) -> None:
+        self.daemons[daemon_id].kill()
+        self.daemons[daemon_id].wait(10)
+
+    def signal_daemon(self, daemon_id: str, sig: int) -> None:
+        os.kill(self.daemons[daemon_id].pid, sig)
+
+    def kill_coordinator(self) -> None:
+        self.coordinator.kill()
+        self.coordinator.wait(10)
+
+    def close(self) -> None:
+        self.client.close()
+        for p in self.daemons.values():
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+                p.kill()
+            p.wait(10)
+        if self.coordinator.poll() is None:
+            self.coordinator.kill()
+        self.coordinator.wait(10)

@@ -162,6 +162,19 @@ class Fleet:
                 time.sleep(0.1)
             assert same(load_file(self.saved(d)), want), f"{d} does not hold version {version}"
 
+    def holds(self, daemon_id: str, version: int, timeout_s: float = 10.0) -> bool:
+        """Whether the daemon's saved engine state equals `version`'s weights (saved after its OK verdict)."""
+        want = load_file(self.weights[version])
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if same(load_file(self.saved(daemon_id)), want):
+                    return True
+            except Exception:  # not written yet, or being written: look again
+                pass
+            time.sleep(0.2)
+        return False
+
     # ---------------------------------------------------------------- faults
 
     def kill_daemon(self, daemon_id: str) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from weightsync.core import InvalidArgument, TensorSpec, fusion_key
+from weightsync.core import InvalidArgument, TensorSpec, apply_unit
 from weightsync.v1 import weightsync_pb2 as pb
 
 __all__ = ["MAX_MANIFEST_TENSORS", "MAX_LISTED_PROBLEMS", "parse_manifest", "check_against_inventory"]
@@ -52,9 +52,9 @@ def check_against_inventory(
 ) -> None:
     """Raises InvalidArgument listing every unknown name, shape or dtype mismatch per daemon.
 
-    The wire dtype is the engine's dtype: the trainer casts before sending. Members of a
-    vLLM fusion group (q/k/v, gate/up, w1/w3) must travel together, since vLLM stores
-    them as one parameter and a partial write corrupts the siblings.
+    The wire dtype is the engine's dtype: the trainer casts before sending. The tensors of
+    one apply unit (a module; q/k/v and gate/up fused, weights with their biases) travel
+    together, since vLLM rebuilds a partly-updated module from uninitialised memory.
     """
     problems: list[str] = []
     manifest_names = {s.name for s in manifest}
@@ -80,16 +80,14 @@ def check_against_inventory(
 def _incomplete_fusion_groups(daemon_id: str, manifest_names: set[str], inventory_names: Iterable[str]) -> list[str]:
     groups: dict[str, list[str]] = {}
     for name in inventory_names:
-        key = fusion_key(name)
-        if key != name:
-            groups.setdefault(key, []).append(name)
+        groups.setdefault(apply_unit(name), []).append(name)
     problems = []
     for members in groups.values():
         present = [m for m in members if m in manifest_names]
         if present and len(present) != len(members):
             missing = sorted(set(members) - set(present))
             problems.append(
-                f"daemon {daemon_id!r}: fused tensors travel together: manifest has {sorted(present)} "
+                f"daemon {daemon_id!r}: tensors of one module travel together: manifest has {sorted(present)} "
                 f"but not {missing}"
             )
     return problems

@@ -11,7 +11,7 @@ from weightsync.core.errors import (
     Unavailable,
     WeightsyncError,
 )
-from weightsync.core.plan import ALIGN_BYTES, DEFAULT_BUCKET_SIZE_BYTES, Assignment, Bucket, BucketEntry, BucketPlan, fusion_key
+from weightsync.core.plan import ALIGN_BYTES, DEFAULT_BUCKET_SIZE_BYTES, Assignment, Bucket, BucketEntry, BucketPlan, apply_unit, fusion_key
 from weightsync.core.types import Participant, Rendezvous, TensorSpec
 
 __all__ = [
@@ -33,5 +33,6 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "WeightsyncError",
+    "apply_unit",
     "fusion_key",
 ]

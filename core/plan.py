@@ -21,6 +21,7 @@ __all__ = [
     "Bucket",
     "BucketEntry",
     "BucketPlan",
+    "apply_unit",
     "fusion_key",
 ]
 
@@ -45,6 +46,17 @@ def fusion_key(name: str) -> str:
         if pattern.search(name):
             return pattern.sub(replacement, name)
     return name
+
+
+def apply_unit(name: str) -> str:
+    """The engine module a checkpoint tensor lands in: its tensors travel and apply together.
+
+    vLLM rebuilds a module only once all of its tensors have arrived; a module that got
+    part of them is rebuilt from uninitialised memory for the rest. So q/k/v weights and
+    biases form one unit (qkv_proj), gate/up another, and every module's weight and bias
+    go together.
+    """
+    return fusion_key(name).rpartition(".")[0] or name
 
 
 def _align(n: int) -> int:
@@ -87,15 +99,15 @@ class BucketPlan:
 
     @classmethod
     def build(cls, manifest: Sequence[TensorSpec], bucket_size_bytes: int = DEFAULT_BUCKET_SIZE_BYTES) -> "BucketPlan":
-        """Packs tensors in manifest order, keeping fusion groups inside one bucket.
+        """Packs tensors in manifest order, keeping each apply unit inside one bucket.
 
-        A group larger than bucket_size_bytes gets a bucket of its own size.
+        A unit larger than bucket_size_bytes gets a bucket of its own size.
         """
         if bucket_size_bytes < ALIGN_BYTES:
             raise ValueError(f"bucket_size_bytes {bucket_size_bytes}: expected at least {ALIGN_BYTES}")
         groups: dict[str, list[TensorSpec]] = {}
         for spec in manifest:
-            groups.setdefault(fusion_key(spec.name), []).append(spec)
+            groups.setdefault(apply_unit(spec.name), []).append(spec)
         buckets: list[Bucket] = []
         current: list[BucketEntry] = []
         used = 0

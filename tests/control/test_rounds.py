@@ -101,7 +101,7 @@ BAD = TensorSpec("model.layers.9.mlp.nope.weight", (4, 4), "bfloat16")
         ("empty manifest", [], 1, {}, InvalidArgument, ["manifest is empty"]),
         ("too few daemons", INVENTORY, 1, {"min_daemons": 5}, Unavailable, ["expected at least 5, got 3"]),
         ("unknown transport", INVENTORY, 1, {"transport": "carrier-pigeon"}, InvalidArgument, ["options.transport"]),
-        ("partial fusion group", [INVENTORY[1]], 1, {}, InvalidArgument, ["fused tensors travel together"]),
+        ("partial fusion group", [INVENTORY[1]], 1, {}, InvalidArgument, ["tensors of one module travel together"]),
     ],
 )
 async def test_bad_input_is_refused_then_valid_round_commits(fleet, case, manifest, version, options, exc, needles):

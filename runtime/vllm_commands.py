@@ -1,0 +1,135 @@
+"""`weightsync serve` (vLLM's OpenAI server with a daemon attached) and `weightsync demo`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+
+from weightsync.control.daemon_agent import DaemonAgent, DaemonIdentity, HandlerResult
+
+__all__ = ["VllmHandler", "add_subcommands"]
+
+log = logging.getLogger(__name__)
+
+
+class VllmHandler:
+    """Applies each assignment to a live vLLM engine between engine steps, one rank per worker."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+
+    async def __call__(self, assignment, ranks, progress) -> HandlerResult:
+        from weightsync.engine.http import SERVED
+
+        SERVED.dirty = True
+        report = await self._engine.apply_assignment(assignment, ranks, progress=progress)
+        SERVED.version = assignment.version
+        SERVED.update_id = assignment.update_id
+        return HandlerResult(report.checksums, report.bytes_received, report.receive_s, report.apply_s)
+
+
+def _on_verdict_marks_clean(v) -> None:
+    from weightsync.engine.http import SERVED
+    from weightsync.v1 import weightsync_pb2 as pb
+
+    if v.update_id == SERVED.update_id:
+        SERVED.dirty = v.status != pb.RESULT_STATUS_OK
+
+
+async def _serve(args: argparse.Namespace, vargs: argparse.Namespace) -> int:
+    from vllm.entrypoints.launchers.api_server.entry import build_and_serve, build_async_engine_client
+    from vllm.entrypoints.launchers.launcher import setup_server
+
+    from weightsync.engine import VllmEngine, VllmEngineConfig
+    from weightsync.engine.http import SERVED
+    from weightsync.runtime.security import channel_credentials_from_args
+
+    listen_address, sock = setup_server(vargs, reuse_port=False)
+    agent = None
+    try:
+        async with build_async_engine_client(vargs) as client:
+            config = VllmEngineConfig(
+                model=vargs.model, mode="async", inflight_policy=args.inflight_policy, staging=args.staging,
+                initial_version=args.served_version if args.served_version >= 0 else None,
+            )
+            engine = VllmEngine(client, config)
+            await engine.set_version(config.initial_version)
+            SERVED.version = args.served_version
+            ident = DaemonIdentity(
+                daemon_id=args.daemon_id or f"{socket.gethostname()}-{os.getpid()}",
+                engine="vllm",
+                model=vargs.model,
+                host=args.host,
+                inventory=engine.inventory(),
+                num_ranks=engine.num_workers,
+                transports=("gloo", "nccl") if _cuda() else ("gloo",),
+            )
+            agent = DaemonAgent(
+                args.coordinator, ident, VllmHandler(engine), served_version=args.served_version,
+                credentials=channel_credentials_from_args(args), token=args.token, on_verdict=_on_verdict_marks_clean,
+            )
+            agent.start()
+            log.info("daemon %s attached to vLLM (%d workers, %d tensors)", ident.daemon_id, engine.num_workers, len(ident.inventory))
+            shutdown_task = await build_and_serve(client, listen_address, sock, vargs)
+            await shutdown_task
+    finally:
+        if agent is not None:
+            await agent.close(drain_timeout_s=args.drain_s)
+        sock.close()
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _serve_cmd(args: argparse.Namespace) -> int:
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from weightsync.engine import EXTENSION_CLS
+
+    vparser = make_arg_parser(FlexibleArgumentParser(prog="weightsync serve (vLLM options)"))
+    vargs = vparser.parse_args(["--model", args.model, *args.vllm_args])
+    vargs.worker_extension_cls = EXTENSION_CLS
+    vargs.middleware = [*(vargs.middleware or []), "weightsync.engine.http.VersionMiddleware"]
+    return asyncio.run(_serve(args, vargs))
+
+
+def _demo_cmd(args: argparse.Namespace) -> int:
+    from weightsync.runtime.demo import run_demo
+
+    return run_demo(args)
+
+
+def add_subcommands(sub, add_security) -> None:
+    s = sub.add_parser(
+        "serve",
+        help="run vLLM's OpenAI-compatible server with a weightsync daemon attached",
+        description="Everything after the known options goes to vLLM (e.g. --port 8000 --dtype bfloat16).",
+    )
+    s.add_argument("model", help="model directory (or id, where a hub is reachable)")
+    s.add_argument("--coordinator", required=True, help="HOST:PORT")
+    s.add_argument("--daemon-id", default=None)
+    s.add_argument("--host-name", dest="host", default=socket.gethostname(), help="this host, as shown by status")
+    s.add_argument("--served-version", type=int, default=0, help="the version of the weights the model directory holds")
+    s.add_argument("--inflight-policy", default="wait", choices=["wait", "abort", "keep"],
+                   help="in-flight requests during an update: finish them first, abort them, or keep them running across it")
+    s.add_argument("--staging", default="staged", choices=["staged", "stream"],
+                   help="staged: receive and verify while serving, then swap in one short pause (one extra model copy); "
+                        "stream: apply as buckets arrive, paused throughout, two buckets of memory")
+    s.add_argument("--drain-s", type=float, default=30.0)
+    add_security(s, server=False)
+    s.set_defaults(func=_serve_cmd, _takes_extra=True)
+
+    d = sub.add_parser("demo", help="end-to-end: coordinator, trainer and two vLLM engines on CPU, several rounds")
+    d.add_argument("--rounds", type=int, default=3)
+    d.add_argument("--arch", default="qwen2", choices=["qwen2", "llama"])
+    d.add_argument("--workdir", default=None, help="where models and logs go (default: a temp dir)")
+    d.add_argument("--engines", type=int, default=2)
+    d.set_defaults(func=_demo_cmd)

@@ -1,0 +1,83 @@
+"""GPU transports: CUDA IPC between two processes on one GPU, NCCL between two GPUs, checksums on CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _dp_workers import RankOptions, launch, make_assignment
+from weightsync.dataplane import tensor_checksum
+from weightsync.dataplane.checksum import CHUNK_WORDS
+from weightsync.dataplane.synthetic import MODEL_SHAPES
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def test_checksum_on_cuda_equals_checksum_on_cpu():
+    """The same bytes give the same checksum on the GPU as on the CPU, across chunks and with a tail."""
+    t = torch.randint(-(2**62), 2**62, (2 * CHUNK_WORDS + 77,), dtype=torch.int64)
+    bf = torch.randn(1001).to(torch.bfloat16)
+    assert tensor_checksum(t.cuda()) == tensor_checksum(t)
+    assert tensor_checksum(bf.cuda()) == tensor_checksum(bf)
+
+
+def _check(reports, receivers) -> None:
+    for r, rep in reports.items():
+        assert rep.rounds and all(rd["ok"] for rd in rep.rounds), [rd.get("traceback") for rd in rep.rounds]
+    for r in receivers:
+        rd = reports[r].rounds[-1]
+        assert rd["mismatched"] == []
+        assert rd["checksums"] == reports[0].rounds[-1]["checksums"]
+
+
+def test_cuda_ipc_moves_a_model_between_two_processes_on_one_gpu():
+    """A sender and a receiver on the same GPU move a model bit-exactly over CUDA IPC, twice on one group."""
+    specs = MODEL_SHAPES["qwen2.5-0.5b"].manifest()
+
+    def build(port):
+        rounds = [
+            make_assignment(specs, port=port, world_size=2, update_id=f"u{i}", transport="cuda_ipc",
+                            bucket_size_bytes=64 << 20, version=i)
+            for i in (1, 2)
+        ]
+        return {0: rounds, 1: rounds}
+
+    options = {r: RankOptions(device="cuda:0") for r in range(2)}
+    reports = launch(2, build, options, timeout_s=240)
+    _check(reports, [1])
+    assert reports[1].num_constructions == 1
+
+
+def test_cuda_ipc_sender_raises_when_its_receiver_dies():
+    """A receiver SIGKILLed mid-round makes the CUDA IPC sender raise TransferError once timeout_s passes."""
+    specs = MODEL_SHAPES["tiny"].manifest()
+    timeout_s = 3.0
+
+    def build(port):
+        a = make_assignment(specs, port=port, world_size=2, update_id="u1", transport="cuda_ipc",
+                            bucket_size_bytes=16 << 10, timeout_s=timeout_s)
+        return {0: [a], 1: [a]}
+
+    options = {0: RankOptions(device="cuda:0"), 1: RankOptions(device="cuda:0", kill_at_bucket=2)}
+    reports = launch(2, build, options, timeout_s=120)
+    sender = reports[0].rounds[0]
+    assert sender["error_type"] == "TransferError", sender.get("traceback")
+    assert sender["elapsed_s"] < timeout_s + 4.0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL cannot put two ranks on one GPU")
+def test_nccl_moves_a_model_between_two_gpus():
+    """A sender on GPU 0 and a receiver on GPU 1 move a model bit-exactly over NCCL."""
+    specs = MODEL_SHAPES["qwen2.5-0.5b"].manifest()
+
+    def build(port):
+        a = make_assignment(specs, port=port, world_size=2, update_id="u1", transport="nccl",
+                            bucket_size_bytes=64 << 20)
+        return {0: [a], 1: [a]}
+
+    options = {0: RankOptions(device="cuda:0"), 1: RankOptions(device="cuda:1")}
+    reports = launch(2, build, options, timeout_s=240)
+    _check(reports, [1])

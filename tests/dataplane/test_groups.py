@@ -1,0 +1,78 @@
+"""TrainerStore and GroupCache: the store exists before the coordinator knows its port; bad rendezvous fail fast."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import time
+from dataclasses import replace
+
+import pytest
+from torch.distributed import TCPStore
+
+from _dp_workers import make_assignment
+from weightsync.core import Participant, TransferError
+from weightsync.dataplane import GroupCache, TrainerStore
+
+
+def test_trainer_store_picks_a_free_port_that_clients_can_dial():
+    """TrainerStore(host) with port 0 listens on a real port, readable before any peer exists."""
+    with TrainerStore("127.0.0.1") as store:
+        assert store.host == "127.0.0.1" and 0 < store.port < 65536
+        client = TCPStore("127.0.0.1", store.port, is_master=False, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=5))
+        client.set("k", "v")
+        assert store.store.get("k") == b"v"
+
+
+def test_trainer_store_refuses_a_port_in_use():
+    """Asking for a port that is taken is a ValueError naming the address."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ValueError, match=f"127.0.0.1:{port}"):
+            TrainerStore("127.0.0.1", port)
+
+
+def test_rank_0_needs_its_own_store_with_the_rendezvous_port(tiny_specs):
+    """The trainer's GroupCache refuses to run without its TrainerStore or with another port in the rendezvous."""
+    with TrainerStore("127.0.0.1") as store:
+        a = make_assignment(tiny_specs, port=store.port + 1 if store.port < 65535 else 1, world_size=2, update_id="u")
+        with pytest.raises(ValueError, match="trainer_store=TrainerStore"):
+            GroupCache().get(a, 0)
+        with pytest.raises(ValueError, match="rendezvous_port"):
+            GroupCache(trainer_store=store).get(a, 0)
+
+
+def test_ranks_outside_the_round_are_refused(tiny_specs):
+    """A rank beyond world_size, or one that is not a receiver of the round, is a ValueError."""
+    a = make_assignment(tiny_specs, port=1, world_size=2, update_id="u")
+    with pytest.raises(ValueError, match="expected 0..1"):
+        GroupCache().get(a, 2)
+    wider = make_assignment(tiny_specs, port=1, world_size=3, update_id="u")
+    only_rank_1 = replace(wider, participants=(Participant("d1", (1,)),))
+    with pytest.raises(ValueError, match="rank 2 is not among the receiver ranks"):
+        GroupCache().get(only_rank_1, 2)
+
+
+def test_unreachable_store_raises_transfer_error_within_the_timeout(tiny_specs):
+    """A receiver pointed at a port where nothing listens raises TransferError after timeout_s, naming the address."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound but not listening: connections are refused
+        a = make_assignment(tiny_specs, port=port, world_size=2, update_id="u", timeout_s=1.0)
+        started = time.monotonic()
+        with pytest.raises(TransferError, match=f"rank 1: cannot reach the rendezvous store at 127.0.0.1:{port}"):
+            GroupCache().get(a, 1)
+    assert time.monotonic() - started < 10.0
+
+
+def test_receiver_waiting_for_an_absent_trainer_round_raises_after_the_timeout(tiny_specs):
+    """If the trainer never opens the round, the receiver raises TransferError instead of waiting forever."""
+    with TrainerStore("127.0.0.1") as store:
+        a = make_assignment(tiny_specs, port=store.port, world_size=2, update_id="never", timeout_s=1.0)
+        started = time.monotonic()
+        with pytest.raises(TransferError, match="rendezvous for update never failed"):
+            GroupCache().get(a, 1)
+        assert 0.9 < time.monotonic() - started < 5.0

@@ -223,8 +223,9 @@ class Coordinator:
         rec = self._live(daemon_id)
         rec.beat()
         rec.served_version = served_version
-        if self.open_round is None or daemon_id not in self.open_round.outcomes:
-            rec.dirty = rec.dirty or dirty
+        # During a session the coordinator's own verdicts decide `dirty`: a heartbeat sent
+        # before the daemon heard its verdict must not re-flag it. The daemon's own flag
+        # counts at registration, when the coordinator has no history of it.
         if draining and rec.state is DaemonState.IDLE:
             rec.state = DaemonState.DRAINING
             self._update_gauges()

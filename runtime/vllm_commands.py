@@ -110,6 +110,7 @@ def _demo_cmd(args: argparse.Namespace) -> int:
 def add_subcommands(sub, add_security) -> None:
     s = sub.add_parser(
         "serve",
+        allow_abbrev=False,  # vLLM's own --host must not be taken for --host-name
         help="run vLLM's OpenAI-compatible server with a weightsync daemon attached",
         description="Everything after the known options goes to vLLM (e.g. --port 8000 --dtype bfloat16).",
     )

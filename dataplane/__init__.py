@@ -17,7 +17,8 @@ Any failure raises TransferError (RoundFailed when ranks agreed on it) on every 
 
 from weightsync.dataplane.checksum import bytes_checksum, checksum_views, tensor_checksum
 from weightsync.dataplane.deferred import DeferredTensor
-from weightsync.dataplane.groups import DataPlaneGroup, GroupCache, TrainerStore
+from weightsync.dataplane.groups import DataPlaneGroup, GroupCache
+from weightsync.dataplane.trainer_store import TrainerStore
 from weightsync.dataplane.handshake import RoundFailed
 from weightsync.dataplane.memory_engine import MemoryEngine, load_named_tensors
 from weightsync.dataplane.names import TitanToHF, rotary_permute

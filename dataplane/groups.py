@@ -7,9 +7,11 @@ a dead one left in the store. Backends are built directly (ProcessGroupGloo for
 CPU tensors, ProcessGroupNCCL for CUDA tensors), so a trainer that runs FSDP in
 its own default world keeps that world to itself.
 
-Failure propagation: every wait polls for an abort notice that any failing rank
-posts in the store. gloo reports a dead peer only to the ranks that talk to it
-directly; without the notice the others would sit out the whole timeout.
+Failure propagation: a failing rank posts an abort notice with its reason in the
+store and releases its backend at once; every wait polls for the notice. gloo
+reports a dead peer only to the ranks that talk to it directly, and an aborted
+NCCL communicator tells nobody: without the notice the others would sit out the
+whole timeout.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.distributed import AllreduceOptions, BroadcastOptions, PrefixStore, ReduceOp, Store, TCPStore
 
 from weightsync.core import Assignment, Rendezvous, TransferError
+from weightsync.dataplane.trainer_store import TrainerStore
 
-__all__ = ["DataPlaneGroup", "GroupCache", "TrainerStore"]
+__all__ = ["DataPlaneGroup", "GroupCache"]
 
 log = logging.getLogger(__name__)
 
@@ -42,65 +45,6 @@ _REASON_TIMEOUT_S = 2.0
 
 def _timedelta(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
-
-
-class TrainerStore:
-    """The rendezvous store that the trainer hosts, listening before the coordinator knows its port.
-
-    `host` is the address that receivers dial; the listening socket binds `bind_host`
-    (default: `host`), and port 0 picks a free port, read back from `.port` and passed
-    to the coordinator in BeginUpdate. The store has no authentication: bind it to an
-    interface that only the fleet can reach.
-    """
-
-    def __init__(self, host: str, port: int = 0, *, bind_host: str | None = None, timeout_s: float = 300.0) -> None:
-        if not host:
-            raise ValueError("TrainerStore host must be the address receivers dial, e.g. '10.0.0.5'")
-        if not 0 <= port < 65536:
-            raise ValueError(f"TrainerStore port {port}: expected 0..65535 (0 picks a free port)")
-        if timeout_s <= 0:
-            raise ValueError(f"TrainerStore timeout_s {timeout_s}: expected > 0")
-        family = socket.getaddrinfo(bind_host or host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((bind_host or host, port))
-            sock.listen(1024)
-            bound_port = sock.getsockname()[1]
-        except OSError as e:
-            sock.close()
-            raise ValueError(f"cannot listen on {bind_host or host}:{port} for the rendezvous store: {e}") from e
-        # The store's event loop takes ownership of the descriptor and closes it.
-        fd = sock.detach()
-        self._host = host
-        self._store: TCPStore | None = TCPStore(
-            host, bound_port, is_master=True, wait_for_workers=False, timeout=_timedelta(timeout_s), master_listen_fd=fd
-        )
-        self._port = bound_port
-        log.info("rendezvous store listening on %s:%d (advertised as %s)", bind_host or host, bound_port, host)
-
-    @property
-    def host(self) -> str:
-        return self._host
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def store(self) -> TCPStore:
-        if self._store is None:
-            raise ValueError("TrainerStore is closed")
-        return self._store
-
-    def close(self) -> None:
-        self._store = None
-
-    def __enter__(self) -> "TrainerStore":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _local_address_towards(host: str, port: int) -> str:
@@ -124,12 +68,11 @@ def _gloo_device(rank: int, rendezvous: Rendezvous):
 
 
 def _make_backend(rendezvous: Rendezvous, rank: int, store: Store, device: torch.device):
-    timeout = _timedelta(rendezvous.timeout_s)
     if rendezvous.transport == "gloo":
         from torch.distributed import ProcessGroupGloo
 
         options = ProcessGroupGloo._Options()
-        options._timeout = timeout
+        options._timeout = _timedelta(rendezvous.timeout_s)
         options._devices = [_gloo_device(rank, rendezvous)]
         return ProcessGroupGloo(store, rank, rendezvous.world_size, options)
     if rendezvous.transport == "nccl":
@@ -139,7 +82,9 @@ def _make_backend(rendezvous: Rendezvous, rank: int, store: Store, device: torch
 
         torch.cuda.set_device(device)
         options = ProcessGroupNCCL.Options()
-        options._timeout = timeout
+        # Our own waits give up after timeout_s and abort the communicator; torch's watchdog,
+        # which would kill the process instead, must not fire first.
+        options._timeout = _timedelta(2 * rendezvous.timeout_s + 30)
         return ProcessGroupNCCL(store, rank, rendezvous.world_size, options)
     return None  # cuda_ipc moves bytes through shared GPU memory; the store carries control
 
@@ -193,6 +138,11 @@ class DataPlaneGroup:
     def is_broken(self) -> bool:
         return self._broken_reason is not None
 
+    @property
+    def uses_collectives(self) -> bool:
+        """False for cuda_ipc, whose control messages travel through the store."""
+        return self.transport != "cuda_ipc"
+
     def begin_round(self, update_id: str, deadline_s: float) -> int:
         """Counts rounds on this group; every rank counts the same rounds or the header check fails."""
         self.round_index += 1
@@ -213,11 +163,17 @@ class DataPlaneGroup:
     # ------------------------------------------------------------------ collectives
 
     def _require_backend(self, what: str):
+        if self.is_broken:
+            raise TransferError(f"rank {self.rank}: {what} on broken group {self.group_id}: {self._broken_reason}")
         if self.backend is None:
             raise TransferError(f"rank {self.rank}: {what} needs a collective backend; transport is {self.transport}")
-        if self.is_broken:
-            raise TransferError(f"rank {self.rank}: group {self.group_id} is broken: {self._broken_reason}")
         return self.backend
+
+    def _set_op_timeout(self, opts) -> None:
+        # `wait` enforces timeout_s on every collective. gloo's own timeout is the same;
+        # NCCL keeps the group's longer one, so that our abort comes before its watchdog.
+        if self.transport == "gloo":
+            opts.timeout = _timedelta(self.timeout_s)
 
     def broadcast(self, tensor: torch.Tensor, what: str):
         """Starts a broadcast from rank 0; returns the work for `wait`."""
@@ -225,7 +181,7 @@ class DataPlaneGroup:
         opts = BroadcastOptions()
         opts.rootRank = 0
         opts.rootTensor = 0
-        opts.timeout = _timedelta(self.timeout_s)
+        self._set_op_timeout(opts)
         try:
             return backend.broadcast([tensor], opts)
         except RuntimeError as e:
@@ -235,7 +191,7 @@ class DataPlaneGroup:
         backend = self._require_backend(what)
         opts = AllreduceOptions()
         opts.reduceOp = ReduceOp.MAX
-        opts.timeout = _timedelta(self.timeout_s)
+        self._set_op_timeout(opts)
         try:
             return backend.allreduce([tensor], opts)
         except RuntimeError as e:
@@ -250,25 +206,30 @@ class DataPlaneGroup:
             return self.fail(f"{what} did not finish before the round deadline (waited {waited:.1f} s)")
         return self.fail(f"{what} did not finish within timeout_s={self.timeout_s:g} (a peer hangs or died)")
 
+    def _completion(self, work) -> Callable[[float], bool]:
+        """A function that waits up to its argument in seconds and says whether the work is done."""
+        if self.transport == "gloo":
+            # gloo completes the future on its own thread, so the wait wakes at once.
+            done = threading.Event()
+            work.get_future().add_done_callback(lambda _: done.set())
+            return done.wait
+
+        def poll(timeout_s: float) -> bool:
+            # NCCL futures complete at enqueue time; only is_completed() reflects the GPU.
+            end = time.monotonic() + timeout_s
+            while not work.is_completed():
+                if time.monotonic() >= end:
+                    return False
+                time.sleep(0.0005)
+            return True
+
+        return poll
+
     def wait(self, work, what: str) -> None:
         """Waits for a collective, raising TransferError on failure, timeout or a peer's abort notice."""
         started = time.monotonic()
         deadline = self._deadline()
-        done = threading.Event()
-        if self.transport == "gloo":
-            # gloo completes the future on its own thread, so the wait wakes at once.
-            work.get_future().add_done_callback(lambda _: done.set())
-            is_done = lambda timeout: done.wait(timeout)  # noqa: E731
-        else:
-            # NCCL futures complete at enqueue time; only is_completed() reflects the GPU.
-            def is_done(timeout: float) -> bool:
-                end = time.monotonic() + timeout
-                while not work.is_completed():
-                    if time.monotonic() >= end:
-                        return False
-                    time.sleep(0.0005)
-                return True
-
+        is_done = self._completion(work)
         while not is_done(min(ABORT_POLL_INTERVAL_S, max(0.0, deadline - time.monotonic()))):
             self.check_abort(what)
             if time.monotonic() >= deadline:
@@ -276,6 +237,11 @@ class DataPlaneGroup:
         try:
             work.wait(_timedelta(self.timeout_s))
         except RuntimeError as e:
+            # A peer that failed first may have said why; that beats "connection closed".
+            notice = self._abort_notice()
+            if notice is not None:
+                self._mark_broken(notice)
+                raise TransferError(f"rank {self.rank}: {what} abandoned: {notice} (then: {e})") from e
             raise self.fail(f"{what} failed: {e}") from e
 
     # ------------------------------------------------------------------ store-side control
@@ -283,34 +249,49 @@ class DataPlaneGroup:
     def _abort_key(self) -> str:
         return f"abort/{self.round_index}"
 
+    def _abort_notice(self) -> str | None:
+        key = self._abort_key()
+        if not self.store.check([key]):
+            return None
+        return self.store.get(key).decode(errors="replace")
+
     def check_abort(self, what: str) -> None:
         """Raises TransferError if a peer posted an abort notice for this round."""
-        key = self._abort_key()
         try:
-            if not self.store.check([key]):
-                return
-            notice = self.store.get(key).decode(errors="replace")
+            notice = self._abort_notice()
         except RuntimeError as e:
             raise self.fail(f"rendezvous store unreachable during {what}: {e}") from e
+        if notice is None:
+            return
         self._mark_broken(notice)
         raise TransferError(f"rank {self.rank}: {what} abandoned: {notice}")
 
     def wait_keys(self, keys: Sequence[str], what: str) -> None:
-        """Waits until every key exists in the group's store, with the same deadline and abort rules as `wait`."""
+        """Waits until every key exists in the group's store, with the same deadline and abort rules as `wait`.
+
+        Polls: a blocking store.wait cannot also watch for the abort notice, and slicing it
+        with short timeouts makes torch log two warnings per slice. Checks start 50 us apart
+        (a CUDA IPC bucket is ready within a millisecond or two) and back off to 1 ms.
+        """
         started = time.monotonic()
         deadline = self._deadline()
-        delay_s = 0.0002
+        next_abort_check = started + ABORT_POLL_INTERVAL_S
+        delay_s = 0.00005
+        keys = list(keys)
         while True:
             try:
-                if self.store.check(list(keys)):
+                if self.store.check(keys):
                     return
             except RuntimeError as e:
                 raise self.fail(f"rendezvous store unreachable during {what}: {e}") from e
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 raise self._timed_out(what, started)
-            self.check_abort(what)
+            if now >= next_abort_check:
+                self.check_abort(what)
+                next_abort_check = now + ABORT_POLL_INTERVAL_S
             time.sleep(delay_s)
-            delay_s = min(delay_s * 2, ABORT_POLL_INTERVAL_S)
+            delay_s = min(delay_s * 2, 0.001)
 
     def read_reason(self, key: str) -> str | None:
         try:
@@ -338,9 +319,12 @@ class DataPlaneGroup:
                 "data-plane group %s gen %d broken on rank %d (update %s): %s",
                 self.group_id, self.generation, self.rank, self.update_id, reason,
             )
+            # Release the backend now, not at the next round: an NCCL collective left pending
+            # would reach torch's watchdog, which tears the whole process down.
+            self.close()
 
     def close(self) -> None:
-        """Releases the backend. A broken NCCL communicator must be aborted or its kernels may spin forever."""
+        """Releases the backend: NCCL is aborted (its kernels would spin forever), gloo shut down."""
         backend, self.backend = self.backend, None
         self._buffers = []
         if backend is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -104,15 +105,14 @@ def _check_header(got: list[int], want: list[int], assignment: Assignment) -> tu
 
 def _share(group: DataPlaneGroup, key: str, values: list[int] | None, length: int, what: str) -> list[int]:
     """Rank 0's int64 values, delivered to every rank (a broadcast, or the store for cuda_ipc)."""
-    if group.backend is None:
+    if not group.uses_collectives:
         full_key = f"{key}/{group.round_index}"
         if group.rank == 0:
             assert values is not None and len(values) == length
-            group.store.set(full_key, torch.tensor(values, dtype=torch.int64).numpy().tobytes())
+            group.store.set(full_key, struct.pack(f"<{length}q", *values))
             return values
         group.wait_keys([full_key], what)
-        raw = group.store.get(full_key)
-        return torch.frombuffer(bytearray(raw), dtype=torch.int64).tolist()
+        return list(struct.unpack(f"<{length}q", group.store.get(full_key)))
     if group.rank == 0:
         assert values is not None and len(values) == length
         t = torch.tensor(values, dtype=torch.int64, device=group.device)
@@ -125,18 +125,17 @@ def _share(group: DataPlaneGroup, key: str, values: list[int] | None, length: in
 def _agree(group: DataPlaneGroup, assignment: Assignment, phase: str, code: int, reason: str | None) -> None:
     """Every rank learns every rank's status; any failure raises RoundFailed on all of them."""
     prefix = f"status/{group.round_index}/{phase}"
-    if reason is not None:
-        group.store.set(f"{prefix}/{group.rank}", f"{reason}"[:4000])
-    if group.backend is None:
-        # Without collectives each rank posts its status and reads the others'.
-        if reason is None:
-            group.store.set(f"{prefix}/{group.rank}", "")
+    if not group.uses_collectives:
+        # Without collectives each rank posts "code reason" and reads everyone's.
+        group.store.set(f"{prefix}/{group.rank}", f"{code} {reason or ''}"[:4000])
         keys = [f"{prefix}/{r}" for r in range(group.world_size)]
         group.wait_keys(keys, f"{phase} agreement")
-        texts = [t.decode(errors="replace") for t in group.store.multi_get(keys)]
-        codes = [_REFUSED if t else _OK for t in texts]
-        failed = {r: t for r, t in enumerate(texts) if t}
+        posted = [t.decode(errors="replace").partition(" ") for t in group.store.multi_get(keys)]
+        codes = [int(c) for c, _, _ in posted]
+        failed = {r: why or "no reason recorded" for r, (c, _, why) in enumerate(posted) if int(c)}
     else:
+        if reason is not None:
+            group.store.set(f"{prefix}/{group.rank}", reason[:4000])
         flags = torch.zeros(group.world_size, dtype=torch.int64, device=group.device)
         flags[group.rank] = code
         group.wait(group.all_reduce_max(flags, f"{phase} agreement"), f"{phase} agreement")
@@ -170,7 +169,7 @@ def open_round(group: DataPlaneGroup, assignment: Assignment, *, local_problem: 
     A rank with `local_problem` refuses the round; the sender's refusal also travels in the header.
     """
     group.begin_round(assignment.update_id, assignment.deadline_s)
-    if group.rank == 0 and group.backend is None:
+    if group.rank == 0 and not group.uses_collectives:
         # Two rounds back: a slow rank may still read the last round's close statuses, but
         # every rank posted its open status of the last round, hence finished the one before.
         _forget_round(group, group.round_index - 2)

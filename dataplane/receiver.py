@@ -34,6 +34,7 @@ class ReceiveResult:
     num_buckets: int
     receive_s: float  # in the data plane: waiting for bytes, checksums, the handshakes
     apply_s: float  # in the consumer (apply_fn, or the code pulling from the stream)
+    checksum_s: float  # part of receive_s
     seconds: float
 
 
@@ -118,6 +119,7 @@ class ReceiveStream:
         self._result: ReceiveResult | None = None
         self._started = 0.0
         self._consumer_s = 0.0
+        self._checksum_s = 0.0
         self._returned_at: float | None = None
 
     # ------------------------------------------------------------------ consumer API
@@ -140,7 +142,8 @@ class ReceiveStream:
         if self._returned_at is not None:
             self._consumer_s += now - self._returned_at
             self._returned_at = None
-        if self._opened and self._next > 0 and self._progress is not None:
+        # The last bucket is reported by _finish, once the round has closed.
+        if self._progress is not None and 0 < self._next < len(self._plan.buckets):
             try:
                 self._progress(self._next, self._bytes)
             except Exception as e:
@@ -227,7 +230,9 @@ class ReceiveStream:
         self._inbound.finish(k, self._inflight.pop(k))
         bucket = buckets[k]
         buf = self._ring[k % self._num_buffers][: bucket.size_bytes]
+        t0 = time.monotonic()
         sums = checksum_views(buf, entry_spans(bucket))
+        self._checksum_s += time.monotonic() - t0
         self._checksums.update((e.name, s) for e, s in zip(bucket.entries, sums))
         self._next = k + 1
         self._bytes += bucket.size_bytes
@@ -247,8 +252,6 @@ class ReceiveStream:
         self._done = True
         self._release()
         seconds = time.monotonic() - self._started
-        if self._progress is not None:
-            self._progress(self._next, self._bytes)
         self._result = ReceiveResult(
             update_id=self._assignment.update_id,
             checksums=dict(self._checksums),
@@ -256,9 +259,12 @@ class ReceiveStream:
             num_buckets=len(self._plan.buckets),
             receive_s=seconds - self._consumer_s,
             apply_s=self._consumer_s,
+            checksum_s=self._checksum_s,
             seconds=seconds,
         )
         log.debug("rank %d: update %s received in %.2f s", self._group.rank, self._assignment.update_id, seconds)
+        if self._progress is not None:
+            self._progress(self._next, self._bytes)
 
     def _abandon(self, error: BaseException) -> None:
         """Marks the stream failed; if the group may still be waited on by peers, tells them."""

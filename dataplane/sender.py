@@ -103,16 +103,17 @@ def send_assignment(
     """Sends every tensor of the plan to every receiver, bucket by bucket, and verifies delivery.
 
     `tensors` maps Hugging Face names to plain tensors, DTensors or DeferredTensors (see
-    TitanToHF.map_state_dict); entries outside the plan are ignored. Each is cast to the plan's wire dtype and copied to its offset in a bucket;
-    while bucket k is on the wire, bucket k+1 is packed into the next of `num_buffers`
-    rotating buffers (on CUDA, on a stream of its own).
+    TitanToHF.map_state_dict); entries outside the plan are ignored. Each is cast to the
+    plan's wire dtype and copied to its offset in a bucket; while bucket k is on the wire,
+    bucket k+1 is packed into the next of `num_buffers` rotating buffers (on CUDA, on a
+    stream of its own). Checksums are taken over the packed bytes, the bytes on the wire.
 
     Lockstep contract for a sharded trainer: every trainer rank calls send_assignment with
-    the same plan and the same tensors, in the same order relative to its other collectives.
-    DTensors are gathered with full_tensor() (DeferredTensors computed) lazily, in plan
-    order, on every trainer rank.
-    Only data-plane rank 0 sends; the other trainer ranks pass `group=None`, take part in
-    the gathers and return a result with no checksums.
+    the same plan and the same tensors, at the same point relative to its other collectives,
+    or the ranks deadlock. DTensors are gathered with full_tensor() (DeferredTensors
+    computed) lazily, bucket by bucket in plan order, on every trainer rank. Only
+    data-plane rank 0 sends; the other trainer ranks pass `group=None`, take part in the
+    gathers and return a result with no checksums.
 
     Raises ValueError, naming each tensor with the expected and actual shape, when the
     tensors do not match the plan; the receivers are told first and raise RoundFailed.
@@ -175,12 +176,12 @@ def _send_buckets(
             t0 = time.monotonic()
             for e in bucket.entries:
                 entry_view(buf, e).copy_(materialize(source[e.name]))
-            t1 = time.monotonic()
+            pack_s += time.monotonic() - t0
             inflight.append((k, out.start(k, slot, buf)))
             # The checksum reads the bucket while it is on the wire: reading is safe, and it hides the cost.
+            t0 = time.monotonic()
             sums = checksum_views(buf, entry_spans(bucket))
-            checksum_s += time.monotonic() - t1
-            pack_s += t1 - t0
+            checksum_s += time.monotonic() - t0
             checksums.update((e.name, s) for e, s in zip(bucket.entries, sums))
         while inflight:
             out.finish(*inflight.popleft())

@@ -95,7 +95,8 @@ class WeightSync:
         self._titan = titan
         self._device = device
         self._client = SyncTrainerClient(coordinator, credentials=credentials, token=token) if self.rank == 0 else None
-        self._store = TrainerStore(rendezvous_host, rendezvous_port, bind_host=bind_host) if self.rank == 0 and transport != "cuda_ipc" else None
+        # Every transport needs the store on rank 0: cuda_ipc exchanges its handles through it.
+        self._store = TrainerStore(rendezvous_host, rendezvous_port, bind_host=bind_host) if self.rank == 0 else None
         self._groups = GroupCache(trainer_store=self._store, device=device) if self.rank == 0 else None
         self.last_report: RoundReport | None = None
 
@@ -115,8 +116,8 @@ class WeightSync:
                 assignment = self._client.begin_update(
                     version,
                     manifest_for(tensors, self._dtype),
-                    rendezvous_host=self._store.host if self._store else "",
-                    rendezvous_port=self._store.port if self._store else 0,
+                    rendezvous_host=self._store.host,
+                    rendezvous_port=self._store.port,
                     **self._options,
                 )
             except WeightsyncError as e:

@@ -51,6 +51,8 @@ class RankOptions:
     linger_s: float = 0.0  # stay alive this long after the rounds, before reporting
     titan_heads: tuple[int, int] | None = None  # the trainer holds torchtitan names: (num_heads, num_kv_heads)
     device: str = "cpu"  # where the trainer's tensors and the receiver's engine live
+    stop_after_pairs: int | None = None  # an iter_assignment consumer that leaves early
+    corrupt_bucket: int | None = None  # flip one received bit of this bucket, as a bad wire would
 
 
 def make_assignment(
@@ -108,6 +110,26 @@ def _mismatches(engine: MemoryEngine, a: Assignment, seed: int) -> list[str]:
     return bad
 
 
+def _corrupt_wire(bucket_index: int) -> None:
+    """Flips the first byte of one bucket after it arrives and before the receiver checksums it."""
+    from weightsync.dataplane import receiver
+
+    cls = receiver._BroadcastIn
+    start, finish = cls.start, cls.finish
+    views: dict[int, torch.Tensor] = {}
+
+    def start_and_remember(self, k, slot, view):
+        views[k] = view
+        return start(self, k, slot, view)
+
+    def finish_and_corrupt(self, k, handle):
+        finish(self, k, handle)
+        if k == bucket_index:
+            views[k][0] ^= 1
+
+    cls.start, cls.finish = start_and_remember, finish_and_corrupt
+
+
 def _round(index: int, a: Assignment, cache: GroupCache, opts: RankOptions) -> dict:
     started = time.monotonic()
     dp_rank = opts.dp_rank if opts.dp_rank is not None else index
@@ -120,6 +142,8 @@ def _round(index: int, a: Assignment, cache: GroupCache, opts: RankOptions) -> d
             result = send_assignment(a, tensors, cache.get(a, 0) if is_dp_sender else None)
             out["checksums"] = result.checksums
         else:
+            if opts.corrupt_bucket is not None:
+                _corrupt_wire(opts.corrupt_bucket)
             engine = MemoryEngine.from_specs(
                 (s for s in _specs_of(a) if s.name != opts.engine_drops), device=opts.device
             )
@@ -134,17 +158,19 @@ def _round(index: int, a: Assignment, cache: GroupCache, opts: RankOptions) -> d
                 engine.apply(batch)
                 buckets_seen.append(len(batch))
 
+            progress = out["progress"] = []
             if opts.mode == "iter":
-                with iter_assignment(a, dp_rank, group) as stream:
-                    for name, view in stream:  # a view lives only until the next bucket: copy now
+                with iter_assignment(a, dp_rank, group, progress=lambda *p: progress.append(p)) as stream:
+                    for i, (name, view) in enumerate(stream):  # a view lives only until the next bucket
+                        if i == opts.stop_after_pairs:
+                            break
                         engine.apply([(name, view)])
                 result = stream.result
             else:
-                result = receive_assignment(a, dp_rank, group, apply)
+                result = receive_assignment(a, dp_rank, group, apply, progress=lambda *p: progress.append(p))
             out["checksums"] = result.checksums
             out["bytes_received"] = result.bytes_received
             out["mismatched"] = _mismatches(engine, a, opts.seed)
-
         out["ok"] = True
     except Exception as e:  # reported to the test, which asserts on it
         out.update(ok=False, error_type=type(e).__name__, error=str(e), traceback=traceback.format_exc())

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime
 import socket
+import threading
 import time
 from dataclasses import replace
 
 import pytest
+import torch
 from torch.distributed import TCPStore
 
 from _dp_workers import make_assignment
@@ -76,3 +78,57 @@ def test_receiver_waiting_for_an_absent_trainer_round_raises_after_the_timeout(t
         with pytest.raises(TransferError, match="rendezvous for update never failed"):
             GroupCache().get(a, 1)
         assert 0.9 < time.monotonic() - started < 5.0
+
+
+def _store_only_pair(store: TrainerStore, timeout_s: float):
+    """Rank 0 and rank 1 of a store-only (cuda_ipc) group, built directly: the waits need no GPU."""
+    from torch.distributed import PrefixStore
+
+    from weightsync.core import Rendezvous
+    from weightsync.dataplane import DataPlaneGroup
+
+    rdv = Rendezvous("cuda_ipc", "127.0.0.1", store.port, 2, "g", timeout_s)
+    client = TCPStore("127.0.0.1", store.port, is_master=False, wait_for_workers=False,
+                      timeout=datetime.timedelta(seconds=5))
+    groups = []
+    for rank, raw in ((0, store.store), (1, client)):
+        g = DataPlaneGroup(rendezvous=rdv, rank=rank, generation=1, store=PrefixStore("t", raw),
+                           device=torch.device("cpu"), backend=None)
+        g.begin_round("u1", 60.0)
+        groups.append(g)
+    return groups
+
+
+def test_abort_notice_reaches_a_rank_waiting_on_the_store():
+    """A rank that fails posts a notice; a peer blocked in wait_keys raises TransferError with that reason at once."""
+    with TrainerStore("127.0.0.1") as store:
+        sender, receiver = _store_only_pair(store, timeout_s=30.0)
+        errors = []
+
+        def wait():
+            started = time.monotonic()
+            try:
+                receiver.wait_keys(["never-set"], "bucket 1/1 over CUDA IPC")
+            except TransferError as e:
+                errors.append((str(e), time.monotonic() - started))
+
+        t = threading.Thread(target=wait)
+        t.start()
+        time.sleep(0.2)
+        sender.fail("sender stopped: RuntimeError: boom")
+        t.join(timeout=10)
+        assert errors, "the waiting rank did not give up"
+        message, elapsed = errors[0]
+        assert "rank 1: bucket 1/1 over CUDA IPC abandoned: rank 0: sender stopped: RuntimeError: boom" in message
+        assert elapsed < 2.0
+        assert receiver.is_broken and sender.is_broken
+
+
+def test_store_wait_gives_up_after_timeout_s():
+    """A key that never appears makes wait_keys raise TransferError naming timeout_s, not wait forever."""
+    with TrainerStore("127.0.0.1") as store:
+        _, receiver = _store_only_pair(store, timeout_s=0.5)
+        started = time.monotonic()
+        with pytest.raises(TransferError, match="did not finish within timeout_s=0.5"):
+            receiver.wait_keys(["never-set"], "acknowledgements of bucket 1/1")
+        assert 0.4 < time.monotonic() - started < 3.0

@@ -39,6 +39,10 @@ def test_small_model_reaches_two_receivers_bit_exactly(tiny_specs):
     assert len(a.plan.buckets) > 2, "the test must cross several buckets to exercise the ring"
     _check_delivery(reports, [1, 2], a.plan.total_bytes)
     assert len(reports[0].rounds[0]["checksums"]) == len(tiny_specs)
+    for r in (1, 2):
+        progress = reports[r].rounds[0]["progress"]
+        assert [p[0] for p in progress] == list(range(1, len(a.plan.buckets) + 1)), "one call per bucket, in order"
+        assert progress[-1] == (len(a.plan.buckets), a.plan.total_bytes)
 
 
 @pytest.mark.slow
@@ -60,11 +64,7 @@ def test_qwen_0_5b_reaches_two_receivers_bit_exactly(qwen_0_5b_specs):
 
 @pytest.mark.parametrize("titan", [False, True], ids=["hf-names", "titan-names"])
 def test_sharded_dtensor_trainer_sends_unsharded_bytes(tiny_specs, tmp_path, titan):
-    """Two trainer ranks holding Shard(0) DTensors in their own world send the full tensors to one receiver.
-
-    With titan names, the trainer holds torchtitan names and Meta rotary layout and sends
-    through TitanToHF.map_state_dict: the receiver must still get the Hugging Face bytes.
-    """
+    """Two trainer ranks with Shard(0) DTensors in their own world (HF names, or torchtitan names sent through TitanToHF.map_state_dict) deliver the full HF bytes to one receiver."""
     init_file = str(tmp_path / "trainer_world")
     heads = (MODEL_SHAPES["tiny"].num_heads, MODEL_SHAPES["tiny"].num_kv_heads) if titan else None
     options = {

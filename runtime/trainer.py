@@ -17,7 +17,8 @@ import torch
 
 from weightsync.control.trainer_client import RoundFailed, RoundReport, SyncTrainerClient
 from weightsync.core import TensorSpec, WeightsyncError
-from weightsync.dataplane import DeferredTensor, GroupCache, TitanToHF, TrainerStore, send_assignment
+from weightsync.dataplane import GroupCache, TitanToHF, TrainerStore, send_assignment
+from weightsync.dataplane import RoundFailed as DataPlaneRoundFailed
 from weightsync.dataplane.layout import dtype_name, torch_dtype
 
 __all__ = ["WeightSync", "named_tensors", "manifest_for"]
@@ -48,6 +49,17 @@ def manifest_for(tensors: Mapping[str, Any], dtype: str | torch.dtype | Mapping[
             wire = dtype_name(t.dtype)
         specs.append(TensorSpec(name, tuple(t.shape), wire))
     return specs
+
+
+def _describe_failure(error: Exception, assignment) -> str:
+    """The error, with data-plane ranks named by the daemons that host them."""
+    reasons = getattr(error, "reasons", None)
+    if not isinstance(error, DataPlaneRoundFailed) or not reasons:
+        return f"{type(error).__name__}: {error}"
+    owner = {r: p.daemon_id for p in assignment.participants for r in p.ranks}
+    owner[0] = "trainer"
+    parts = [f"{owner.get(rank, '?')} (rank {rank}): {why}" for rank, why in reasons.items()]
+    return f"{error.phase} failed: " + "; ".join(parts)
 
 
 def _trainer_world() -> tuple[int, int]:
@@ -137,7 +149,7 @@ class WeightSync:
             group = self._groups.get(assignment, 0)
             sent = send_assignment(assignment, tensors, group, device=self._device)
         except Exception as e:
-            reason = f"trainer failed to send: {type(e).__name__}: {e}"
+            reason = f"trainer failed to send: {_describe_failure(e, assignment)}"
             try:
                 report = self._client.abort_update(assignment.update_id, reason[:2000])
             except WeightsyncError:

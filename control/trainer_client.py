@@ -169,9 +169,11 @@ class TrainerClient:
     async def list_daemons(self) -> pb.ListDaemonsResponse:
         return await self._call("ListDaemons", self._inspect.ListDaemons, pb.ListDaemonsRequest())
 
+    async def list_rounds_pb(self, limit: int = 20) -> pb.ListRoundsResponse:
+        return await self._call("ListRounds", self._inspect.ListRounds, pb.ListRoundsRequest(limit=limit))
+
     async def list_rounds(self, limit: int = 20) -> list[RoundReport]:
-        resp = await self._call("ListRounds", self._inspect.ListRounds, pb.ListRoundsRequest(limit=limit))
-        return [RoundReport.from_pb(r) for r in resp.rounds]
+        return [RoundReport.from_pb(r) for r in (await self.list_rounds_pb(limit)).rounds]
 
     async def get_round(self, update_id: str) -> RoundReport:
         resp = await self._call("GetRound", self._inspect.GetRound, pb.GetRoundRequest(update_id=update_id))

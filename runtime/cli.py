@@ -36,12 +36,11 @@ def _status(args: argparse.Namespace) -> int:
     from weightsync.control.trainer_client import TrainerClient
     from weightsync.runtime.security import channel_credentials_from_args
     from weightsync.runtime.status import format_status, status_json
-    from weightsync.v1 import weightsync_pb2 as pb
 
     async def fetch():
         async with TrainerClient(args.coordinator, credentials=channel_credentials_from_args(args), token=args.token, rpc_timeout_s=args.timeout_s) as c:
             daemons = await c.list_daemons()
-            rounds = await c._call("ListRounds", c._inspect.ListRounds, pb.ListRoundsRequest(limit=args.rounds))
+            rounds = await c.list_rounds_pb(args.rounds)
             return daemons, rounds
 
     daemons, rounds = asyncio.run(fetch())

@@ -151,7 +151,6 @@ def _per_param(rank, group, specs, tensors, engine, device, tag) -> None:
 
 def _rank_main(rank: int, args: argparse.Namespace, inbox, outbox) -> None:
     logging.basicConfig(level=logging.WARNING)
-    world = args.receivers + 1
     if args.threads_per_rank:
         torch.set_num_threads(args.threads_per_rank)
     device = _device(args.transport)

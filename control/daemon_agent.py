@@ -11,12 +11,12 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
 
-from weightsync.control.channel import error_from_rpc, make_channel
+from weightsync.control.channel import make_channel
 from weightsync.control.convert import assignment_from_pb, checksums_to_pb, spec_to_pb
 from weightsync.core import Assignment, TensorSpec
 from weightsync.v1 import weightsync_pb2 as pb

@@ -72,7 +72,6 @@ def _wait(what: str, ready, procs: list[subprocess.Popen], logs: Path, timeout_s
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import torch
     from safetensors.torch import load_file
 
     from weightsync.control.trainer_client import SyncTrainerClient

@@ -19,7 +19,7 @@ from weightsync.control.trainer_client import RoundFailed, RoundReport, SyncTrai
 from weightsync.core import TensorSpec, WeightsyncError
 from weightsync.dataplane import GroupCache, TitanToHF, TrainerStore, send_assignment
 from weightsync.dataplane import RoundFailed as DataPlaneRoundFailed
-from weightsync.dataplane.layout import dtype_name, torch_dtype
+from weightsync.dataplane.layout import dtype_name
 
 __all__ = ["WeightSync", "named_tensors", "manifest_for"]
 

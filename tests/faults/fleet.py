@@ -117,6 +117,22 @@ class Fleet:
             return proc
         return self.finish_push(proc)
 
+    def push_mid_transfer(self, version: int, *, after_s: float, apply_delay_s: float = 0.15) -> subprocess.Popen:
+        """Starts a slowed push and returns once it has been transferring for after_s: time for a fault."""
+        self.slow_all(apply_delay_s)
+        proc = self.push(version, background=True)
+        self.wait_round_started()
+        time.sleep(after_s)
+        return proc
+
+    def wait_round_ended(self, timeout_s: float = DEADLINE_S + 5) -> str:
+        """Waits (bounded by the round deadline) until the latest round leaves TRANSFERRING; returns its state."""
+        deadline = time.monotonic() + timeout_s
+        while (state := self.client.list_rounds(1)[0].state) == "TRANSFERRING":
+            assert time.monotonic() < deadline, "the round must end within its deadline"
+            time.sleep(0.2)
+        return state
+
     def finish_push(self, proc: subprocess.Popen, timeout_s: float = DEADLINE_S + 30) -> tuple[int, dict | None]:
         out, _ = proc.communicate(timeout=timeout_s)
         try:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.faults.fleet import COLLECTIVE_TIMEOUT_S, DEADLINE_S, HEARTBEAT_TIMEOUT_S, Fleet
+from tests.faults.fleet import COLLECTIVE_TIMEOUT_S, HEARTBEAT_TIMEOUT_S, Fleet
 
 pytestmark = pytest.mark.slow
 
@@ -26,10 +26,7 @@ def _by_id(summary: dict | None) -> dict:
 
 def test_daemon_sigkill_mid_transfer(fleet):
     """A daemon SIGKILLed mid-transfer fails the round by name within the timeouts; restarted, it is re-synced by the next round."""
-    fleet.slow_all()
-    push = fleet.push(1, background=True)
-    fleet.wait_round_started()
-    time.sleep(0.8)
+    push = fleet.push_mid_transfer(1, after_s=0.8)
     fleet.kill_daemon("mem1")
     t0 = time.monotonic()
     rc, summary = fleet.finish_push(push)
@@ -48,10 +45,7 @@ def test_daemon_sigkill_mid_transfer(fleet):
 
 def test_daemon_sigstop_then_sigcont(fleet):
     """A daemon SIGSTOPped mid-transfer is lost and the round fails within the timeouts; after SIGCONT it rejoins and the next round re-syncs it."""
-    fleet.slow_all()
-    push = fleet.push(1, background=True)
-    fleet.wait_round_started()
-    time.sleep(0.8)
+    push = fleet.push_mid_transfer(1, after_s=0.8)
     fleet.signal_daemon("mem2", signal.SIGSTOP)
     t0 = time.monotonic()
     rc, summary = fleet.finish_push(push)
@@ -69,17 +63,10 @@ def test_daemon_sigstop_then_sigcont(fleet):
 
 def test_trainer_sigkill_mid_round(fleet):
     """A trainer SIGKILLed mid-round ends the round without hanging the fleet; the engines are flagged and the next round re-syncs them."""
-    fleet.slow_all()
-    push = fleet.push(1, background=True)
-    fleet.wait_round_started()
-    time.sleep(0.8)
+    push = fleet.push_mid_transfer(1, after_s=0.8)
     push.kill()
     push.wait(10)
-    deadline = time.monotonic() + DEADLINE_S + 5
-    while fleet.client.list_rounds(1)[0].state == "TRANSFERRING":
-        assert time.monotonic() < deadline, "the round must end within its deadline"
-        time.sleep(0.2)
-    assert fleet.client.list_rounds(1)[0].state in ("FAILED", "TIMED_OUT")
+    assert fleet.wait_round_ended() in ("FAILED", "TIMED_OUT")
     assert all(d.dirty for d in fleet.daemons_info().values())
     fleet.clear_failpoints()
     fleet.wait_daemons(list(fleet.daemons))
@@ -90,10 +77,7 @@ def test_trainer_sigkill_mid_round(fleet):
 
 def test_coordinator_sigkill_mid_round_and_between_rounds(fleet):
     """The coordinator killed mid-round and between rounds: daemons reconnect with their versions and the next round commits."""
-    fleet.slow_all()
-    push = fleet.push(1, background=True)
-    fleet.wait_round_started()
-    time.sleep(0.5)
+    push = fleet.push_mid_transfer(1, after_s=0.5)
     fleet.kill_coordinator()
     rc, _ = fleet.finish_push(push)
     assert rc != 0
@@ -160,10 +144,7 @@ def test_soak_twenty_rounds_with_random_faults(fleet):
         elif fault == "none":
             rc, _ = fleet.push(version)
         else:
-            fleet.slow_all(0.1)
-            push = fleet.push(version, background=True)
-            fleet.wait_round_started()
-            time.sleep(rng.uniform(0.2, 1.0))
+            push = fleet.push_mid_transfer(version, after_s=rng.uniform(0.2, 1.0), apply_delay_s=0.1)
             if fault == "daemon_kill":
                 fleet.kill_daemon(victim)
             elif fault == "daemon_stop":
@@ -182,9 +163,7 @@ def test_soak_twenty_rounds_with_random_faults(fleet):
             elif fault == "coordinator_kill":
                 fleet.start_coordinator()
             if fault == "trainer_kill":
-                deadline = time.monotonic() + DEADLINE_S + 5
-                while fleet.client.list_rounds(1)[0].state == "TRANSFERRING" and time.monotonic() < deadline:
-                    time.sleep(0.2)
+                fleet.wait_round_ended()
         fleet.clear_failpoints()
         fleet.wait_daemons(list(fleet.daemons))
         outcomes.append((version, fault, rc))

@@ -79,6 +79,10 @@ class VllmFleet:
             assert time.monotonic() < deadline, f"engines not ready; logs in {self.tmp}"
             time.sleep(0.5)
 
+    def kill(self, name: str) -> None:
+        self.procs[name].kill()
+        self.procs[name].wait(10)
+
     def tokens(self, name: str) -> list[int]:
         body = json.dumps({"model": str(self.model_dir), "prompt": PROMPT, "max_tokens": NUM_TOKENS, "temperature": 0.0,
                            "return_token_ids": True}).encode()
@@ -141,8 +145,7 @@ def test_vllm_engine_killed_mid_transfer_then_resynced(vfleet):
     new = vfleet.weights(11)
     t, box = _push_in_background(vfleet, new, 1, slow_s=0.15)
     time.sleep(1.5)
-    vfleet.procs["engine-1"].kill()
-    vfleet.procs["engine-1"].wait(10)
+    vfleet.kill("engine-1")
     t.join(60)
     assert not t.is_alive()
     assert isinstance(box.get("error"), RoundFailed), box
@@ -166,8 +169,7 @@ def test_vllm_coordinator_restart_mid_round_and_between_rounds(vfleet):
     new = vfleet.weights(12)
     t, box = _push_in_background(vfleet, new, 10, slow_s=0.15)
     time.sleep(1.5)
-    vfleet.procs["coordinator"].kill()
-    vfleet.procs["coordinator"].wait(10)
+    vfleet.kill("coordinator")
     t.join(90)
     assert not t.is_alive() and "error" in box, box
     vfleet.start_coordinator()
@@ -176,8 +178,7 @@ def test_vllm_coordinator_restart_mid_round_and_between_rounds(vfleet):
     assert vfleet.push(new, 11).committed
     vfleet.assert_engines_hold(new, 11)
     time.sleep(1.0)
-    vfleet.procs["coordinator"].kill()
-    vfleet.procs["coordinator"].wait(10)
+    vfleet.kill("coordinator")
     vfleet.start_coordinator()
     vfleet.wait_engines()
     listed = vfleet.client.list_daemons()

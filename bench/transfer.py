@@ -15,8 +15,12 @@ that same group and in turn:
                allocated tensor, applied like end_to_end, then the same all-reduce.
 
 For cuda_ipc (one GPU, no collectives) raw is one device-to-device copy of the whole
-payload out of an IPC-mapped buffer, and per_param maps one IPC handle per tensor,
-as vLLM's per-parameter IPC updates did. Bandwidth counts payload bytes (the tensors'
+payload out of an IPC-mapped buffer (mapped once, in the warm-up, as end to end keeps its
+mappings; the store's go and acknowledgement are timed as in end to end), and per_param
+maps one IPC handle per tensor, as vLLM's per-parameter IPC updates did. On a GPU,
+device_copy_gib_s is one in-process copy of the payload, the device's copy bandwidth
+with no control around it. With --destination engine (the default, as the memory daemon
+does) receivers hand the data plane their MemoryEngine's tensors to write into. Bandwidth counts payload bytes (the tensors'
 own bytes, without alignment padding) once, however many receivers there are; each
 figure is the median over iterations of the slowest rank.
 
@@ -78,13 +82,17 @@ def _device(transport: str) -> torch.device:
 # ---------------------------------------------------------------------- the three methods
 
 
-def _end_to_end(rank, assignment, group, tensors, engine) -> dict:
+def _end_to_end(rank, assignment, group, tensors, engine, into_engine: bool) -> dict:
     if rank == 0:
         r = send_assignment(assignment, tensors, group)
-        return {"checksum_s": r.checksum_s}
+        return {"checksum_s": r.checksum_s, "timeline": r.timeline}
     apply = engine.apply if engine is not None else (lambda batch: None)
-    r = receive_assignment(assignment, rank, group, apply)
-    return {"checksum_s": r.checksum_s}
+    destination = engine.destination if engine is not None and into_engine else None
+    r = receive_assignment(assignment, rank, group, apply, destination=destination)
+    return {"checksum_s": r.checksum_s, "timeline": r.timeline}
+
+
+_raw_source: dict[str, torch.Tensor] = {}
 
 
 def _raw(rank, group, buf, tag) -> None:
@@ -92,18 +100,37 @@ def _raw(rank, group, buf, tag) -> None:
         group.wait(group.broadcast(buf, "raw broadcast"), "raw broadcast")
         _barrier(group, tag)
         return
-    # cuda_ipc: the receivers copy the sender's whole buffer once.
+    # cuda_ipc: the receivers copy the sender's whole buffer once. The buffer is mapped in
+    # the first (warm-up) iteration and kept, as end to end keeps its mappings.
     if rank == 0:
+        if not _raw_source:
+            group.store.set("bench/raw/handle", export_buffer(buf))
+            _raw_source["exported"] = buf
         torch.cuda.synchronize()
-        group.store.set(f"bench/raw/{tag}", export_buffer(buf))
+        group.store.set(f"bench/raw/{tag}", "")
         group.wait_keys([f"bench/raw/{tag}/ack/{r}" for r in range(1, group.world_size)], "raw copy")
         return
-    group.wait_keys([f"bench/raw/{tag}"], "raw handle")
-    src = import_buffer(group.store.get(f"bench/raw/{tag}"))
-    buf.copy_(src)
+    if not _raw_source:
+        group.wait_keys(["bench/raw/handle"], "raw handle")
+        _raw_source["mapped"] = import_buffer(group.store.get("bench/raw/handle"))
+    group.wait_keys([f"bench/raw/{tag}"], "raw go")
+    buf.copy_(_raw_source["mapped"])
     torch.cuda.synchronize()
-    del src
     group.store.set(f"bench/raw/{tag}/ack/{rank}", "")
+
+
+def _device_copy_gib_s(buf: torch.Tensor, iters: int = 5) -> float:
+    """One in-process device-to-device copy of the payload: the GPU's copy bandwidth, no control at all."""
+    dst = torch.empty_like(buf)
+    dst.copy_(buf)
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(buf)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return buf.numel() / 2**30 / statistics.median(times)
 
 
 def _per_param(rank, group, specs, tensors, engine, device, tag) -> None:
@@ -179,7 +206,7 @@ def _rank_main(rank: int, args: argparse.Namespace, inbox, outbox) -> None:
             row: dict = {"warmup": it < args.warmup}
             _barrier(group, tag + "/e")
             t0, c0 = time.perf_counter(), _cpu_s()
-            row.update(_end_to_end(rank, assignment, group, tensors, engine))
+            row.update(_end_to_end(rank, assignment, group, tensors, engine, args.destination == "engine"))
             row["end_to_end_s"], row["end_to_end_cpu_s"] = time.perf_counter() - t0, _cpu_s() - c0
             _barrier(group, tag + "/r")
             t0, c0 = time.perf_counter(), _cpu_s()
@@ -192,6 +219,7 @@ def _rank_main(rank: int, args: argparse.Namespace, inbox, outbox) -> None:
                 row["per_param_s"], row["per_param_cpu_s"] = time.perf_counter() - t0, _cpu_s() - c0
             samples.append(row)
     checksum_gib_s = None
+    device_copy = _device_copy_gib_s(raw_buf) if rank == 0 and device.type == "cuda" else None
     if rank == 0:
         # Standalone checksum throughput on this machine, over the same number of bytes.
         buf = raw_buf.random_(0, 256)
@@ -201,7 +229,7 @@ def _rank_main(rank: int, args: argparse.Namespace, inbox, outbox) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         checksum_gib_s = payload / 2**30 / (time.perf_counter() - t0)
-    outbox.put(("done", rank, samples, checksum_gib_s))
+    outbox.put(("done", rank, samples, (checksum_gib_s, device_copy)))
     cache.close()
 
 
@@ -251,8 +279,16 @@ def _result_for(size_rows: list[list[dict]], payload: int, world: int, bucket_si
             return None
         return statistics.median(sum(size_rows[k][i][key] for k in range(world)) for i in measured)
 
+    timeline_ms = [
+        {
+            name: round(1000 * statistics.median(size_rows[k][i]["timeline"][name] for i in measured), 3)
+            for name in size_rows[k][measured[0]]["timeline"]
+        }
+        for k in range(world)
+    ]
     return {
         "bucket_size_bytes": bucket_size_bytes,
+        "timeline_ms_by_rank": timeline_ms,
         "end_to_end_cpu_s": cpu("end_to_end_cpu_s"),
         "raw_broadcast_cpu_s": cpu("raw_cpu_s"),
         "per_param_cpu_s": cpu("per_param_cpu_s"),
@@ -280,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads-per-rank", type=int, default=0,
                         help="torch threads per rank; 0: max(1, cores // ranks)")
     parser.add_argument("--skip-per-param", action="store_true")
+    parser.add_argument("--destination", choices=["engine", "ring"], default="engine",
+                        help="engine: receivers let the data plane write into the MemoryEngine's tensors "
+                        "(receive_assignment(destination=...)); ring: into the ring, then apply copies")
     parser.add_argument("--json", required=True, help="where to write the results")
     args = parser.parse_args(argv)
     if args.receivers < 1:
@@ -333,9 +372,11 @@ def main(argv: list[str] | None = None) -> int:
         "iters": args.iters,
         "warmup": args.warmup,
         "threads_per_rank": args.threads_per_rank,
-        "checksum_gib_s": reports[0][1],
+        "destination": args.destination,
+        "checksum_gib_s": reports[0][1][0],
+        "device_copy_gib_s": reports[0][1][1],
         "hardware": _hardware(args.transport),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python", "bench/transfer.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     for run in runs:
@@ -345,7 +386,10 @@ def main(argv: list[str] | None = None) -> int:
             run["checksum_standalone_share"] = payload / 2**30 / result["checksum_gib_s"] / statistics.median(
                 run["end_to_end_s"]
             )
+        if result["device_copy_gib_s"]:
+            run["end_to_end_over_device_copy"] = run["end_to_end_gib_s"] / result["device_copy_gib_s"]
     result["checksum_standalone_share"] = runs[0].get("checksum_standalone_share")
+    result["end_to_end_over_device_copy"] = runs[0].get("end_to_end_over_device_copy")
     if len(runs) > 1:
         result["sweep"] = runs
     with open(args.json, "w") as f:

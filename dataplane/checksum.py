@@ -145,6 +145,11 @@ def _finish(chunk_sums: Sequence[int], tail: Sequence[int], nbytes: int) -> int:
     s = 0
     for c, part in enumerate(chunk_sums):
         s += (part & _MASK64) * _chunk_multiplier(c)
+    return _finish_total(s, tail, nbytes)
+
+
+def _finish_total(s: int, tail: Sequence[int], nbytes: int) -> int:
+    """The checksum from S = sum over chunks of (chunk sum x chunk multiplier), any integer mod 2**64."""
     if tail:
         c, j = divmod(nbytes // 8, CHUNK_WORDS)
         tail_word = int.from_bytes(bytes(tail), "little")

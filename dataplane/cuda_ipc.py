@@ -1,11 +1,19 @@
-"""Same-GPU transport: receivers read the sender's bucket buffers through CUDA IPC.
+"""Same-GPU transport: receivers read the sender's memory through CUDA IPC.
 
 For a trainer and an engine that share one GPU, where NCCL refuses two ranks on one
-device. The sender exports its ring buffers once per round; for each bucket it
-publishes "bucket k is in slot s" in the rendezvous store after its packing stream
-has finished; each receiver copies the bucket device-to-device into its own ring,
-synchronises, and acknowledges; the sender reuses a slot only when every receiver
-has acknowledged the bucket in it. No process group is built.
+device. No process group is built; control messages travel through the rendezvous
+store, and the sender announces one of two modes per round in `ipc/{round}/sources`:
+
+- direct: every tensor is already a contiguous CUDA tensor in its wire dtype. The sender
+  exports the storages that hold them (once per storage, kept across rounds while the
+  trainer keeps its tensors) and says where each tensor lies; receivers copy each tensor
+  straight out of the trainer's memory, into the engine's own tensor where the consumer
+  offers one, checksumming on the way. Nothing is packed; the sender only checksums its
+  tensors, then waits for every receiver's "done".
+- ring: anything else (casts, gathered DTensors, deferred tensors). The sender packs
+  buckets into its ring buffers as for the other transports and publishes "bucket k is in
+  slot s" once its packing stream has finished; each receiver copies the bucket out and
+  acknowledges it; the sender reuses a slot only when every receiver has acknowledged it.
 
 Handles travel as plain JSON, never pickle: anyone who can write to the store must
 not be able to run code in a receiver.
@@ -18,10 +26,10 @@ import logging
 
 import torch
 
-from weightsync.core import TransferError
+from weightsync.core import BucketPlan, TransferError
 from weightsync.dataplane.groups import DataPlaneGroup
 
-__all__ = ["IpcIn", "IpcOut", "export_buffer", "import_buffer"]
+__all__ = ["DirectOut", "IpcIn", "IpcOut", "export_buffer", "export_storage", "import_buffer"]
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +85,67 @@ def import_buffer(blob: str | bytes) -> torch.Tensor:
         raise TransferError(f"malformed CUDA IPC buffer description: {e}") from e
 
 
+def export_storage(t: torch.Tensor) -> tuple[dict, int]:
+    """(description of the whole storage holding t, byte offset of t in it), for direct mode."""
+    storage = t.untyped_storage()
+    whole = torch.empty(0, dtype=torch.uint8, device=t.device)
+    whole.set_(storage, 0, (storage.nbytes(),), (1,))
+    return json.loads(export_buffer(whole)), t.data_ptr() - storage.data_ptr()
+
+
 def _receiver_ranks(group: DataPlaneGroup) -> range:
     return range(1, group.world_size)
 
 
+def _sources_key(group: DataPlaneGroup) -> str:
+    return f"ipc/{group.round_index}/sources"
+
+
+class DirectOut:
+    """Sender side of direct mode: say where every tensor lies, then wait for every receiver."""
+
+    def __init__(self, group: DataPlaneGroup, tensors: list[torch.Tensor]) -> None:
+        self._group = group
+        # Exports live as long as the group: the storages stay referenced here, so that a
+        # receiver's cached mapping never outlives the memory it maps.
+        exports: dict[tuple[int, int], tuple[torch.Tensor, dict]] = group.transport_state.setdefault("exports", {})
+        used: dict[tuple[int, int], int] = {}
+        descs: list[dict] = []
+        entries: list[list[int]] = []
+        for t in tensors:
+            storage = t.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+            found = exports.get(key)
+            if found is None:
+                desc, _ = export_storage(t)
+                exports[key] = found = (t, desc)
+            index = used.get(key)
+            if index is None:
+                index = used[key] = len(descs)
+                descs.append(found[1])
+            entries.append([index, t.data_ptr() - storage.data_ptr()])
+        for key in [k for k in exports if k not in used]:
+            del exports[key]  # the trainer no longer sends from that storage
+        # The receivers read outside any stream ordering: the trainer's writes must be done.
+        torch.cuda.synchronize(tensors[0].device if tensors else None)
+        group.store.set(_sources_key(group), json.dumps({"mode": "direct", "exports": descs, "entries": entries}))
+
+    def wait_done(self) -> None:
+        r = self._group.round_index
+        keys = [f"ipc/{r}/done/{rank}" for rank in _receiver_ranks(self._group)]
+        self._group.wait_keys(keys, "the receivers' copies out of this process's tensors")
+        for key in (_sources_key(self._group), *keys):
+            self._group.store.delete_key(key)
+
+
 class IpcOut:
-    """Sender side: publishes packed buckets and waits for every receiver's acknowledgement."""
+    """Sender side of ring mode: publishes packed buckets and waits for every receiver's acknowledgement."""
 
     def __init__(self, group: DataPlaneGroup, ring: list[torch.Tensor], num_buckets: int) -> None:
         self._group = group
         self._num_buckets = num_buckets
-        self._num_slots = len(ring)
-        r = group.round_index
-        for slot, buf in enumerate(ring):
-            group.store.set(f"ipc/{r}/buffer/{slot}", export_buffer(buf))
+        buffers = [json.loads(export_buffer(buf)) for buf in ring]
+        group.store.set(_sources_key(group), json.dumps({"mode": "ring", "buffers": buffers}))
 
     def start(self, k: int, slot: int, view: torch.Tensor) -> None:
         # Receivers read from another process, outside any stream ordering: the bytes
@@ -108,31 +163,83 @@ class IpcOut:
 
     def close(self) -> None:
         """Forgets the buffer handles; call once the round is closed and no receiver still looks them up."""
-        r = self._group.round_index
-        for slot in range(self._num_slots):
-            self._group.store.delete_key(f"ipc/{r}/buffer/{slot}")
+        self._group.store.delete_key(_sources_key(self._group))
+
+
+def _mapping_key(desc: dict) -> str:
+    return f"{desc['handle']}/{desc['storage_offset']}/{desc['storage_bytes']}"
 
 
 class IpcIn:
-    """Receiver side: copies each published bucket out of the sender's buffer and acknowledges it."""
+    """Receiver side: finds each bucket's bytes in the sender's memory; the stream copies them out.
 
-    def __init__(self, group: DataPlaneGroup, num_buckets: int) -> None:
+    Direct mode: `finish` returns each entry's bytes in the trainer's tensors, mapped once
+    per storage and kept across rounds while the sender keeps exporting it. Ring mode: it
+    returns the slice of the sender's ring slot that holds the bucket, then `copied`
+    acknowledges it so that the sender may reuse the slot.
+    """
+
+    def __init__(self, group: DataPlaneGroup, plan: BucketPlan) -> None:
         self._group = group
-        self._num_buckets = num_buckets
-        self._mapped: dict[int, torch.Tensor] = {}
+        self._plan = plan
+        self._num_buckets = len(plan.buckets)
+        self._mode: str | None = None
+        self._ring: list[torch.Tensor] = []
+        self._entry_sources: list[torch.Tensor] = []
+        self._first_entry = [0]
+        for bucket in plan.buckets:
+            self._first_entry.append(self._first_entry[-1] + len(bucket.entries))
 
-    def _source(self, slot: int) -> torch.Tensor:
-        src = self._mapped.get(slot)
-        if src is None:
-            key = f"ipc/{self._group.round_index}/buffer/{slot}"
-            self._group.wait_keys([key], f"CUDA IPC handle of buffer {slot}")
-            src = self._mapped[slot] = import_buffer(self._group.store.get(key))
-        return src
+    def _open(self, device: torch.device) -> None:
+        key = _sources_key(self._group)
+        self._group.wait_keys([key], "the sender's CUDA IPC handles")
+        try:
+            d = json.loads(self._group.store.get(key))
+            self._mode = d["mode"]
+            if self._mode == "ring":
+                self._ring = [import_buffer(json.dumps(b)) for b in d["buffers"]]
+            elif self._mode == "direct":
+                self._map_direct(d["exports"], d["entries"])
+            else:
+                raise ValueError(f"unknown mode {self._mode!r}")
+        except (KeyError, TypeError, ValueError) as e:
+            raise self._group.fail(f"malformed CUDA IPC source description: {e}") from e
+        for src in self._ring or self._entry_sources[:1]:
+            if src.device != device:
+                raise self._group.fail(f"sender's memory is on {src.device}, this receiver on {device}")
+
+    def _map_direct(self, exports: list[dict], entries: list[list[int]]) -> None:
+        cache: dict[str, torch.Tensor] = self._group.transport_state.setdefault("mappings", {})
+        mapped = []
+        for desc in exports:
+            key = _mapping_key(desc)
+            if key not in cache:
+                cache[key] = import_buffer(json.dumps(desc))
+            mapped.append(cache[key])
+        in_use = {_mapping_key(desc) for desc in exports}
+        for key in [k for k in cache if k not in in_use]:
+            del cache[key]  # the sender stopped exporting it; let the mapping go
+        plan_entries = [e for _, e in self._plan.entries()]
+        if len(entries) != len(plan_entries):
+            raise ValueError(f"{len(entries)} tensor locations for a plan of {len(plan_entries)} tensors")
+        sources = []
+        for (index, offset), e in zip(entries, plan_entries):
+            storage = mapped[int(index)]
+            if not 0 <= int(offset) <= storage.numel() - e.nbytes:
+                raise ValueError(f"{e.name}: {e.nbytes} bytes at offset {offset} lie outside its {storage.numel()}-byte storage")
+            sources.append(storage[int(offset) : int(offset) + e.nbytes])
+        self._entry_sources = sources
 
     def start(self, k: int, slot: int, view: torch.Tensor) -> torch.Tensor:
         return view  # nothing to post: the sender publishes, the receiver pulls in finish()
 
-    def finish(self, k: int, view: torch.Tensor) -> None:
+    def finish(self, k: int, view: torch.Tensor) -> list[torch.Tensor]:
+        """The source bytes of bucket k's entries, in the sender's memory."""
+        if self._mode is None:
+            self._open(view.device)
+        bucket = self._plan.buckets[k]
+        if self._mode == "direct":
+            return self._entry_sources[self._first_entry[k] : self._first_entry[k + 1]]
         r = self._group.round_index
         what = f"bucket {k + 1}/{self._num_buckets} over CUDA IPC"
         key = f"ipc/{r}/ready/{k}"
@@ -140,14 +247,21 @@ class IpcIn:
         slot_text, nbytes_text = self._group.store.get(key).decode().split()
         if int(nbytes_text) != view.numel():
             raise self._group.fail(f"{what}: sender published {nbytes_text} bytes, the plan says {view.numel()}")
-        src = self._source(int(slot_text))
-        if src.device != view.device:
-            raise self._group.fail(f"{what}: sender's buffer is on {src.device}, this receiver on {view.device}")
-        view.copy_(src[: view.numel()])
-        # The acknowledgement lets the sender overwrite the slot: the copy must be done first.
-        torch.cuda.current_stream(view.device).synchronize()
-        self._group.store.set(f"ipc/{r}/ack/{k}/{self._group.rank}", "")
+        src = self._ring[int(slot_text)]
+        return [src[e.offset_bytes : e.offset_bytes + e.nbytes] for e in bucket.entries]
+
+    def copied(self, k: int, device: torch.device) -> None:
+        """Bucket k's bytes are out of the sender's memory (queued on the current stream)."""
+        if self._mode == "ring":
+            # The acknowledgement lets the sender overwrite the slot: the copy must be done first.
+            torch.cuda.current_stream(device).synchronize()
+            self._group.store.set(f"ipc/{self._group.round_index}/ack/{k}/{self._group.rank}", "")
+        elif k == self._num_buckets - 1:
+            torch.cuda.current_stream(device).synchronize()
+            self._group.store.set(f"ipc/{self._group.round_index}/done/{self._group.rank}", "")
 
     def close(self) -> None:
-        # Mapped storages hold the sender's memory alive; let go of them at the end of every round.
-        self._mapped.clear()
+        # Ring mappings hold the sender's buffers alive: let go of them every round.
+        # Direct-mode mappings stay cached on the group for the next round.
+        self._ring = []
+        self._entry_sources = []

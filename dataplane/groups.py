@@ -117,6 +117,8 @@ class DataPlaneGroup:
         self._round_deadline = float("inf")
         self._broken_reason: str | None = None
         self._buffers: list[torch.Tensor] = []
+        # What a transport keeps across rounds of this group (CUDA IPC exports and mappings).
+        self.transport_state: dict[str, dict] = {}
 
     @property
     def group_id(self) -> str:
@@ -304,12 +306,14 @@ class DataPlaneGroup:
         """Marks the group broken, tells the peers, and returns the error for the caller to raise."""
         message = f"rank {self.rank}: {reason}"
         if not self.is_broken:
-            self._mark_broken(message)
+            # The notice goes up before the backend closes: a peer whose collective breaks on
+            # the closed connection then finds this reason rather than "connection closed".
             try:
                 self.store.set(self._abort_key(), message)
             except RuntimeError as e:
                 # The store lives in the trainer; if it is gone, the peers learn from their own timeouts.
                 log.warning("rank %d could not post the abort notice for group %s: %s", self.rank, self.group_id, e)
+            self._mark_broken(message)
         return TransferError(message)
 
     def _mark_broken(self, reason: str) -> None:
@@ -327,6 +331,7 @@ class DataPlaneGroup:
         """Releases the backend: NCCL is aborted (its kernels would spin forever), gloo shut down."""
         backend, self.backend = self.backend, None
         self._buffers = []
+        self.transport_state = {}
         if backend is None:
             return
         try:

@@ -98,8 +98,14 @@ class MemoryEngine:
         if problems:
             raise ValueError(f"{len(problems)} tensor(s) cannot be applied: " + "; ".join(problems))
         for name, t in batch:
-            self._tensors[name].copy_(t)
+            held = self._tensors[name]
+            if t.data_ptr() != held.data_ptr():  # else the data plane wrote it in place (destination)
+                held.copy_(t)
         self.num_applied += len(batch)
+
+    def destination(self, name: str) -> torch.Tensor | None:
+        """The held tensor for `name`, for receive_assignment(destination=...) to write into directly."""
+        return self._tensors.get(name)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The live tensors (not copies), by name."""

@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from weightsync.core import Assignment, TransferError
 from weightsync.dataplane.checksum import checksum_views
+from weightsync.dataplane.fused import PendingChecksums, copy_and_checksum
 from weightsync.dataplane.groups import DataPlaneGroup
 from weightsync.dataplane.handshake import close_round, open_round
-from weightsync.dataplane.layout import entry_spans, entry_view
+from weightsync.dataplane.layout import entry_spans, entry_view, torch_dtype
 
 __all__ = ["ReceiveResult", "ReceiveStream", "iter_assignment", "receive_assignment"]
 
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 Batch = list[tuple[str, torch.Tensor]]
 ApplyFn = Callable[[Batch], None]
 ProgressFn = Callable[[int, int], None]
+DestinationFn = Callable[[str], "torch.Tensor | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,9 @@ class ReceiveResult:
     apply_s: float  # in the consumer (apply_fn, or the code pulling from the stream)
     checksum_s: float  # part of receive_s
     seconds: float
+    # Seconds from the start of the round to: opened, received (the last bucket handed to
+    # the consumer), checksummed (every sum read back), closed.
+    timeline: dict[str, float] = field(default_factory=dict)
 
 
 class _BroadcastIn:
@@ -47,18 +52,22 @@ class _BroadcastIn:
         return self._group.broadcast(view, f"receive of bucket {k + 1}/{self._num_buckets}")
 
     def finish(self, k: int, handle) -> None:
+        """Bucket k is in the ring slot it was received into (None: no sources elsewhere)."""
         self._group.wait(handle, f"receive of bucket {k + 1}/{self._num_buckets}")
+
+    def copied(self, k: int, device: torch.device) -> None:
+        pass
 
     def close(self) -> None:
         pass
 
 
-def _inbound(group: DataPlaneGroup, num_buckets: int):
+def _inbound(group: DataPlaneGroup, plan):
     if group.transport == "cuda_ipc":
         from weightsync.dataplane.cuda_ipc import IpcIn
 
-        return IpcIn(group, num_buckets)
-    return _BroadcastIn(group, num_buckets)
+        return IpcIn(group, plan)
+    return _BroadcastIn(group, len(plan.buckets))
 
 
 def _describe(error: BaseException) -> str:
@@ -72,6 +81,14 @@ class ReceiveStream:
     pairs at a time. Views point into a ring of `num_buffers` bucket buffers: a view stays
     valid until the consumer pulls from the bucket `num_buffers - 1` after its own (with the
     default 2: until the first pair of the next bucket is pulled). Copy or apply it before.
+
+    `destination(name)` may return the consumer's own tensor for a name (contiguous, the
+    entry's shape and wire dtype, on the receive device) or None. The bytes are then
+    written straight into it, checksummed on the way, and the pair carries that tensor;
+    on CUDA this saves the consumer's copy (for cuda_ipc the bytes go from the trainer's
+    memory to the engine's in one copy). A destination is written as its bucket arrives,
+    as apply_fn would write it; a tensor that does not match raises ValueError and fails
+    the round on every rank.
 
     Use it as a context manager, or exhaust it: if the consumer stops early or raises, the
     stream still receives the remaining buckets (so no rank hangs) and every rank raises
@@ -88,6 +105,7 @@ class ReceiveStream:
         device: torch.device | str | None = None,
         progress: ProgressFn | None = None,
         num_buffers: int = 2,
+        destination: DestinationFn | None = None,
     ) -> None:
         if group.rank != rank:
             raise ValueError(f"rank {rank} was given a group whose rank is {group.rank}")
@@ -105,6 +123,9 @@ class ReceiveStream:
         self._device = dev
         self._progress = progress
         self._num_buffers = num_buffers
+        self._destination = destination
+        self._pending: list[tuple[list[str], PendingChecksums]] = []
+        self._timeline: dict[str, float] = {}
         self._plan = assignment.plan
         self._ring: list[torch.Tensor] = []
         self._inbound = None
@@ -204,8 +225,9 @@ class ReceiveStream:
     def _open(self) -> None:
         self._started = time.monotonic()
         open_round(self._group, self._assignment)
+        self._timeline["opened"] = time.monotonic() - self._started
         self._ring = self._group.buffers(self._num_buffers, self._plan.max_bucket_bytes, self._device)
-        self._inbound = _inbound(self._group, len(self._plan.buckets))
+        self._inbound = _inbound(self._group, self._plan)
         self._opened = True
 
     def _issue_upto(self, limit: int) -> None:
@@ -227,16 +249,72 @@ class ReceiveStream:
             return None
         # Bucket k-1's slot is free now that the consumer asked for bucket k.
         self._issue_upto(k + self._num_buffers)
-        self._inbound.finish(k, self._inflight.pop(k))
         bucket = buckets[k]
+        try:
+            dests = [self._destination_for(e) for e in bucket.entries]
+        except Exception as e:
+            # The consumer's fault, like an apply_fn error: drain, and fail the round on every rank.
+            self.close(e)
+        sources = self._inbound.finish(k, self._inflight.pop(k))
         buf = self._ring[k % self._num_buffers][: bucket.size_bytes]
         t0 = time.monotonic()
-        sums = checksum_views(buf, entry_spans(bucket))
+        batch = self._land(bucket, buf, sources, dests)
+        self._inbound.copied(k, self._device)
         self._checksum_s += time.monotonic() - t0
-        self._checksums.update((e.name, s) for e, s in zip(bucket.entries, sums))
         self._next = k + 1
         self._bytes += bucket.size_bytes
-        return [(e.name, entry_view(buf, e)) for e in bucket.entries]
+        return batch
+
+    def _destination_for(self, e) -> torch.Tensor | None:
+        if self._destination is None:
+            return None
+        d = self._destination(e.name)
+        if d is None:
+            return None
+        if (
+            not isinstance(d, torch.Tensor)
+            or d.device != self._device
+            or d.dtype != torch_dtype(e.dtype)
+            or tuple(d.shape) != tuple(e.shape)
+            or not d.is_contiguous()
+        ):
+            got = (
+                f"{list(d.shape)} {str(d.dtype).removeprefix('torch.')} on {d.device}" + ("" if d.is_contiguous() else ", not contiguous")
+                if isinstance(d, torch.Tensor)
+                else type(d).__name__
+            )
+            raise ValueError(
+                f"destination for {e.name}: expected a contiguous {list(e.shape)} {e.dtype} tensor "
+                f"on {self._device}, got {got}"
+            )
+        return d
+
+    def _land(
+        self, bucket, buf: torch.Tensor, sources: list[torch.Tensor] | None, dests: list[torch.Tensor | None]
+    ) -> Batch:
+        """Puts a bucket's bytes where the consumer takes them, checksums them, and returns its pairs.
+
+        sources None: the bytes arrived in the ring slot `buf`. Otherwise they lie in the
+        sender's memory (CUDA IPC) and are copied into the destination or the ring slot.
+        """
+        entries = bucket.entries
+        ring = [buf[e.offset_bytes : e.offset_bytes + e.nbytes] for e in entries]
+        targets: list[torch.Tensor | None] = []
+        for d, r in zip(dests, ring):
+            if d is not None:
+                targets.append(d.view(-1).view(torch.uint8))
+            else:
+                targets.append(None if sources is None else r)
+        names = [e.name for e in entries]
+        if self._device.type == "cuda":
+            # One launch per bucket; the sums are read back once, when the round closes.
+            self._pending.append((names, copy_and_checksum(sources if sources is not None else ring, targets)))
+        else:
+            self._checksums.update(zip(names, checksum_views(buf, entry_spans(bucket))))
+            for t, r in zip(targets, ring):
+                if t is not None:
+                    t.copy_(r)
+        return [(e.name, d if d is not None else entry_view(buf, e)) for e, d in zip(entries, dests)]
 
     def _drain(self) -> None:
         buckets = self._plan.buckets
@@ -244,9 +322,18 @@ class ReceiveStream:
             k = self._next
             self._issue_upto(k + self._num_buffers)
             self._inbound.finish(k, self._inflight.pop(k))
+            # Nothing is copied or applied; this only lets a ring-mode CUDA IPC sender go on.
+            self._inbound.copied(k, self._device)
             self._next = k + 1
 
     def _finish(self) -> None:
+        t0 = time.monotonic()
+        self._timeline["received"] = t0 - self._started
+        for batch_names, pending in self._pending:
+            self._checksums.update(zip(batch_names, pending.result()))
+        self._pending.clear()
+        self._checksum_s += time.monotonic() - t0
+        self._timeline["checksummed"] = time.monotonic() - self._started
         names = [e.name for _, e in self._plan.entries()]
         close_round(self._group, self._assignment, [self._checksums[n] for n in names])
         self._done = True
@@ -261,6 +348,7 @@ class ReceiveStream:
             apply_s=self._consumer_s,
             checksum_s=self._checksum_s,
             seconds=seconds,
+            timeline={**self._timeline, "closed": seconds},
         )
         log.debug("rank %d: update %s received in %.2f s", self._group.rank, self._assignment.update_id, seconds)
         if self._progress is not None:
@@ -289,6 +377,7 @@ class ReceiveStream:
         if self._inbound is not None:
             self._inbound.close()
         self._inflight.clear()
+        self._pending.clear()
 
 
 def iter_assignment(
@@ -299,9 +388,12 @@ def iter_assignment(
     device: torch.device | str | None = None,
     progress: ProgressFn | None = None,
     num_buffers: int = 2,
+    destination: DestinationFn | None = None,
 ) -> ReceiveStream:
     """A ReceiveStream for this round: iterate it for `(name, view)` pairs (e.g. as a weights iterator)."""
-    return ReceiveStream(assignment, rank, group, device=device, progress=progress, num_buffers=num_buffers)
+    return ReceiveStream(
+        assignment, rank, group, device=device, progress=progress, num_buffers=num_buffers, destination=destination
+    )
 
 
 def receive_assignment(
@@ -313,15 +405,20 @@ def receive_assignment(
     device: torch.device | str | None = None,
     progress: ProgressFn | None = None,
     num_buffers: int = 2,
+    destination: DestinationFn | None = None,
 ) -> ReceiveResult:
     """Receives the round and calls apply_fn once per bucket while the next bucket arrives.
 
     apply_fn gets the bucket's (name, view) pairs; the views are reused for a later bucket
     as soon as apply_fn returns, so it must copy what it keeps. progress(buckets_done,
-    bytes_done) is called after each bucket is applied. Raises RoundFailed on every rank
-    if any rank fails; on failure some buckets may already have been applied.
+    bytes_done) is called after each bucket is applied. `destination` as for ReceiveStream:
+    apply_fn then gets the destination tensors themselves for those names. Raises
+    RoundFailed on every rank if any rank fails; on failure some buckets may already
+    have been applied.
     """
-    stream = ReceiveStream(assignment, rank, group, device=device, progress=progress, num_buffers=num_buffers)
+    stream = ReceiveStream(
+        assignment, rank, group, device=device, progress=progress, num_buffers=num_buffers, destination=destination
+    )
     with stream:
         for batch in iter(stream.next_bucket, None):
             apply_fn(batch)

@@ -7,16 +7,17 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from weightsync.core import Assignment, BucketPlan
 from weightsync.dataplane.checksum import checksum_views
 from weightsync.dataplane.deferred import DeferredTensor, materialize
+from weightsync.dataplane.fused import PendingChecksums, copy_and_checksum
 from weightsync.dataplane.groups import DataPlaneGroup
 from weightsync.dataplane.handshake import RoundFailed, close_round, open_round
-from weightsync.dataplane.layout import entry_spans, entry_view
+from weightsync.dataplane.layout import entry_spans, entry_view, torch_dtype
 
 __all__ = ["SendResult", "send_assignment"]
 
@@ -37,6 +38,9 @@ class SendResult:
     seconds: float
     pack_s: float
     checksum_s: float
+    # Seconds from the call to the end of each phase: opened, sent (every byte left or was
+    # taken by every receiver), checksummed (the sender's own sums read back), closed.
+    timeline: dict[str, float] = field(default_factory=dict)
 
 
 def _validate(plan: BucketPlan, source: Mapping[str, SourceTensor]) -> list[str]:
@@ -140,13 +144,52 @@ def send_assignment(
         if problem_text:
             raise ValueError(problem_text) from e
         raise
+    opened = time.monotonic() - started
     try:
-        return _send_buckets(assignment, source, group, buffer_device, num_buffers, started)
+        return _send_buckets(assignment, source, group, buffer_device, num_buffers, started, opened)
     except BaseException as e:
         # Tell the receivers now rather than let them sit out the timeout.
         if not isinstance(e, RoundFailed):
             group.fail(f"sender stopped: {type(e).__name__}: {e}")
         raise
+
+
+def _as_wire_bytes(t: torch.Tensor, entry, device: torch.device) -> torch.Tensor | None:
+    """t's bytes as a flat uint8 view when they already are the wire bytes on `device`, else None."""
+    if t.device != device or t.dtype != torch_dtype(entry.dtype) or not t.is_contiguous():
+        return None
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _direct_sources(plan: BucketPlan, source: Mapping[str, SourceTensor], device: torch.device) -> list[torch.Tensor] | None:
+    """Every plan tensor's wire bytes in place, or None if any needs packing (a cast, a gather, a computation)."""
+    out = []
+    for _, e in plan.entries():
+        t = source[e.name]
+        if not isinstance(t, torch.Tensor) or type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+            return None
+        raw = _as_wire_bytes(t.detach(), e, device)
+        if raw is None:
+            return None
+        out.append(raw)
+    return out
+
+
+def _send_direct(
+    assignment: Assignment, group: DataPlaneGroup, sources: list[torch.Tensor], started: float, marks: dict
+) -> tuple[dict[str, int], float, float]:
+    """cuda_ipc without packing: receivers copy straight out of the trainer's tensors."""
+    from weightsync.dataplane.cuda_ipc import DirectOut
+
+    out = DirectOut(group, sources)
+    t0 = time.monotonic()
+    marks["published"] = t0 - started
+    # The sender's checksums, read from its own tensors while the receivers copy them.
+    sums = copy_and_checksum(sources).result()
+    checksum_s = time.monotonic() - t0
+    marks["checksummed"] = time.monotonic() - started
+    out.wait_done()
+    return {e.name: s for (_, e), s in zip(assignment.plan.entries(), sums)}, 0.0, checksum_s
 
 
 def _send_buckets(
@@ -156,37 +199,22 @@ def _send_buckets(
     device: torch.device,
     num_buffers: int,
     started: float,
+    opened: float,
 ) -> SendResult:
     plan = assignment.plan
-    ring = group.buffers(num_buffers, plan.max_bucket_bytes, device)
-    out = _outbound(group, ring, len(plan.buckets))
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    if stream is not None:
-        # The trainer wrote the tensors on its own stream; packing must see those writes.
-        stream.wait_stream(torch.cuda.current_stream(device))
-    checksums: dict[str, int] = {}
-    inflight: deque[tuple[int, object]] = deque()
-    pack_s = checksum_s = 0.0
-    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-        for k, bucket in enumerate(plan.buckets):
-            slot = k % num_buffers
-            if len(inflight) == num_buffers:
-                out.finish(*inflight.popleft())
-            buf = ring[slot][: bucket.size_bytes]
-            t0 = time.monotonic()
-            for e in bucket.entries:
-                entry_view(buf, e).copy_(materialize(source[e.name]))
-            pack_s += time.monotonic() - t0
-            inflight.append((k, out.start(k, slot, buf)))
-            # The checksum reads the bucket while it is on the wire: reading is safe, and it hides the cost.
-            t0 = time.monotonic()
-            sums = checksum_views(buf, entry_spans(bucket))
-            checksum_s += time.monotonic() - t0
-            checksums.update((e.name, s) for e, s in zip(bucket.entries, sums))
-        while inflight:
-            out.finish(*inflight.popleft())
+    marks = {"opened": opened}
+    direct = _direct_sources(plan, source, device) if group.transport == "cuda_ipc" else None
+    if direct is not None:
+        checksums, pack_s, checksum_s = _send_direct(assignment, group, direct, started, marks)
+        out = None
+    else:
+        ring = group.buffers(num_buffers, plan.max_bucket_bytes, device)
+        out = _outbound(group, ring, len(plan.buckets))
+        checksums, pack_s, checksum_s = _pack_and_send(plan, source, out, ring, device, num_buffers)
+    sent = time.monotonic() - started
     close_round(group, assignment, [checksums[e.name] for _, e in plan.entries()])
-    out.close()
+    if out is not None:
+        out.close()
     seconds = time.monotonic() - started
     log.info(
         "update %s: sent %d tensors in %d buckets (%.1f MiB) to %d receivers in %.2f s (%.2f GiB/s)",
@@ -201,4 +229,69 @@ def _send_buckets(
         seconds=seconds,
         pack_s=pack_s,
         checksum_s=checksum_s,
+        timeline={**marks, "sent": sent, "closed": seconds},
     )
+
+
+def _pack_and_send(
+    plan: BucketPlan,
+    source: Mapping[str, SourceTensor],
+    out,
+    ring: list[torch.Tensor],
+    device: torch.device,
+    num_buffers: int,
+) -> tuple[dict[str, int], float, float]:
+    """Packs bucket k+1 while bucket k is on the wire; returns (checksums, pack_s, checksum_s)."""
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    if stream is not None:
+        # The trainer wrote the tensors on its own stream; packing must see those writes.
+        stream.wait_stream(torch.cuda.current_stream(device))
+    checksums: dict[str, int] = {}
+    # The sources stay referenced until their sums are read: a gathered or computed tensor
+    # must not be freed while the kernel that reads it is still queued.
+    pending: list[tuple[list[str], PendingChecksums, list[torch.Tensor]]] = []
+    inflight: deque[tuple[int, object]] = deque()
+    pack_s = checksum_s = 0.0
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        for k, bucket in enumerate(plan.buckets):
+            slot = k % num_buffers
+            if len(inflight) == num_buffers:
+                out.finish(*inflight.popleft())
+            buf = ring[slot][: bucket.size_bytes]
+            t0 = time.monotonic()
+            if stream is not None:
+                # One launch copies the tensors that are already wire bytes and checksums the
+                # whole bucket; the others (casts, gathers) are copied in by torch first.
+                sources: list[torch.Tensor] = []
+                targets: list[torch.Tensor | None] = []
+                for e in bucket.entries:
+                    t = materialize(source[e.name])
+                    raw = _as_wire_bytes(t.detach(), e, device)
+                    view = buf[e.offset_bytes : e.offset_bytes + e.nbytes]
+                    if raw is None:
+                        entry_view(buf, e).copy_(t)
+                        sources.append(view)
+                        targets.append(None)
+                    else:
+                        sources.append(raw)
+                        targets.append(view)
+                pending.append(([e.name for e in bucket.entries], copy_and_checksum(sources, targets), sources))
+                pack_s += time.monotonic() - t0
+                inflight.append((k, out.start(k, slot, buf)))
+                continue
+            for e in bucket.entries:
+                entry_view(buf, e).copy_(materialize(source[e.name]))
+            pack_s += time.monotonic() - t0
+            inflight.append((k, out.start(k, slot, buf)))
+            # The checksum reads the bucket while it is on the wire: reading is safe, and it hides the cost.
+            t0 = time.monotonic()
+            sums = checksum_views(buf, entry_spans(bucket))
+            checksum_s += time.monotonic() - t0
+            checksums.update((e.name, s) for e, s in zip(bucket.entries, sums))
+        while inflight:
+            out.finish(*inflight.popleft())
+        t0 = time.monotonic()
+        for names, p, _ in pending:
+            checksums.update(zip(names, p.result()))
+        checksum_s += time.monotonic() - t0
+    return checksums, pack_s, checksum_s

@@ -69,7 +69,8 @@ MODEL_SHAPES: dict[str, ModelShape] = {
 
 def random_tensor(spec: TensorSpec, seed: int, device: str | torch.device = "cpu") -> torch.Tensor:
     """Random bytes (any bit pattern, NaNs included) for one spec, the same for the same (spec.name, seed)."""
-    gen = torch.Generator(device="cpu").manual_seed((seed << 32) ^ zlib.crc32(spec.name.encode()))
+    # torch's CPU generator keeps only the low 32 bits of its seed: mix the seed in there.
+    gen = torch.Generator(device="cpu").manual_seed(zlib.crc32(f"{seed}/{spec.name}".encode()))
     dtype = torch_dtype(spec.dtype)
     if dtype == torch.bool:
         return torch.randint(0, 2, spec.shape, generator=gen, dtype=torch.bool).to(device)

@@ -13,6 +13,7 @@ import torch
 from weightsync.control.daemon_agent import HandlerResult, ProgressFn
 from weightsync.core import Assignment, TransferError
 from weightsync.dataplane import GroupCache, MemoryEngine, receive_assignment, tensor_checksum
+from weightsync.dataplane.receiver import DestinationFn
 from weightsync.runtime.failpoints import load_failpoints
 
 __all__ = ["ReceiverHandler", "memory_engine_handler"]
@@ -37,8 +38,10 @@ class ReceiverHandler:
         device: str | torch.device | None = None,
         held_checksums: Callable[[Iterable[str]], Mapping[str, int]] | None = None,
         on_applied: Callable[[Assignment], None] | None = None,
+        destination: DestinationFn | None = None,
     ) -> None:
         self._apply = apply_fn
+        self._destination = destination
         self._held_checksums = held_checksums
         self._device = device
         self._groups = GroupCache(device=device)
@@ -56,7 +59,9 @@ class ReceiverHandler:
             raise TransferError(f"rank {rank}: the previous round's transfer did not end within {wait_s:g} s")
         try:
             group = self._groups.get(assignment, rank)
-            res = receive_assignment(assignment, rank, group, self._apply, device=self._device, progress=progress)
+            res = receive_assignment(
+                assignment, rank, group, self._apply, device=self._device, progress=progress, destination=self._destination
+            )
         finally:
             self._lock.release()
         checksums = res.checksums
@@ -82,4 +87,8 @@ def memory_engine_handler(engine: MemoryEngine) -> ReceiverHandler:
         if faults.apply_delay_s:
             time.sleep(faults.apply_delay_s)
 
-    return ReceiverHandler(apply, held_checksums=lambda names: {n: tensor_checksum(held[n]) for n in names})
+    return ReceiverHandler(
+        apply,
+        held_checksums=lambda names: {n: tensor_checksum(held[n]) for n in names},
+        destination=engine.destination,
+    )

@@ -53,6 +53,11 @@ class RankOptions:
     device: str = "cpu"  # where the trainer's tensors and the receiver's engine live
     stop_after_pairs: int | None = None  # an iter_assignment consumer that leaves early
     corrupt_bucket: int | None = None  # flip one received bit of this bucket, as a bad wire would
+    destination: bool = False  # the receiver lets the data plane write into its engine's tensors
+    sender_deferred: bool = False  # every trainer tensor is a DeferredTensor (forces packing)
+    seed_step: int = 0  # round i carries the tensors of seed + i * seed_step
+    persistent: bool = False  # the trainer keeps one set of tensors and overwrites it each round
+    bad_destination: str | None = None  # the destination offered for this name has the wrong dtype
 
 
 def make_assignment(
@@ -81,8 +86,15 @@ def _raise_lost_shard() -> torch.Tensor:
     raise RuntimeError("trainer lost a shard")
 
 
-def _sender_tensors(a: Assignment, opts: RankOptions) -> dict[str, torch.Tensor]:
-    tensors = {s.name: random_tensor(s, opts.seed, opts.device) for s in _specs_of(a) if s.name != opts.drop_tensor}
+def _sender_tensors(a: Assignment, opts: RankOptions, seed: int) -> dict[str, torch.Tensor]:
+    tensors = {s.name: random_tensor(s, seed, opts.device) for s in _specs_of(a) if s.name != opts.drop_tensor}
+    if opts.persistent:
+        kept = _persistent.setdefault("tensors", tensors)
+        for name, t in tensors.items():
+            kept[name].copy_(t)  # in place: the same storages every round
+        tensors = dict(kept)
+    if opts.sender_deferred:
+        tensors = {n: DeferredTensor(tuple(t.shape), t.dtype, (lambda t=t: t), t.device) for n, t in tensors.items()}
     if opts.sender_fails_on is not None:
         t = tensors[opts.sender_fails_on]
         tensors[opts.sender_fails_on] = DeferredTensor(tuple(t.shape), t.dtype, _raise_lost_shard)
@@ -97,6 +109,19 @@ def _sender_tensors(a: Assignment, opts: RankOptions) -> dict[str, torch.Tensor]
     if opts.titan_heads is not None:
         return TitanToHF(*opts.titan_heads).map_state_dict(tensors)
     return tensors
+
+
+_persistent: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def _destination(engine: MemoryEngine, opts: RankOptions):
+    def destination(name: str) -> torch.Tensor | None:
+        held = engine.destination(name)
+        if name == opts.bad_destination and held is not None:
+            return torch.zeros(held.shape, dtype=torch.float64, device=held.device)
+        return held
+
+    return destination
 
 
 def _mismatches(engine: MemoryEngine, a: Assignment, seed: int) -> list[str]:
@@ -133,11 +158,12 @@ def _corrupt_wire(bucket_index: int) -> None:
 def _round(index: int, a: Assignment, cache: GroupCache, opts: RankOptions) -> dict:
     started = time.monotonic()
     dp_rank = opts.dp_rank if opts.dp_rank is not None else index
+    seed = opts.seed + (a.version - 1) * opts.seed_step
     out: dict = {"update_id": a.update_id}
     engine = None
     try:
         if opts.trainer_world is not None or dp_rank == 0:
-            tensors = _sender_tensors(a, opts)
+            tensors = _sender_tensors(a, opts, seed)
             is_dp_sender = opts.trainer_world is None or torch.distributed.get_rank() == 0
             result = send_assignment(a, tensors, cache.get(a, 0) if is_dp_sender else None)
             out["checksums"] = result.checksums
@@ -167,10 +193,13 @@ def _round(index: int, a: Assignment, cache: GroupCache, opts: RankOptions) -> d
                         engine.apply([(name, view)])
                 result = stream.result
             else:
-                result = receive_assignment(a, dp_rank, group, apply, progress=lambda *p: progress.append(p))
+                result = receive_assignment(
+                    a, dp_rank, group, apply, progress=lambda *p: progress.append(p),
+                    destination=_destination(engine, opts) if opts.destination else None,
+                )
             out["checksums"] = result.checksums
             out["bytes_received"] = result.bytes_received
-            out["mismatched"] = _mismatches(engine, a, opts.seed)
+            out["mismatched"] = _mismatches(engine, a, seed)
         out["ok"] = True
     except Exception as e:  # reported to the test, which asserts on it
         out.update(ok=False, error_type=type(e).__name__, error=str(e), traceback=traceback.format_exc())

@@ -51,6 +51,49 @@ def test_cuda_ipc_moves_a_model_between_two_processes_on_one_gpu():
     assert reports[1].num_constructions == 1
 
 
+def _ipc_rounds(specs, count: int, bucket_size_bytes: int):
+    def build(port):
+        rounds = [
+            make_assignment(specs, port=port, world_size=3, update_id=f"u{i}", transport="cuda_ipc",
+                            bucket_size_bytes=bucket_size_bytes, version=i)
+            for i in range(1, count + 1)
+        ]
+        return {0: rounds, 1: rounds, 2: rounds}
+
+    return build
+
+
+def test_cuda_ipc_direct_mode_copies_trainer_tensors_into_engine_tensors_round_after_round():
+    """Plain CUDA trainer tensors go unpacked: two receivers copy them straight out of the trainer's
+    memory, one into its engine's own tensors (destination), one through its ring. The trainer
+    overwrites the same tensors in place before each of 3 rounds, so a stale cached mapping or a
+    copy taken before the trainer's writes finished would show as a mismatch."""
+    specs = MODEL_SHAPES["qwen2.5-0.5b"].manifest()
+    options = {
+        0: RankOptions(device="cuda:0", seed_step=1, persistent=True),
+        1: RankOptions(device="cuda:0", seed_step=1, destination=True),
+        2: RankOptions(device="cuda:0", seed_step=1),
+    }
+    reports = launch(3, _ipc_rounds(specs, 3, 64 << 20), options, timeout_s=240)
+    _check(reports, [1, 2])
+    sums = [rd["checksums"] for rd in reports[0].rounds]
+    assert sums[0] != sums[1] != sums[2], "each round carries new bytes"
+    assert reports[1].num_constructions == 1
+
+
+def test_cuda_ipc_ring_mode_packs_deferred_tensors():
+    """Tensors that must be computed (DeferredTensor) are packed into the sender's ring; the receivers
+    copy each bucket out, into engine tensors or their own ring, bit-exactly."""
+    specs = MODEL_SHAPES["tiny"].manifest()
+    options = {
+        0: RankOptions(device="cuda:0", seed_step=1, sender_deferred=True),
+        1: RankOptions(device="cuda:0", seed_step=1, destination=True),
+        2: RankOptions(device="cuda:0", seed_step=1),
+    }
+    reports = launch(3, _ipc_rounds(specs, 2, 16 << 10), options, timeout_s=240)
+    _check(reports, [1, 2])
+
+
 def test_cuda_ipc_sender_raises_when_its_receiver_dies():
     """A receiver SIGKILLed mid-round makes the CUDA IPC sender raise TransferError once timeout_s passes."""
     specs = MODEL_SHAPES["tiny"].manifest()
@@ -81,3 +124,25 @@ def test_nccl_moves_a_model_between_two_gpus():
     options = {0: RankOptions(device="cuda:0"), 1: RankOptions(device="cuda:1")}
     reports = launch(2, build, options, timeout_s=240)
     _check(reports, [1])
+
+
+def test_fused_copy_and_checksum_equals_the_cpu_definition():
+    """One launch copies many spans exactly and checksums them as checksum_views does on the CPU,
+    across chunk boundaries; spans the kernel cannot take (odd length, odd address) fall back."""
+    from weightsync.dataplane.fused import copy_and_checksum, fused_available
+
+    assert fused_available(torch.device("cuda", 0))
+    g = torch.Generator().manual_seed(3)
+    sizes = [16, 4096 * 8, 3 * CHUNK_WORDS * 8 + 816, 1002, 64 * 1024 + 8]
+    cpu = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for n in sizes]
+    src = [t.cuda() for t in cpu]
+    src[3] = torch.cat([torch.zeros(1, dtype=torch.uint8), cpu[3]]).cuda()[1:]  # odd address
+    dst = [torch.zeros(n, dtype=torch.uint8, device="cuda") if i % 2 == 0 else None for i, n in enumerate(sizes)]
+    got = copy_and_checksum(src, dst).result()
+    assert got == [tensor_checksum(t) for t in cpu]
+    for i, d in enumerate(dst):
+        if d is not None:
+            assert torch.equal(d.cpu(), cpu[i])
+    one_flip = src[2].clone()
+    one_flip[CHUNK_WORDS * 8 + 5] ^= 4
+    assert copy_and_checksum([one_flip]).result()[0] != got[2]

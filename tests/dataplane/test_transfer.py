@@ -101,3 +101,38 @@ def test_group_is_reused_while_group_id_holds_and_rebuilt_on_a_new_one(tiny_spec
         assert rep.num_constructions == 2, f"rank {r} built {rep.num_constructions} groups for 2 group ids"
     for r in (1, 2):
         assert all(rd["mismatched"] == [] for rd in reports[r].rounds)
+
+
+def test_receiver_destination_takes_the_bytes_into_engine_tensors(tiny_specs):
+    """A receiver that offers its engine's tensors (destination) holds the sent bytes in them; its apply
+    function is handed those same tensors; the other receiver, without destination, gets them too."""
+
+    def build(port):
+        a = make_assignment(tiny_specs, port=port, world_size=3, update_id="u1", bucket_size_bytes=16 << 10)
+        return {r: [a] for r in range(3)}
+
+    reports = launch(3, build, {1: RankOptions(destination=True)}, timeout_s=90)
+    _all_ok(reports)
+    for r in (1, 2):
+        assert reports[r].rounds[0]["mismatched"] == []
+        assert reports[r].rounds[0]["checksums"] == reports[0].rounds[0]["checksums"]
+
+
+def test_a_destination_of_the_wrong_dtype_fails_the_round_on_every_rank(tiny_specs):
+    """A consumer that offers a float64 tensor for a bfloat16 entry gets a ValueError naming the tensor,
+    the expected and the offered shape and dtype, and every rank raises RoundFailed naming that rank."""
+    bad = tiny_specs[3].name
+
+    def build(port):
+        a = make_assignment(tiny_specs, port=port, world_size=3, update_id="u1", bucket_size_bytes=16 << 10,
+                            timeout_s=10.0)
+        return {r: [a] for r in range(3)}
+
+    reports = launch(3, build, {1: RankOptions(destination=True, bad_destination=bad)}, timeout_s=90)
+    for r in (0, 2):
+        rd = reports[r].rounds[0]
+        assert rd["error_type"] == "RoundFailed", rd.get("traceback")
+        assert "rank 1" in rd["error"] and f"destination for {bad}" in rd["error"]
+    rd = reports[1].rounds[0]
+    assert not rd["ok"]
+    assert f"destination for {bad}: expected a contiguous" in rd["error"] and "float64" in rd["error"]

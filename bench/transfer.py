@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import platform
+import queue
 import resource
 import statistics
 import sys
@@ -218,8 +219,7 @@ def _rank_main(rank: int, args: argparse.Namespace, inbox, outbox) -> None:
                 _per_param(rank, group, specs, tensors, engine, device, tag + "/pp")
                 row["per_param_s"], row["per_param_cpu_s"] = time.perf_counter() - t0, _cpu_s() - c0
             samples.append(row)
-    checksum_gib_s = None
-    device_copy = _device_copy_gib_s(raw_buf) if rank == 0 and device.type == "cuda" else None
+    checksum_gib_s = device_copy = None
     if rank == 0:
         # Standalone checksum throughput on this machine, over the same number of bytes.
         buf = raw_buf.random_(0, 256)
@@ -229,6 +229,10 @@ def _rank_main(rank: int, args: argparse.Namespace, inbox, outbox) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         checksum_gib_s = payload / 2**30 / (time.perf_counter() - t0)
+        if device.type == "cuda":
+            tensors = None  # room for the copy's destination: three payloads may not fit on one GPU
+            torch.cuda.empty_cache()
+            device_copy = _device_copy_gib_s(raw_buf)
     outbox.put(("done", rank, samples, (checksum_gib_s, device_copy)))
     cache.close()
 
@@ -346,10 +350,16 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for q in inboxes:
             q.put(assignments)
-        reports: dict[int, tuple[list[dict], float | None]] = {}
+        reports: dict[int, tuple[list[dict], tuple]] = {}
         while len(reports) < world:
-            kind, rank, samples, checksum_gib_s = outbox.get(timeout=3600)
-            reports[rank] = (samples, checksum_gib_s)
+            try:
+                kind, rank, samples, extra = outbox.get(timeout=5)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in reports and p.exitcode is not None]
+                if dead:
+                    raise SystemExit(f"rank(s) {dead} exited (codes {[procs[r].exitcode for r in dead]}) before reporting")
+                continue
+            reports[rank] = (samples, extra)
     finally:
         for p in procs:
             p.join(timeout=60)

@@ -21,6 +21,7 @@ not be able to run code in a receiver.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 
@@ -102,33 +103,52 @@ def _sources_key(group: DataPlaneGroup) -> str:
 
 
 class DirectOut:
-    """Sender side of direct mode: say where every tensor lies, then wait for every receiver."""
+    """Sender side of direct mode: say where every tensor lies, then wait for every receiver.
+
+    The layout (exported storages and each tensor's offset) is published once under its own
+    digest and reused while the trainer sends from the same memory, as it does when it
+    updates its parameters in place: a round then costs one small store key per side.
+    """
 
     def __init__(self, group: DataPlaneGroup, tensors: list[torch.Tensor]) -> None:
         self._group = group
+        state = group.transport_state.setdefault("direct_out", {})
+        key = tuple(t.data_ptr() for t in tensors) + tuple(t.numel() for t in tensors)
+        if state.get("key") != key:
+            self._publish_layout(state, key, tensors)
+        # The receivers read outside any stream ordering: the trainer's writes must be done.
+        torch.cuda.synchronize(tensors[0].device if tensors else None)
+        group.store.set(_sources_key(group), json.dumps({"mode": "direct", "layout": state["layout"]}))
+
+    def _publish_layout(self, state: dict, key: tuple, tensors: list[torch.Tensor]) -> None:
         # Exports live as long as the group: the storages stay referenced here, so that a
-        # receiver's cached mapping never outlives the memory it maps.
-        exports: dict[tuple[int, int], tuple[torch.Tensor, dict]] = group.transport_state.setdefault("exports", {})
+        # receiver's cached mapping never outlives the memory it maps, and an address in
+        # `key` cannot be reused by another tensor while the layout stands.
+        exports: dict[tuple[int, int], tuple[torch.Tensor, dict]] = state.setdefault("exports", {})
         used: dict[tuple[int, int], int] = {}
         descs: list[dict] = []
         entries: list[list[int]] = []
         for t in tensors:
             storage = t.untyped_storage()
-            key = (storage.data_ptr(), storage.nbytes())
-            found = exports.get(key)
+            skey = (storage.data_ptr(), storage.nbytes())
+            found = exports.get(skey)
             if found is None:
                 desc, _ = export_storage(t)
-                exports[key] = found = (t, desc)
-            index = used.get(key)
+                exports[skey] = found = (t, desc)
+            index = used.get(skey)
             if index is None:
-                index = used[key] = len(descs)
+                index = used[skey] = len(descs)
                 descs.append(found[1])
             entries.append([index, t.data_ptr() - storage.data_ptr()])
-        for key in [k for k in exports if k not in used]:
-            del exports[key]  # the trainer no longer sends from that storage
-        # The receivers read outside any stream ordering: the trainer's writes must be done.
-        torch.cuda.synchronize(tensors[0].device if tensors else None)
-        group.store.set(_sources_key(group), json.dumps({"mode": "direct", "exports": descs, "entries": entries}))
+        for skey in [k for k in exports if k not in used]:
+            del exports[skey]  # the trainer no longer sends from that storage
+        blob = json.dumps({"exports": descs, "entries": entries})
+        layout = hashlib.sha256(blob.encode()).hexdigest()[:32]
+        old = state.get("layout")
+        self._group.store.set(f"ipc/layout/{layout}", blob)
+        if old is not None and old != layout:
+            self._group.store.delete_key(f"ipc/layout/{old}")
+        state.update(key=key, layout=layout)
 
     def wait_done(self) -> None:
         r = self._group.round_index
@@ -199,7 +219,7 @@ class IpcIn:
             if self._mode == "ring":
                 self._ring = [import_buffer(json.dumps(b)) for b in d["buffers"]]
             elif self._mode == "direct":
-                self._map_direct(d["exports"], d["entries"])
+                self._entry_sources = self._direct_layout(str(d["layout"]))
             else:
                 raise ValueError(f"unknown mode {self._mode!r}")
         except (KeyError, TypeError, ValueError) as e:
@@ -208,8 +228,21 @@ class IpcIn:
             if src.device != device:
                 raise self._group.fail(f"sender's memory is on {src.device}, this receiver on {device}")
 
-    def _map_direct(self, exports: list[dict], entries: list[list[int]]) -> None:
-        cache: dict[str, torch.Tensor] = self._group.transport_state.setdefault("mappings", {})
+    def _direct_layout(self, layout: str) -> list[torch.Tensor]:
+        """Each plan entry's bytes in the sender's memory; mapped once per layout and plan."""
+        state = self._group.transport_state.setdefault("direct_in", {})
+        key = (layout, self._plan.digest)
+        if state.get("key") == key:
+            return state["sources"]
+        blob_key = f"ipc/layout/{layout}"
+        self._group.wait_keys([blob_key], "the sender's tensor layout")
+        d = json.loads(self._group.store.get(blob_key))
+        sources = self._map_direct(state, d["exports"], d["entries"])
+        state.update(key=key, sources=sources)
+        return sources
+
+    def _map_direct(self, state: dict, exports: list[dict], entries: list[list[int]]) -> list[torch.Tensor]:
+        cache: dict[str, torch.Tensor] = state.setdefault("mappings", {})
         mapped = []
         for desc in exports:
             key = _mapping_key(desc)
@@ -228,7 +261,7 @@ class IpcIn:
             if not 0 <= int(offset) <= storage.numel() - e.nbytes:
                 raise ValueError(f"{e.name}: {e.nbytes} bytes at offset {offset} lie outside its {storage.numel()}-byte storage")
             sources.append(storage[int(offset) : int(offset) + e.nbytes])
-        self._entry_sources = sources
+        return sources
 
     def start(self, k: int, slot: int, view: torch.Tensor) -> torch.Tensor:
         return view  # nothing to post: the sender publishes, the receiver pulls in finish()

@@ -38,6 +38,7 @@ _CHUNK_SHIFT = _cs.CHUNK_WORDS.bit_length() - 1
 _lock = threading.Lock()
 _tables: dict[tuple[torch.device, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 _multipliers: dict[torch.device, torch.Tensor] = {}
+_offset_tables: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
 _MAX_CACHED_LAYOUTS = 64
 
 
@@ -157,8 +158,17 @@ class PendingChecksums:
         return out
 
 
-def _fits(t: torch.Tensor, device: torch.device) -> bool:
-    return t.device == device and t.numel() % 16 == 0 and t.data_ptr() % 16 == 0
+def _offsets_on(device: torch.device, offsets: tuple[int, ...]) -> torch.Tensor:
+    """The kernel's address table on the device; the same spans recur every round, so cached."""
+    key = (device, offsets)
+    found = _offset_tables.get(key)
+    if found is None:
+        found = torch.tensor(offsets, dtype=torch.int64).to(device)
+        with _lock:
+            if len(_offset_tables) >= _MAX_CACHED_LAYOUTS:
+                _offset_tables.clear()
+            _offset_tables[key] = found
+    return found
 
 
 def copy_and_checksum(
@@ -175,19 +185,31 @@ def copy_and_checksum(
         destinations = [None] * len(sources)
     if len(destinations) != len(sources):
         raise ValueError(f"{len(sources)} sources but {len(destinations)} destinations")
-    for i, (s, d) in enumerate(zip(sources, destinations)):
-        if s.dtype != torch.uint8 or s.dim() != 1:
-            raise ValueError(f"source {i}: expected a 1-D uint8 tensor, got {s.dtype} with shape {list(s.shape)}")
-        if d is not None and (d.dtype != torch.uint8 or d.dim() != 1 or d.numel() != s.numel()):
-            raise ValueError(f"destination {i}: expected {s.numel()} uint8 bytes, got {d.dtype} {list(d.shape)}")
-    nbytes = [s.numel() for s in sources]
     device = sources[0].device if sources else torch.device("cpu")
     kernel = _kernel() if device.type == "cuda" else None
+    weights = _cs._weights(device) if kernel is not None else None
+    # Word offsets from the weight table's address (any 16-byte aligned tensor would do);
+    # a destination offset of 0 means "checksum only", and no destination sits at the table.
+    base = weights.data_ptr() if weights is not None else 0
+    nbytes: list[int] = []
     fast: list[int] = []
+    src_offsets: list[int] = []
+    dst_offsets: list[int] = []
     fallback: dict[int, int] = {}
     for i, (s, d) in enumerate(zip(sources, destinations)):
-        if kernel is not None and s.numel() and _fits(s, device) and (d is None or _fits(d, device)):
+        n = s.numel()
+        if s.dtype is not torch.uint8 or s.dim() != 1:
+            raise ValueError(f"source {i}: expected a 1-D uint8 tensor, got {s.dtype} with shape {list(s.shape)}")
+        if d is not None and (d.dtype is not torch.uint8 or d.dim() != 1 or d.numel() != n):
+            raise ValueError(f"destination {i}: expected {n} uint8 bytes, got {d.dtype} {list(d.shape)}")
+        nbytes.append(n)
+        sp = s.data_ptr()
+        dp = d.data_ptr() if d is not None else 0
+        # The kernel moves 16-byte words from 16-byte aligned addresses on one device.
+        if kernel is not None and n and not (n | sp | dp) % 16 and s.is_cuda and (d is None or d.is_cuda):
             fast.append(i)
+            src_offsets.append((sp - base) // 8)
+            dst_offsets.append((dp - base) // 8 if d is not None else 0)
         else:
             if d is not None:
                 d.copy_(s)
@@ -196,13 +218,7 @@ def copy_and_checksum(
         return PendingChecksums(nbytes, None, fallback)
     nwords = tuple(nbytes[i] // 8 for i in fast)
     block_span, block_word, nwords_dev = _layout(device, nwords)
-    weights = _cs._weights(device)
-    # Word offsets from the weight table's address (any 16-byte aligned tensor would do);
-    # a destination offset of 0 means "checksum only", and no destination sits at the table.
-    base = weights.data_ptr()
-    offsets = [(sources[i].data_ptr() - base) // 8 for i in fast]
-    offsets += [(destinations[i].data_ptr() - base) // 8 if destinations[i] is not None else 0 for i in fast]
-    offsets_dev = torch.tensor(offsets, dtype=torch.int64).to(device)
+    offsets_dev = _offsets_on(device, tuple(src_offsets + dst_offsets))
     num_chunks = max(-(-n // _cs.CHUNK_WORDS) for n in nwords)
     out = torch.empty(block_span.numel(), dtype=torch.int64, device=device)
     kernel[(block_span.numel(),)](

@@ -88,6 +88,8 @@ class MemoryEngine:
         problems = []
         for name, t in batch:
             have = self._tensors.get(name)
+            if t is have:
+                continue  # written in place by the data plane (destination)
             if have is None:
                 problems.append(f"{name}: not held by this engine")
             elif tuple(t.shape) != tuple(have.shape) or t.dtype != have.dtype:
@@ -99,7 +101,7 @@ class MemoryEngine:
             raise ValueError(f"{len(problems)} tensor(s) cannot be applied: " + "; ".join(problems))
         for name, t in batch:
             held = self._tensors[name]
-            if t.data_ptr() != held.data_ptr():  # else the data plane wrote it in place (destination)
+            if t is not held:
                 held.copy_(t)
         self.num_applied += len(batch)
 

@@ -265,12 +265,18 @@ class ReceiveStream:
         self._bytes += bucket.size_bytes
         return batch
 
-    def _destination_for(self, e) -> torch.Tensor | None:
+    def _destination_for(self, e) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(the consumer's tensor for e, its bytes as a flat uint8 view), or None."""
         if self._destination is None:
             return None
         d = self._destination(e.name)
         if d is None:
             return None
+        # Engines offer the same tensors round after round: check each once per group.
+        seen = self._group.transport_state.setdefault("destinations", {})
+        known = seen.get(e.name)
+        if known is not None and known[0] is d and known[1] == d.data_ptr() and known[2] == d.shape:
+            return d, known[3]
         if (
             not isinstance(d, torch.Tensor)
             or d.device != self._device
@@ -279,7 +285,8 @@ class ReceiveStream:
             or not d.is_contiguous()
         ):
             got = (
-                f"{list(d.shape)} {str(d.dtype).removeprefix('torch.')} on {d.device}" + ("" if d.is_contiguous() else ", not contiguous")
+                f"{list(d.shape)} {str(d.dtype).removeprefix('torch.')} on {d.device}"
+                + ("" if d.is_contiguous() else ", not contiguous")
                 if isinstance(d, torch.Tensor)
                 else type(d).__name__
             )
@@ -287,10 +294,16 @@ class ReceiveStream:
                 f"destination for {e.name}: expected a contiguous {list(e.shape)} {e.dtype} tensor "
                 f"on {self._device}, got {got}"
             )
-        return d
+        raw = d.view(-1).view(torch.uint8)
+        seen[e.name] = (d, d.data_ptr(), d.shape, raw)
+        return d, raw
 
     def _land(
-        self, bucket, buf: torch.Tensor, sources: list[torch.Tensor] | None, dests: list[torch.Tensor | None]
+        self,
+        bucket,
+        buf: torch.Tensor,
+        sources: list[torch.Tensor] | None,
+        dests: list[tuple[torch.Tensor, torch.Tensor] | None],
     ) -> Batch:
         """Puts a bucket's bytes where the consumer takes them, checksums them, and returns its pairs.
 
@@ -298,23 +311,23 @@ class ReceiveStream:
         sender's memory (CUDA IPC) and are copied into the destination or the ring slot.
         """
         entries = bucket.entries
-        ring = [buf[e.offset_bytes : e.offset_bytes + e.nbytes] for e in entries]
-        targets: list[torch.Tensor | None] = []
-        for d, r in zip(dests, ring):
-            if d is not None:
-                targets.append(d.view(-1).view(torch.uint8))
-            else:
-                targets.append(None if sources is None else r)
         names = [e.name for e in entries]
         if self._device.type == "cuda":
+            srcs = sources
+            if srcs is None:
+                srcs = [buf[e.offset_bytes : e.offset_bytes + e.nbytes] for e in entries]
+            targets = [
+                d[1] if d is not None else (None if sources is None else buf[e.offset_bytes : e.offset_bytes + e.nbytes])
+                for e, d in zip(entries, dests)
+            ]
             # One launch per bucket; the sums are read back once, when the round closes.
-            self._pending.append((names, copy_and_checksum(sources if sources is not None else ring, targets)))
+            self._pending.append((names, copy_and_checksum(srcs, targets)))
         else:
             self._checksums.update(zip(names, checksum_views(buf, entry_spans(bucket))))
-            for t, r in zip(targets, ring):
-                if t is not None:
-                    t.copy_(r)
-        return [(e.name, d if d is not None else entry_view(buf, e)) for e, d in zip(entries, dests)]
+            for e, d in zip(entries, dests):
+                if d is not None:
+                    d[1].copy_(buf[e.offset_bytes : e.offset_bytes + e.nbytes])
+        return [(e.name, d[0] if d is not None else entry_view(buf, e)) for e, d in zip(entries, dests)]
 
     def _drain(self) -> None:
         buckets = self._plan.buckets

@@ -12,7 +12,7 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 for shape in ${SHAPES:-qwen2.5-0.5b qwen2.5-1.5b llama-8b}; do
   iters=5; [ "$shape" = llama-8b ] && iters=3
   SECONDS=0
-  python3 bench/transfer.py --transport cuda_ipc --receivers 1 --shape "$shape" --iters $iters \
-    --bucket-size-bytes ${BUCKETS:-268435456,1073741824} --json "$OUT/cuda_ipc_$shape.json" 2>&1 | tail -4
+  timeout ${BENCH_TIMEOUT:-400} python3 bench/transfer.py --transport cuda_ipc --receivers 1 --shape "$shape" --iters $iters \
+    --bucket-size-bytes ${BUCKETS:-268435456,1073741824} --json "$OUT/cuda_ipc_$shape.json" > "$OUT/cuda_ipc_$shape.log" 2>&1; tail -3 "$OUT/cuda_ipc_$shape.log"
   echo "$shape took $SECONDS s"
 done

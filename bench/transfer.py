@@ -18,8 +18,8 @@ For cuda_ipc (one GPU, no collectives) raw is one device-to-device copy of the w
 payload out of an IPC-mapped buffer (mapped once, in the warm-up, as end to end keeps its
 mappings; the store's go and acknowledgement are timed as in end to end), and per_param
 maps one IPC handle per tensor, as vLLM's per-parameter IPC updates did. On a GPU,
-device_copy_gib_s is one in-process copy of the payload, the device's copy bandwidth
-with no control around it. With --destination engine (the default, as the memory daemon
+device_copy_gib_s is one in-process copy of the payload (its first 4 GiB at most), the
+device's copy bandwidth with no control around it. With --destination engine (the default, as the memory daemon
 does) receivers hand the data plane their MemoryEngine's tensors to write into. Bandwidth counts payload bytes (the tensors'
 own bytes, without alignment padding) once, however many receivers there are; each
 figure is the median over iterations of the slowest rank.
@@ -121,7 +121,7 @@ def _raw(rank, group, buf, tag) -> None:
 
 
 def _device_copy_gib_s(buf: torch.Tensor, iters: int = 5) -> float:
-    """One in-process device-to-device copy of the payload: the GPU's copy bandwidth, no control at all."""
+    """One in-process device-to-device copy (of up to 4 GiB of the payload): the GPU's copy bandwidth."""
     dst = torch.empty_like(buf)
     dst.copy_(buf)
     times = []
@@ -230,9 +230,9 @@ def _rank_main(rank: int, args: argparse.Namespace, inbox, outbox) -> None:
             torch.cuda.synchronize()
         checksum_gib_s = payload / 2**30 / (time.perf_counter() - t0)
         if device.type == "cuda":
-            tensors = None  # room for the copy's destination: three payloads may not fit on one GPU
-            torch.cuda.empty_cache()
-            device_copy = _device_copy_gib_s(raw_buf)
+            # At most 4 GiB: copy bandwidth is flat beyond that, and three payloads (the trainer's
+            # tensors, the raw buffer, the copy) may not fit on one GPU.
+            device_copy = _device_copy_gib_s(raw_buf[: min(raw_buf.numel(), 4 << 30)])
     outbox.put(("done", rank, samples, (checksum_gib_s, device_copy)))
     cache.close()
 

@@ -155,7 +155,12 @@ def _finish_total(s: int, tail: Sequence[int], nbytes: int) -> int:
         tail_word = int.from_bytes(bytes(tail), "little")
         s += tail_word * (_splitmix64(j) | 1) * _chunk_multiplier(c)
     # The byte count tells apart inputs that differ only by trailing zero bytes.
-    return _splitmix64((s & _MASK64) ^ _splitmix64(nbytes))
+    return _splitmix64((s & _MASK64) ^ _size_mix(nbytes))
+
+
+@functools.lru_cache(maxsize=8192)
+def _size_mix(nbytes: int) -> int:
+    return _splitmix64(nbytes)
 
 
 def checksum_views(data: torch.Tensor, spans: Sequence[tuple[int, int]]) -> list[int]:

@@ -26,7 +26,7 @@ import torch
 
 from weightsync.dataplane import checksum as _cs
 
-__all__ = ["PendingChecksums", "copy_and_checksum", "fused_available"]
+__all__ = ["PendingChecksums", "Prepared", "copy_and_checksum", "fused_available", "prepare"]
 
 log = logging.getLogger(__name__)
 
@@ -171,31 +171,76 @@ def _offsets_on(device: torch.device, offsets: tuple[int, ...]) -> torch.Tensor:
     return found
 
 
-def copy_and_checksum(
+@dataclass
+class Prepared:
+    """A copy-and-checksum worked out once for a set of spans: run() queues it again.
+
+    Holds addresses, not tensors: run it only while the tensors it was prepared from are
+    alive and unmoved (callers key it on those addresses).
+    """
+
+    device: torch.device
+    nbytes: list[int]
+    fast: list[int]
+    slow: list[tuple[int, torch.Tensor, torch.Tensor | None]]
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    offsets: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+
+    def run(self) -> PendingChecksums:
+        fallback: dict[int, int] = {}
+        for i, s, d in self.slow:
+            if d is not None:
+                d.copy_(s)
+            fallback[i] = _cs.bytes_checksum(s)
+        if not self.fast:
+            return PendingChecksums(self.nbytes, None, fallback)
+        block_span, block_word, nwords_dev = self.tables
+        weights = _cs._weights(self.device)
+        num_chunks = max(-(-self.nbytes[i] // 8 // _cs.CHUNK_WORDS) for i in self.fast)
+        out = torch.empty(block_span.numel(), dtype=torch.int64, device=self.device)
+        _kernel()[(block_span.numel(),)](
+            weights,
+            block_span,
+            block_word,
+            nwords_dev,
+            self.offsets,
+            len(self.fast),
+            weights,
+            _chunk_multipliers(self.device, num_chunks),
+            out,
+            BLOCK=_BLOCK_WORDS,
+            CHUNK_SHIFT=_CHUNK_SHIFT,
+            TABLE=_WEIGHTS_FROM_TABLE,
+            num_warps=_NUM_WARPS,
+        )
+        per_fast = torch.zeros(len(self.fast), dtype=torch.int64, device=self.device).index_add_(0, block_span, out)
+        if self.index is None:
+            return PendingChecksums(self.nbytes, per_fast, fallback)
+        sums = torch.zeros(len(self.nbytes), dtype=torch.int64, device=self.device)
+        sums[self.index] = per_fast
+        return PendingChecksums(self.nbytes, sums, fallback)
+
+
+def prepare(
     sources: Sequence[torch.Tensor],
     destinations: Sequence[torch.Tensor | None] | None = None,
-) -> PendingChecksums:
-    """Copies each flat uint8 source into its destination (None: no copy) and checksums the bytes.
-
-    Sources and destinations are 1-D uint8 tensors of equal length on one CUDA device;
-    work goes on the current stream. The checksum of span i equals
-    `checksum.bytes_checksum(sources[i])`. Nothing is read back until `result()`.
-    """
+) -> Prepared:
+    """Works out a copy_and_checksum (which spans the kernel takes, its tables) without queuing it."""
     if destinations is None:
         destinations = [None] * len(sources)
     if len(destinations) != len(sources):
         raise ValueError(f"{len(sources)} sources but {len(destinations)} destinations")
     device = sources[0].device if sources else torch.device("cpu")
     kernel = _kernel() if device.type == "cuda" else None
-    weights = _cs._weights(device) if kernel is not None else None
     # Word offsets from the weight table's address (any 16-byte aligned tensor would do);
     # a destination offset of 0 means "checksum only", and no destination sits at the table.
-    base = weights.data_ptr() if weights is not None else 0
+    base = _cs._weights(device).data_ptr() if kernel is not None else 0
     nbytes: list[int] = []
     fast: list[int] = []
     src_offsets: list[int] = []
     dst_offsets: list[int] = []
-    fallback: dict[int, int] = {}
+    slow: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
     for i, (s, d) in enumerate(zip(sources, destinations)):
         n = s.numel()
         if s.dtype is not torch.uint8 or s.dim() != 1:
@@ -211,34 +256,24 @@ def copy_and_checksum(
             src_offsets.append((sp - base) // 8)
             dst_offsets.append((dp - base) // 8 if d is not None else 0)
         else:
-            if d is not None:
-                d.copy_(s)
-            fallback[i] = _cs.bytes_checksum(s)
-    if not fast:
-        return PendingChecksums(nbytes, None, fallback)
-    nwords = tuple(nbytes[i] // 8 for i in fast)
-    block_span, block_word, nwords_dev = _layout(device, nwords)
-    offsets_dev = _offsets_on(device, tuple(src_offsets + dst_offsets))
-    num_chunks = max(-(-n // _cs.CHUNK_WORDS) for n in nwords)
-    out = torch.empty(block_span.numel(), dtype=torch.int64, device=device)
-    kernel[(block_span.numel(),)](
-        weights,
-        block_span,
-        block_word,
-        nwords_dev,
-        offsets_dev,
-        len(fast),
-        weights,
-        _chunk_multipliers(device, num_chunks),
-        out,
-        BLOCK=_BLOCK_WORDS,
-        CHUNK_SHIFT=_CHUNK_SHIFT,
-        TABLE=_WEIGHTS_FROM_TABLE,
-        num_warps=_NUM_WARPS,
-    )
-    per_fast = torch.zeros(len(fast), dtype=torch.int64, device=device).index_add_(0, block_span, out)
-    if len(fast) == len(sources):
-        return PendingChecksums(nbytes, per_fast, fallback)
-    sums = torch.zeros(len(sources), dtype=torch.int64, device=device)
-    sums[torch.tensor(fast, dtype=torch.int64).to(device)] = per_fast
-    return PendingChecksums(nbytes, sums, fallback)
+            slow.append((i, s, d))
+    prepared = Prepared(device, nbytes, fast, slow)
+    if fast:
+        prepared.tables = _layout(device, tuple(nbytes[i] // 8 for i in fast))
+        prepared.offsets = _offsets_on(device, tuple(src_offsets + dst_offsets))
+        if len(fast) != len(nbytes):
+            prepared.index = torch.tensor(fast, dtype=torch.int64).to(device)
+    return prepared
+
+
+def copy_and_checksum(
+    sources: Sequence[torch.Tensor],
+    destinations: Sequence[torch.Tensor | None] | None = None,
+) -> PendingChecksums:
+    """Copies each flat uint8 source into its destination (None: no copy) and checksums the bytes.
+
+    Sources and destinations are 1-D uint8 tensors of equal length on one CUDA device;
+    work goes on the current stream. The checksum of span i equals
+    `checksum.bytes_checksum(sources[i])`. Nothing is read back until `result()`.
+    """
+    return prepare(sources, destinations).run()

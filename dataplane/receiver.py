@@ -11,7 +11,7 @@ import torch
 
 from weightsync.core import Assignment, TransferError
 from weightsync.dataplane.checksum import checksum_views
-from weightsync.dataplane.fused import PendingChecksums, copy_and_checksum
+from weightsync.dataplane.fused import PendingChecksums, prepare
 from weightsync.dataplane.groups import DataPlaneGroup
 from weightsync.dataplane.handshake import close_round, open_round
 from weightsync.dataplane.layout import entry_spans, entry_view, torch_dtype
@@ -24,6 +24,9 @@ Batch = list[tuple[str, torch.Tensor]]
 ApplyFn = Callable[[Batch], None]
 ProgressFn = Callable[[int, int], None]
 DestinationFn = Callable[[str], "torch.Tensor | None"]
+
+# Prepared GPU launches kept per group (one per bucket and set of addresses).
+_MAX_PROGRAMS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,15 +316,31 @@ class ReceiveStream:
         entries = bucket.entries
         names = [e.name for e in entries]
         if self._device.type == "cuda":
-            srcs = sources
-            if srcs is None:
-                srcs = [buf[e.offset_bytes : e.offset_bytes + e.nbytes] for e in entries]
-            targets = [
-                d[1] if d is not None else (None if sources is None else buf[e.offset_bytes : e.offset_bytes + e.nbytes])
-                for e, d in zip(entries, dests)
+            # One launch per bucket; the sums are read back once, when the round closes. The
+            # launch is worked out once per set of addresses: rounds repeat them.
+            at = buf.data_ptr()
+            ring_ptrs = [at + e.offset_bytes for e in entries]
+            src_ptrs = ring_ptrs if sources is None else [t.data_ptr() for t in sources]
+            dst_ptrs = [
+                d[1].data_ptr() if d is not None else (0 if sources is None else r)
+                for d, r in zip(dests, ring_ptrs)
             ]
-            # One launch per bucket; the sums are read back once, when the round closes.
-            self._pending.append((names, copy_and_checksum(srcs, targets)))
+            key = (tuple(src_ptrs), tuple(dst_ptrs), tuple(e.nbytes for e in entries))
+            programs = self._group.transport_state.setdefault("programs", {})
+            prepared = programs.get(key)
+            if prepared is None:
+                srcs = sources
+                if srcs is None:
+                    srcs = [buf[e.offset_bytes : e.offset_bytes + e.nbytes] for e in entries]
+                targets = [
+                    d[1] if d is not None else (None if sources is None else buf[e.offset_bytes : e.offset_bytes + e.nbytes])
+                    for e, d in zip(entries, dests)
+                ]
+                prepared = prepare(srcs, targets)
+                if len(programs) >= _MAX_PROGRAMS:
+                    programs.clear()
+                programs[key] = prepared
+            self._pending.append((names, prepared.run()))
         else:
             self._checksums.update(zip(names, checksum_views(buf, entry_spans(bucket))))
             for e, d in zip(entries, dests):

@@ -14,7 +14,7 @@ import torch
 from weightsync.core import Assignment, BucketPlan
 from weightsync.dataplane.checksum import checksum_views
 from weightsync.dataplane.deferred import DeferredTensor, materialize
-from weightsync.dataplane.fused import PendingChecksums, copy_and_checksum
+from weightsync.dataplane.fused import PendingChecksums, copy_and_checksum, prepare
 from weightsync.dataplane.groups import DataPlaneGroup
 from weightsync.dataplane.handshake import RoundFailed, close_round, open_round
 from weightsync.dataplane.layout import entry_spans, entry_view, torch_dtype
@@ -161,16 +161,25 @@ def _as_wire_bytes(t: torch.Tensor, entry, device: torch.device) -> torch.Tensor
     return t.reshape(-1).view(torch.uint8)
 
 
-def _direct_sources(plan: BucketPlan, source: Mapping[str, SourceTensor], device: torch.device) -> list[torch.Tensor] | None:
+def _direct_sources(
+    plan: BucketPlan, source: Mapping[str, SourceTensor], device: torch.device, group: DataPlaneGroup
+) -> list[torch.Tensor] | None:
     """Every plan tensor's wire bytes in place, or None if any needs packing (a cast, a gather, a computation)."""
+    # Trainers send the same parameters round after round: look at each once per group.
+    seen = group.transport_state.setdefault("direct_sources", {})
     out = []
     for _, e in plan.entries():
         t = source[e.name]
+        known = seen.get(e.name)
+        if known is not None and known[0] is t and known[1] == t.data_ptr() and known[2] == t.shape:
+            out.append(known[3])
+            continue
         if not isinstance(t, torch.Tensor) or type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
             return None
         raw = _as_wire_bytes(t.detach(), e, device)
         if raw is None:
             return None
+        seen[e.name] = (t, t.data_ptr(), t.shape, raw)
         out.append(raw)
     return out
 
@@ -185,7 +194,11 @@ def _send_direct(
     t0 = time.monotonic()
     marks["published"] = t0 - started
     # The sender's checksums, read from its own tensors while the receivers copy them.
-    sums = copy_and_checksum(sources).result()
+    key = tuple(t.data_ptr() for t in sources) + tuple(t.numel() for t in sources)
+    state = group.transport_state.setdefault("direct_checksum", {})
+    if state.get("key") != key:
+        state.update(key=key, prepared=prepare(sources))
+    sums = state["prepared"].run().result()
     checksum_s = time.monotonic() - t0
     marks["checksummed"] = time.monotonic() - started
     out.wait_done()
@@ -203,7 +216,7 @@ def _send_buckets(
 ) -> SendResult:
     plan = assignment.plan
     marks = {"opened": opened}
-    direct = _direct_sources(plan, source, device) if group.transport == "cuda_ipc" else None
+    direct = _direct_sources(plan, source, device, group) if group.transport == "cuda_ipc" else None
     if direct is not None:
         checksums, pack_s, checksum_s = _send_direct(assignment, group, direct, started, marks)
         out = None

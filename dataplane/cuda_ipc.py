@@ -105,6 +105,8 @@ def _sources_key(group: DataPlaneGroup) -> str:
 class DirectOut:
     """Sender side of direct mode: say where every tensor lies, then wait for every receiver.
 
+    Call it once every write to the tensors is done on the device (torch.cuda.synchronize).
+
     The layout (exported storages and each tensor's offset) is published once under its own
     digest and reused while the trainer sends from the same memory, as it does when it
     updates its parameters in place: a round then costs one small store key per side.
@@ -116,8 +118,7 @@ class DirectOut:
         key = tuple(t.data_ptr() for t in tensors) + tuple(t.numel() for t in tensors)
         if state.get("key") != key:
             self._publish_layout(state, key, tensors)
-        # The receivers read outside any stream ordering: the trainer's writes must be done.
-        torch.cuda.synchronize(tensors[0].device if tensors else None)
+        # The caller has synchronised the device: receivers read outside any stream ordering.
         group.store.set(_sources_key(group), json.dumps({"mode": "direct", "layout": state["layout"]}))
 
     def _publish_layout(self, state: dict, key: tuple, tensors: list[torch.Tensor]) -> None:

@@ -273,12 +273,16 @@ class DataPlaneGroup:
 
         Polls: a blocking store.wait cannot also watch for the abort notice, and slicing it
         with short timeouts makes torch log two warnings per slice. Checks start 50 us apart
-        (a CUDA IPC bucket is ready within a millisecond or two) and back off to 1 ms.
+        (a CUDA IPC bucket is ready within a millisecond or two), stay at most 200 us apart
+        for the first 20 ms, then back off to 2 ms.
         """
         started = time.monotonic()
         deadline = self._deadline()
         next_abort_check = started + ABORT_POLL_INTERVAL_S
         delay_s = 0.00005
+        # Polled closely while a quick answer is likely, then gently: a long wait by many
+        # receivers must not flood the trainer's store.
+        fast_until = started + 0.02
         keys = list(keys)
         while True:
             try:
@@ -293,7 +297,7 @@ class DataPlaneGroup:
                 self.check_abort(what)
                 next_abort_check = now + ABORT_POLL_INTERVAL_S
             time.sleep(delay_s)
-            delay_s = min(delay_s * 2, 0.001)
+            delay_s = min(delay_s * 2, 0.0002 if now < fast_until else 0.002)
 
     def read_reason(self, key: str) -> str | None:
         try:

@@ -138,6 +138,16 @@ def send_assignment(
     if group.rank != 0:
         raise ValueError(f"send_assignment runs on data-plane rank 0; this group's rank is {group.rank}")
     buffer_device = _buffer_device(group, device)
+    direct = None
+    if group.transport == "cuda_ipc" and problem_text is None:
+        # Tensors that already are wire bytes on this GPU go unpacked. Their checksums do not
+        # depend on the receivers: queue them now, so that the GPU sums while the ranks agree.
+        sources = _direct_sources(plan, source, buffer_device, group)
+        if sources is not None:
+            # Receivers will read these tensors outside any stream ordering: every write the
+            # trainer queued, on any stream, must be done first.
+            torch.cuda.synchronize(buffer_device)
+            direct = (sources, _direct_checksums(group, sources))
     try:
         open_round(group, assignment, local_problem=problem_text)
     except RoundFailed as e:
@@ -146,7 +156,7 @@ def send_assignment(
         raise
     opened = time.monotonic() - started
     try:
-        return _send_buckets(assignment, source, group, buffer_device, num_buffers, started, opened)
+        return _send_buckets(assignment, source, group, buffer_device, num_buffers, started, opened, direct)
     except BaseException as e:
         # Tell the receivers now rather than let them sit out the timeout.
         if not isinstance(e, RoundFailed):
@@ -184,8 +194,21 @@ def _direct_sources(
     return out
 
 
+def _direct_checksums(group: DataPlaneGroup, sources: list[torch.Tensor]) -> PendingChecksums:
+    key = tuple(t.data_ptr() for t in sources) + tuple(t.numel() for t in sources)
+    state = group.transport_state.setdefault("direct_checksum", {})
+    if state.get("key") != key:
+        state.update(key=key, prepared=prepare(sources))
+    return state["prepared"].run()
+
+
 def _send_direct(
-    assignment: Assignment, group: DataPlaneGroup, sources: list[torch.Tensor], started: float, marks: dict
+    assignment: Assignment,
+    group: DataPlaneGroup,
+    sources: list[torch.Tensor],
+    pending: PendingChecksums,
+    started: float,
+    marks: dict,
 ) -> tuple[dict[str, int], float, float]:
     """cuda_ipc without packing: receivers copy straight out of the trainer's tensors."""
     from weightsync.dataplane.cuda_ipc import DirectOut
@@ -193,12 +216,8 @@ def _send_direct(
     out = DirectOut(group, sources)
     t0 = time.monotonic()
     marks["published"] = t0 - started
-    # The sender's checksums, read from its own tensors while the receivers copy them.
-    key = tuple(t.data_ptr() for t in sources) + tuple(t.numel() for t in sources)
-    state = group.transport_state.setdefault("direct_checksum", {})
-    if state.get("key") != key:
-        state.update(key=key, prepared=prepare(sources))
-    sums = state["prepared"].run().result()
+    # The sender's own checksums, queued before the round opened, read back now.
+    sums = pending.result()
     checksum_s = time.monotonic() - t0
     marks["checksummed"] = time.monotonic() - started
     out.wait_done()
@@ -213,12 +232,12 @@ def _send_buckets(
     num_buffers: int,
     started: float,
     opened: float,
+    direct: tuple[list[torch.Tensor], PendingChecksums] | None,
 ) -> SendResult:
     plan = assignment.plan
     marks = {"opened": opened}
-    direct = _direct_sources(plan, source, device, group) if group.transport == "cuda_ipc" else None
     if direct is not None:
-        checksums, pack_s, checksum_s = _send_direct(assignment, group, direct, started, marks)
+        checksums, pack_s, checksum_s = _send_direct(assignment, group, *direct, started, marks)
         out = None
     else:
         ring = group.buffers(num_buffers, plan.max_bucket_bytes, device)

@@ -129,6 +129,7 @@ class ReceiveStream:
         self._destination = destination
         self._pending: list[tuple[list[str], PendingChecksums]] = []
         self._timeline: dict[str, float] = {}
+        self._into: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._plan = assignment.plan
         self._ring: list[torch.Tensor] = []
         self._inbound = None
@@ -238,7 +239,20 @@ class ReceiveStream:
         while self._issued < min(limit, len(buckets)):
             k = self._issued
             slot = k % self._num_buffers
-            view = self._ring[slot][: buckets[k].size_bytes]
+            bucket = buckets[k]
+            if self._group.uses_collectives and len(bucket.entries) == 1:
+                # A bucket of one tensor travels as that tensor's bytes alone (see
+                # sender._pack_and_send), straight into the consumer's tensor when it offers one.
+                e = bucket.entries[0]
+                try:
+                    d = self._destination_for(e)
+                except Exception:
+                    d = None  # reported, and the round failed, when the consumer reaches this bucket
+                if d is not None:
+                    self._into[k] = d
+                view = d[1] if d is not None else self._ring[slot][: e.nbytes]
+            else:
+                view = self._ring[slot][: bucket.size_bytes]
             self._inflight[k] = self._inbound.start(k, slot, view)
             self._issued += 1
 
@@ -253,13 +267,20 @@ class ReceiveStream:
         # Bucket k-1's slot is free now that the consumer asked for bucket k.
         self._issue_upto(k + self._num_buffers)
         bucket = buckets[k]
-        try:
-            dests = [self._destination_for(e) for e in bucket.entries]
-        except Exception as e:
-            # The consumer's fault, like an apply_fn error: drain, and fail the round on every rank.
-            self.close(e)
+        into = self._into.pop(k, None)
+        if into is not None:
+            dests = [into]  # the bytes are arriving in it already
+        else:
+            try:
+                dests = [self._destination_for(e) for e in bucket.entries]
+            except Exception as e:
+                # The consumer's fault, like an apply_fn error: drain, and fail the round on every rank.
+                self.close(e)
         sources = self._inbound.finish(k, self._inflight.pop(k))
         buf = self._ring[k % self._num_buffers][: bucket.size_bytes]
+        if into is not None:
+            sources = [into[1]]
+            dests = [(into[0], None)]  # nothing to copy: checksum it where it landed
         t0 = time.monotonic()
         batch = self._land(bucket, buf, sources, dests)
         self._inbound.copied(k, self._device)
@@ -322,7 +343,7 @@ class ReceiveStream:
             ring_ptrs = [at + e.offset_bytes for e in entries]
             src_ptrs = ring_ptrs if sources is None else [t.data_ptr() for t in sources]
             dst_ptrs = [
-                d[1].data_ptr() if d is not None else (0 if sources is None else r)
+                (d[1].data_ptr() if d[1] is not None else 0) if d is not None else (0 if sources is None else r)
                 for d, r in zip(dests, ring_ptrs)
             ]
             key = (tuple(src_ptrs), tuple(dst_ptrs), tuple(e.nbytes for e in entries))
@@ -341,6 +362,9 @@ class ReceiveStream:
                     programs.clear()
                 programs[key] = prepared
             self._pending.append((names, prepared.run()))
+        elif sources is not None:
+            # A one-tensor bucket that arrived in the consumer's own tensor (CPU sources only so).
+            self._checksums.update(zip(names, (checksum_views(t, [(0, t.numel())])[0] for t in sources)))
         else:
             self._checksums.update(zip(names, checksum_views(buf, entry_spans(bucket))))
             for e, d in zip(entries, dests):
@@ -410,6 +434,7 @@ class ReceiveStream:
             self._inbound.close()
         self._inflight.clear()
         self._pending.clear()
+        self._into.clear()
 
 
 def iter_assignment(

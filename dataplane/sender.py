@@ -242,7 +242,9 @@ def _send_buckets(
     else:
         ring = group.buffers(num_buffers, plan.max_bucket_bytes, device)
         out = _outbound(group, ring, len(plan.buckets))
-        checksums, pack_s, checksum_s = _pack_and_send(plan, source, out, ring, device, num_buffers)
+        checksums, pack_s, checksum_s = _pack_and_send(
+            plan, source, out, ring, device, num_buffers, single_wire=group.uses_collectives
+        )
     sent = time.monotonic() - started
     close_round(group, assignment, [checksums[e.name] for _, e in plan.entries()])
     if out is not None:
@@ -272,8 +274,15 @@ def _pack_and_send(
     ring: list[torch.Tensor],
     device: torch.device,
     num_buffers: int,
+    single_wire: bool,
 ) -> tuple[dict[str, int], float, float]:
-    """Packs bucket k+1 while bucket k is on the wire; returns (checksums, pack_s, checksum_s)."""
+    """Packs bucket k+1 while bucket k is on the wire; returns (checksums, pack_s, checksum_s).
+
+    single_wire (broadcast transports): a bucket that holds one tensor travels as that
+    tensor's bytes alone, straight from the tensor when it already is wire bytes (no
+    packing copy; e.g. an embedding larger than a bucket), and receivers may take it straight
+    into their own tensor.
+    """
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     if stream is not None:
         # The trainer wrote the tensors on its own stream; packing must see those writes.
@@ -282,15 +291,34 @@ def _pack_and_send(
     # The sources stay referenced until their sums are read: a gathered or computed tensor
     # must not be freed while the kernel that reads it is still queued.
     pending: list[tuple[list[str], PendingChecksums, list[torch.Tensor]]] = []
-    inflight: deque[tuple[int, object]] = deque()
+    # (bucket, handle, tensor sent from): a tensor sent without packing stays referenced until sent.
+    inflight: deque[tuple[int, object, torch.Tensor | None]] = deque()
     pack_s = checksum_s = 0.0
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         for k, bucket in enumerate(plan.buckets):
             slot = k % num_buffers
             if len(inflight) == num_buffers:
-                out.finish(*inflight.popleft())
+                done_k, handle, _ = inflight.popleft()
+                out.finish(done_k, handle)
             buf = ring[slot][: bucket.size_bytes]
+            names = [e.name for e in bucket.entries]
             t0 = time.monotonic()
+            if single_wire and len(bucket.entries) == 1:
+                e = bucket.entries[0]
+                t = materialize(source[e.name])
+                wire = _as_wire_bytes(t.detach(), e, device)
+                if wire is None:
+                    entry_view(buf, e).copy_(t)
+                    wire = buf[: e.nbytes]
+                if stream is not None:
+                    pending.append((names, copy_and_checksum([wire]), [wire]))
+                pack_s += time.monotonic() - t0
+                inflight.append((k, out.start(k, slot, wire), t))
+                if stream is None:
+                    t0 = time.monotonic()
+                    checksums[e.name] = checksum_views(wire, [(0, e.nbytes)])[0]
+                    checksum_s += time.monotonic() - t0
+                continue
             if stream is not None:
                 # One launch copies the tensors that are already wire bytes and checksums the
                 # whole bucket; the others (casts, gathers) are copied in by torch first.
@@ -307,23 +335,24 @@ def _pack_and_send(
                     else:
                         sources.append(raw)
                         targets.append(view)
-                pending.append(([e.name for e in bucket.entries], copy_and_checksum(sources, targets), sources))
+                pending.append((names, copy_and_checksum(sources, targets), sources))
                 pack_s += time.monotonic() - t0
-                inflight.append((k, out.start(k, slot, buf)))
+                inflight.append((k, out.start(k, slot, buf), None))
                 continue
             for e in bucket.entries:
                 entry_view(buf, e).copy_(materialize(source[e.name]))
             pack_s += time.monotonic() - t0
-            inflight.append((k, out.start(k, slot, buf)))
+            inflight.append((k, out.start(k, slot, buf), None))
             # The checksum reads the bucket while it is on the wire: reading is safe, and it hides the cost.
             t0 = time.monotonic()
             sums = checksum_views(buf, entry_spans(bucket))
             checksum_s += time.monotonic() - t0
-            checksums.update((e.name, s) for e, s in zip(bucket.entries, sums))
+            checksums.update(zip(names, sums))
         while inflight:
-            out.finish(*inflight.popleft())
+            done_k, handle, _ = inflight.popleft()
+            out.finish(done_k, handle)
         t0 = time.monotonic()
-        for names, p, _ in pending:
-            checksums.update(zip(names, p.result()))
+        for batch_names, p, _ in pending:
+            checksums.update(zip(batch_names, p.result()))
         checksum_s += time.monotonic() - t0
     return checksums, pack_s, checksum_s

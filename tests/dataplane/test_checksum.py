@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -110,3 +114,48 @@ def test_views_outside_the_buffer_are_refused():
     """A span past the end of the buffer is a ValueError, not a silent short read."""
     with pytest.raises(ValueError, match="outside a buffer of 16 bytes"):
         checksum_views(torch.zeros(16, dtype=torch.uint8), [(8, 9)])
+
+
+_INTERPRETED_KERNEL = r"""
+import torch
+from weightsync.dataplane import checksum as cs, fused
+
+torch.manual_seed(0)
+sizes = [16, 16 * 5000, 8 * cs.CHUNK_WORDS + 64, 1024]
+srcs = [torch.randint(0, 256, (n,), dtype=torch.uint8) for n in sizes]
+dsts = [torch.zeros(n, dtype=torch.uint8) if i % 2 == 0 else None for i, n in enumerate(sizes)]
+want = [cs.bytes_checksum(s) for s in srcs]
+device = torch.device("cpu")
+weights = cs._weights(device)
+base = weights.data_ptr()
+for table in (True, False):
+    fused._WEIGHTS_FROM_TABLE = table
+    for d in dsts:
+        if d is not None:
+            d.zero_()
+    block_span, block_word, nwords = fused._layout(device, tuple(n // 8 for n in sizes))
+    offsets = [(s.data_ptr() - base) // 8 for s in srcs]
+    offsets += [(d.data_ptr() - base) // 8 if d is not None else 0 for d in dsts]
+    out = torch.empty(block_span.numel(), dtype=torch.int64)
+    fused._kernel()[(block_span.numel(),)](
+        weights, block_span, block_word, nwords, torch.tensor(offsets), len(sizes), weights,
+        fused._chunk_multipliers(device, 2), out,
+        BLOCK=fused._BLOCK_WORDS, CHUNK_SHIFT=fused._CHUNK_SHIFT, TABLE=table,
+    )
+    sums = torch.zeros(len(sizes), dtype=torch.int64).index_add_(0, block_span, out)
+    got = fused.PendingChecksums(sizes, sums, {}).result()
+    assert got == want, (table, got, want)
+    assert all(torch.equal(s, d) for s, d in zip(srcs, dsts) if d is not None), table
+print("ok")
+"""
+
+
+def test_the_fused_gpu_kernel_matches_the_definition_in_the_triton_interpreter():
+    """The fused copy-and-checksum kernel, run by Triton's CPU interpreter: its sums equal the CPU
+    definition across a chunk boundary, with the weights read from the table or computed, and the
+    spans given a destination are copied exactly. (tests/dataplane/test_gpu.py runs it compiled.)"""
+    pytest.importorskip("triton", reason="the fused kernel is written in Triton; without it the GPU paths use torch ops")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED_KERNEL], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "ok"

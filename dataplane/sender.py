@@ -119,6 +119,11 @@ def send_assignment(
     data-plane rank 0 sends; the other trainer ranks pass `group=None`, take part in the
     gathers and return a result with no checksums.
 
+    cuda_ipc with plain tensors that already are wire bytes on this GPU (contiguous, the wire
+    dtype): nothing is packed. The receivers read the tensors in place, through CUDA IPC
+    mappings that the group keeps across rounds (it holds references to the tensors for that);
+    the tensors must not change until this call returns, as for any transport.
+
     Raises ValueError, naming each tensor with the expected and actual shape, when the
     tensors do not match the plan; the receivers are told first and raise RoundFailed.
     Raises RoundFailed (a TransferError) when any rank fails, naming the rank and reason.
@@ -139,7 +144,7 @@ def send_assignment(
         raise ValueError(f"send_assignment runs on data-plane rank 0; this group's rank is {group.rank}")
     buffer_device = _buffer_device(group, device)
     direct = None
-    if group.transport == "cuda_ipc" and problem_text is None:
+    if group.transport == "cuda_ipc" and problem_text is None and "direct_refused" not in group.transport_state:
         # Tensors that already are wire bytes on this GPU go unpacked. Their checksums do not
         # depend on the receivers: queue them now, so that the GPU sums while the ranks agree.
         sources = _direct_sources(plan, source, buffer_device, group)
@@ -203,17 +208,9 @@ def _direct_checksums(group: DataPlaneGroup, sources: list[torch.Tensor]) -> Pen
 
 
 def _send_direct(
-    assignment: Assignment,
-    group: DataPlaneGroup,
-    sources: list[torch.Tensor],
-    pending: PendingChecksums,
-    started: float,
-    marks: dict,
+    assignment: Assignment, out, pending: PendingChecksums, started: float, marks: dict
 ) -> tuple[dict[str, int], float, float]:
-    """cuda_ipc without packing: receivers copy straight out of the trainer's tensors."""
-    from weightsync.dataplane.cuda_ipc import DirectOut
-
-    out = DirectOut(group, sources)
+    """cuda_ipc without packing: receivers copy straight out of the trainer's tensors (out: a DirectOut)."""
     t0 = time.monotonic()
     marks["published"] = t0 - started
     # The sender's own checksums, queued before the round opened, read back now.
@@ -236,9 +233,20 @@ def _send_buckets(
 ) -> SendResult:
     plan = assignment.plan
     marks = {"opened": opened}
+    out = None
     if direct is not None:
-        checksums, pack_s, checksum_s = _send_direct(assignment, group, *direct, started, marks)
-        out = None
+        from weightsync.dataplane.cuda_ipc import DirectOut
+
+        try:
+            direct_out = DirectOut(group, direct[0])
+        except RuntimeError as e:
+            # E.g. memory that CUDA IPC cannot export (expandable segments, foreign allocators):
+            # this group packs from now on; the receivers have not been told anything yet.
+            log.warning("cuda_ipc: cannot export the trainer's tensors (%s); packing them instead", e)
+            group.transport_state["direct_refused"] = {"reason": str(e)}
+            direct = None
+    if direct is not None:
+        checksums, pack_s, checksum_s = _send_direct(assignment, direct_out, direct[1], started, marks)
     else:
         ring = group.buffers(num_buffers, plan.max_bucket_bytes, device)
         out = _outbound(group, ring, len(plan.buckets))

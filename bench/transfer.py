@@ -76,8 +76,13 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _device(transport: str) -> torch.device:
-    return torch.device("cpu") if transport == "gloo" else torch.device("cuda", 0)
+def _device(transport: str, rank: int) -> torch.device:
+    """gloo: the CPU; cuda_ipc: every rank on GPU 0; nccl: one GPU per rank (NCCL refuses two ranks on one)."""
+    if transport == "gloo":
+        return torch.device("cpu")
+    if transport == "nccl":
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cuda", 0)
 
 
 # ---------------------------------------------------------------------- the three methods
@@ -181,7 +186,9 @@ def _rank_main(rank: int, args: argparse.Namespace, inbox, outbox) -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.threads_per_rank:
         torch.set_num_threads(args.threads_per_rank)
-    device = _device(args.transport)
+    device = _device(args.transport, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     store = TrainerStore(HOST) if rank == 0 else None
     if rank == 0:
         outbox.put(("port", store.port))

@@ -58,6 +58,7 @@ class RankOptions:
     seed_step: int = 0  # round i carries the tensors of seed + i * seed_step
     persistent: bool = False  # the trainer keeps one set of tensors and overwrites it each round
     bad_destination: str | None = None  # the destination offered for this name has the wrong dtype
+    refuse_ipc_export: bool = False  # CUDA IPC cannot export this trainer's memory (as with expandable segments)
 
 
 def make_assignment(
@@ -163,6 +164,13 @@ def _round(index: int, a: Assignment, cache: GroupCache, opts: RankOptions) -> d
     engine = None
     try:
         if opts.trainer_world is not None or dp_rank == 0:
+            if opts.refuse_ipc_export:
+                from weightsync.dataplane import cuda_ipc
+
+                def refuse(t):
+                    raise RuntimeError("cudaIpcGetMemHandle: operation not supported (planted by the test)")
+
+                cuda_ipc.export_storage = refuse
             tensors = _sender_tensors(a, opts, seed)
             is_dp_sender = opts.trainer_world is None or torch.distributed.get_rank() == 0
             result = send_assignment(a, tensors, cache.get(a, 0) if is_dp_sender else None)

@@ -81,6 +81,22 @@ def test_cuda_ipc_direct_mode_copies_trainer_tensors_into_engine_tensors_round_a
     assert reports[1].num_constructions == 1
 
 
+def test_cuda_ipc_falls_back_to_packing_when_the_trainer_memory_cannot_be_exported():
+    """If CUDA IPC refuses to export the trainer's tensors (planted here; expandable segments do
+    it for real), the sender packs them into its ring instead, for this and later rounds, and the
+    receivers still get every byte."""
+    specs = MODEL_SHAPES["tiny"].manifest()
+    options = {
+        0: RankOptions(device="cuda:0", seed_step=1, persistent=True, refuse_ipc_export=True),
+        1: RankOptions(device="cuda:0", seed_step=1, destination=True),
+        2: RankOptions(device="cuda:0", seed_step=1),
+    }
+    reports = launch(3, _ipc_rounds(specs, 2, 16 << 10), options, timeout_s=240)
+    _check(reports, [1, 2])
+    for r in (1, 2):
+        assert all(rd["mismatched"] == [] for rd in reports[r].rounds)
+
+
 def test_cuda_ipc_ring_mode_packs_deferred_tensors():
     """Tensors that must be computed (DeferredTensor) are packed into the sender's ring; the receivers
     copy each bucket out, into engine tensors or their own ring, bit-exactly."""

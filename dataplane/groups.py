@@ -216,13 +216,21 @@ class DataPlaneGroup:
             work.get_future().add_done_callback(lambda _: done.set())
             return done.wait
 
+        started = time.monotonic()
+
         def poll(timeout_s: float) -> bool:
-            # NCCL futures complete at enqueue time; only is_completed() reflects the GPU.
+            # NCCL futures complete at enqueue time; only is_completed() reflects the GPU. A
+            # bucket or a handshake finishes within milliseconds: look every 10-200 us for the
+            # first 20 ms (a fixed 0.5 ms cost a Llama-8B round over 256 MiB buckets ~15%), then
+            # back off to 1 ms.
             end = time.monotonic() + timeout_s
+            delay_s = 0.00001
             while not work.is_completed():
-                if time.monotonic() >= end:
+                now = time.monotonic()
+                if now >= end:
                     return False
-                time.sleep(0.0005)
+                time.sleep(delay_s)
+                delay_s = min(delay_s * 2, 0.0002 if now - started < 0.02 else 0.001)
             return True
 
         return poll

@@ -51,6 +51,7 @@ from weightsync.core import Assignment, BucketPlan, Participant, Rendezvous
 from weightsync.dataplane import GroupCache, MemoryEngine, TrainerStore, receive_assignment, send_assignment
 from weightsync.dataplane.checksum import bytes_checksum
 from weightsync.dataplane.cuda_ipc import export_buffer, import_buffer
+from weightsync.dataplane.fused import copy_and_checksum
 from weightsync.dataplane.groups import DataPlaneGroup
 from weightsync.dataplane.layout import torch_dtype
 from weightsync.dataplane.synthetic import MODEL_SHAPES
@@ -230,11 +231,17 @@ def _rank_main(rank: int, args: argparse.Namespace, inbox, outbox) -> None:
     if rank == 0:
         # Standalone checksum throughput on this machine, over the same number of bytes.
         buf = raw_buf.random_(0, 256)
-        bytes_checksum(buf)
+
+        def one_pass() -> None:
+            # What the data plane runs: the fused kernel on a GPU, torch ops on the CPU.
+            if device.type == "cuda":
+                copy_and_checksum([buf]).result()
+            else:
+                bytes_checksum(buf)
+
+        one_pass()
         t0 = time.perf_counter()
-        bytes_checksum(buf)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        one_pass()
         checksum_gib_s = payload / 2**30 / (time.perf_counter() - t0)
         if device.type == "cuda":
             # At most 4 GiB: copy bandwidth is flat beyond that, and three payloads (the trainer's

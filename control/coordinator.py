@@ -21,7 +21,6 @@ from weightsync.control.records import DaemonOutcome, DaemonRecord, DaemonState,
 from weightsync.control.validation import check_against_inventory
 from weightsync.core import (
     ALIGN_BYTES,
-    DEFAULT_BUCKET_SIZE_BYTES,
     Assignment,
     BucketPlan,
     FailedPrecondition,
@@ -32,6 +31,7 @@ from weightsync.core import (
     Rendezvous,
     TensorSpec,
     Unavailable,
+    default_bucket_size,
 )
 from weightsync.core.types import TRANSPORTS
 
@@ -284,7 +284,7 @@ class Coordinator:
         participants = self._select_participants(options)
         check_against_inventory(manifest, {d.daemon_id: d.inventory for d in participants})
 
-        bucket_size = options.bucket_size_bytes or DEFAULT_BUCKET_SIZE_BYTES
+        bucket_size = options.bucket_size_bytes or default_bucket_size(options.transport)
         plan = BucketPlan.build(manifest, bucket_size)
         ranks: list[Participant] = []
         next_rank = 1

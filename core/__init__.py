@@ -11,12 +11,24 @@ from weightsync.core.errors import (
     Unavailable,
     WeightsyncError,
 )
-from weightsync.core.plan import ALIGN_BYTES, DEFAULT_BUCKET_SIZE_BYTES, Assignment, Bucket, BucketEntry, BucketPlan, apply_unit, fusion_key
+from weightsync.core.plan import (
+    ALIGN_BYTES,
+    DEFAULT_BUCKET_SIZE_BYTES,
+    GPU_DEFAULT_BUCKET_SIZE_BYTES,
+    Assignment,
+    Bucket,
+    BucketEntry,
+    BucketPlan,
+    apply_unit,
+    default_bucket_size,
+    fusion_key,
+)
 from weightsync.core.types import Participant, Rendezvous, TensorSpec
 
 __all__ = [
     "ALIGN_BYTES",
     "DEFAULT_BUCKET_SIZE_BYTES",
+    "GPU_DEFAULT_BUCKET_SIZE_BYTES",
     "Assignment",
     "Bucket",
     "BucketEntry",
@@ -34,5 +46,6 @@ __all__ = [
     "Unavailable",
     "WeightsyncError",
     "apply_unit",
+    "default_bucket_size",
     "fusion_key",
 ]

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch.distributed import AllreduceOptions, BroadcastOptions, PrefixStore, ReduceOp, Store, TCPStore
+from torch._C._distributed_c10d import AllgatherOptions
 
 from weightsync.core import Assignment, Rendezvous, TransferError
 from weightsync.dataplane.trainer_store import TrainerStore
@@ -186,6 +187,17 @@ class DataPlaneGroup:
         self._set_op_timeout(opts)
         try:
             return backend.broadcast([tensor], opts)
+        except RuntimeError as e:
+            raise self.fail(f"{what} could not start: {e}") from e
+
+    def all_gather(self, tensor: torch.Tensor, what: str) -> tuple[object, list[torch.Tensor]]:
+        """Starts gathering every rank's `tensor` (same shape everywhere); returns (work, one tensor per rank)."""
+        backend = self._require_backend(what)
+        outputs = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        opts = AllgatherOptions()
+        self._set_op_timeout(opts)
+        try:
+            return backend.allgather([outputs], [tensor], opts), outputs
         except RuntimeError as e:
             raise self.fail(f"{what} could not start: {e}") from e
 

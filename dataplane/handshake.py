@@ -1,16 +1,17 @@
 """Opening and closing a round so that every rank agrees, and fails together.
 
-Open: the sender shares a header (protocol, round counter, update_id, plan digest,
-sizes, its own verdict); each receiver compares it with its own Assignment; then
-every rank contributes a status code to one MAX all-reduce. Nonzero anywhere means
-every rank raises the same RoundFailed, before a single byte of weights moves.
+Open: every rank contributes a header built from its own Assignment (protocol, round
+counter, update_id, plan digest, sizes, whether it refuses) to one all-gather; every
+rank compares each receiver's header with the sender's, so all reach the same verdict
+and raise the same RoundFailed, before a single byte of weights moves.
 
-Close: the sender shares the checksum of every tensor; each receiver compares it
-with the checksums of the bytes it received, and one more agreement makes the
-outcome the same on every rank.
+Close: every rank contributes its status and the checksum of every tensor to one more
+all-gather; each receiver's sums are compared with the sender's on every rank.
 
-Reasons travel through the store: a failing rank writes its reason before it
-enters the agreement, so whoever learns of the failure can read why.
+One collective per phase (one store key per rank for cuda_ipc): the handshakes are
+the fixed cost of a round, a few milliseconds that small models feel. Reasons for a
+rank's own refusal travel through the store, written before it enters the gather, so
+whoever learns of the failure can read why.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _words_hex(words: Sequence[int]) -> str:
     return b"".join(int(w).to_bytes(8, "little", signed=True) for w in words).hex()
 
 
-def _header(group: DataPlaneGroup, assignment: Assignment, sender_refuses: bool) -> list[int]:
+def _header(group: DataPlaneGroup, assignment: Assignment, refuses: bool) -> list[int]:
     plan = assignment.plan
     return [
         _PROTOCOL,
@@ -80,85 +81,75 @@ def _header(group: DataPlaneGroup, assignment: Assignment, sender_refuses: bool)
         plan.total_bytes,
         len(plan.buckets),
         group.world_size,
-        int(sender_refuses),
+        int(refuses),
     ]
 
 
-def _check_header(got: list[int], want: list[int], assignment: Assignment) -> tuple[int, str | None]:
+def _check_header(got: list[int], want: list[int]) -> tuple[int, str | None]:
+    """Compares the sender's header (got) with one receiver's (want); the reason speaks for that receiver."""
     if got[0] != want[0]:
         return _OUT_OF_STEP, f"data-plane protocol {got[0]:#x} from the sender, {want[0]:#x} here: upgrade both sides"
     if got[4:6] != want[4:6]:
-        return _OUT_OF_STEP, f"sender is in a different round than update {assignment.update_id}"
+        return _OUT_OF_STEP, f"sender is in a different round (update {_words_hex(got[4:6])}, this rank {_words_hex(want[4:6])})"
     if got[1] != want[1]:
         return _OUT_OF_STEP, f"group round {got[1]} on the sender, {want[1]} here: a rank missed a round"
     if got[2:4] != want[2:4]:
-        return _REFUSED, (
-            f"plan digest mismatch: sender has {_words_hex(got[2:4])}, this rank has {assignment.plan.digest}"
-        )
+        return _REFUSED, f"plan digest mismatch: sender has {_words_hex(got[2:4])}, this rank has {_words_hex(want[2:4])}"
     names = ("version", "total_bytes", "num_buckets", "world_size")
     for name, g, w in zip(names, got[6:10], want[6:10]):
         if g != w:
             return _REFUSED, f"{name} is {g} on the sender and {w} here"
-    # got[10], the sender's own refusal, needs no echo: the sender reports it with its reason.
+    # Word 10, a rank's own refusal, is not compared: that rank reports it with its reason.
     return _OK, None
 
 
-def _share(group: DataPlaneGroup, key: str, values: list[int] | None, length: int, what: str) -> list[int]:
-    """Rank 0's int64 values, delivered to every rank (a broadcast, or the store for cuda_ipc)."""
+def _gather(group: DataPlaneGroup, phase: str, values: list[int]) -> list[list[int]]:
+    """Every rank's row of int64 values, on every rank: one all-gather (one store key per rank for cuda_ipc)."""
+    what = f"{phase} agreement"
     if not group.uses_collectives:
-        full_key = f"{key}/{group.round_index}"
-        if group.rank == 0:
-            assert values is not None and len(values) == length
-            group.store.set(full_key, struct.pack(f"<{length}q", *values))
-            return values
-        group.wait_keys([full_key], what)
-        return list(struct.unpack(f"<{length}q", group.store.get(full_key)))
-    if group.rank == 0:
-        assert values is not None and len(values) == length
-        t = torch.tensor(values, dtype=torch.int64, device=group.device)
-    else:
-        t = torch.zeros(length, dtype=torch.int64, device=group.device)
-    group.wait(group.broadcast(t, what), what)
-    return t.tolist()
-
-
-def _agree(group: DataPlaneGroup, assignment: Assignment, phase: str, code: int, reason: str | None) -> None:
-    """Every rank learns every rank's status; any failure raises RoundFailed on all of them."""
-    prefix = f"status/{group.round_index}/{phase}"
-    if not group.uses_collectives:
-        # Without collectives each rank posts "code reason" and reads everyone's.
-        group.store.set(f"{prefix}/{group.rank}", f"{code} {reason or ''}"[:4000])
+        prefix = f"gather/{group.round_index}/{phase}"
+        group.store.set(f"{prefix}/{group.rank}", struct.pack(f"<{len(values)}q", *values))
         keys = [f"{prefix}/{r}" for r in range(group.world_size)]
-        group.wait_keys(keys, f"{phase} agreement")
-        posted = [t.decode(errors="replace").partition(" ") for t in group.store.multi_get(keys)]
-        codes = [int(c) for c, _, _ in posted]
-        failed = {r: why or "no reason recorded" for r, (c, _, why) in enumerate(posted) if int(c)}
-    else:
-        if reason is not None:
-            group.store.set(f"{prefix}/{group.rank}", reason[:4000])
-        flags = torch.zeros(group.world_size, dtype=torch.int64, device=group.device)
-        flags[group.rank] = code
-        group.wait(group.all_reduce_max(flags, f"{phase} agreement"), f"{phase} agreement")
-        codes = flags.tolist()
-        failed = {}
-        for r, c in enumerate(codes):
-            if c:
-                failed[r] = reason if r == group.rank else (group.read_reason(f"{prefix}/{r}") or "no reason recorded")
+        group.wait_keys(keys, what)
+        return [list(struct.unpack(f"<{len(b) // 8}q", b)) for b in group.store.multi_get(keys)]
+    t = torch.tensor(values, dtype=torch.int64).to(group.device)
+    work, rows = group.all_gather(t, what)
+    group.wait(work, what)
+    return torch.stack(rows).tolist()
+
+
+def _post_reason(group: DataPlaneGroup, phase: str, reason: str) -> None:
+    # Before the gather: whoever learns of the failure from it can read why.
+    group.store.set(f"status/{group.round_index}/{phase}/{group.rank}", reason[:4000])
+
+
+def _reason_of(group: DataPlaneGroup, phase: str, rank: int, own: str | None) -> str:
+    if rank == group.rank and own is not None:
+        return own
+    return group.read_reason(f"status/{group.round_index}/{phase}/{rank}") or "no reason recorded"
+
+
+def _decide(group: DataPlaneGroup, assignment: Assignment, phase: str, failed: dict[int, tuple[int, str]]) -> None:
+    """Every rank reaches the same `failed` from the same rows: raise RoundFailed on all of them, or on none."""
     if not failed:
         return
-    if max(codes) >= _OUT_OF_STEP:
+    if max(code for code, _ in failed.values()) >= _OUT_OF_STEP:
         # The group's collectives still work, but its ranks disagree on its history.
         group.fail(f"ranks out of step at {phase}; the group will be rebuilt")
     log.warning("update %s failed at %s on rank(s) %s (seen by rank %d)", assignment.update_id, phase, sorted(failed), group.rank)
-    raise RoundFailed(assignment.update_id, phase, failed)
+    raise RoundFailed(assignment.update_id, phase, {r: why for r, (_, why) in failed.items()})
 
 
 def _forget_round(group: DataPlaneGroup, round_index: int) -> None:
     """Deletes a finished round's control keys; every rank read them before that round could close."""
     if round_index < 1:
         return
-    keys = [f"header/{round_index}", f"checksums/{round_index}"]
-    keys += [f"status/{round_index}/{phase}/{r}" for phase in ("open", "close") for r in range(group.world_size)]
+    keys = [
+        f"{kind}/{round_index}/{phase}/{r}"
+        for kind in ("gather", "status")
+        for phase in ("open", "close")
+        for r in range(group.world_size)
+    ]
     for key in keys:
         group.store.delete_key(key)
 
@@ -166,23 +157,30 @@ def _forget_round(group: DataPlaneGroup, round_index: int) -> None:
 def open_round(group: DataPlaneGroup, assignment: Assignment, *, local_problem: str | None = None) -> None:
     """Starts a round on every rank, or raises RoundFailed on every rank. Call before any data moves.
 
-    A rank with `local_problem` refuses the round; the sender's refusal also travels in the header.
+    Every rank contributes its own header (from its own Assignment) to one gather; every
+    rank then compares each receiver's header with the sender's, so all reach the same
+    verdict. A rank with `local_problem` refuses the round and says why in the store first.
     """
     group.begin_round(assignment.update_id, assignment.deadline_s)
     if group.rank == 0 and not group.uses_collectives:
-        # Two rounds back: a slow rank may still read the last round's close statuses, but
-        # every rank posted its open status of the last round, hence finished the one before.
+        # Two rounds back: a slow rank may still read the last round's close rows, but
+        # every rank posted its open row of the last round, hence finished the one before.
         _forget_round(group, group.round_index - 2)
-    if group.rank == 0:
-        header = _header(group, assignment, local_problem is not None)
-        _share(group, "header", header, _HEADER_WORDS, "round header")
-        code, reason = (_REFUSED, f"sender refused: {local_problem}") if local_problem else (_OK, None)
-    else:
-        got = _share(group, "header", None, _HEADER_WORDS, "round header")
-        code, reason = _check_header(got, _header(group, assignment, False), assignment)
-        if local_problem and code == _OK:
-            code, reason = _REFUSED, f"receiver refused: {local_problem}"
-    _agree(group, assignment, "open", code, reason)
+    own = None
+    if local_problem is not None:
+        own = f"{'sender' if group.rank == 0 else 'receiver'} refused: {local_problem}"
+        _post_reason(group, "open", own)
+    rows = _gather(group, "open", _header(group, assignment, local_problem is not None))
+    if any(len(row) != _HEADER_WORDS for row in rows):
+        raise group.fail(f"round header of {[len(row) for row in rows]} words: ranks run different protocols")
+    failed: dict[int, tuple[int, str]] = {}
+    for r, row in enumerate(rows):
+        code, reason = (_OK, None) if r == 0 else _check_header(rows[0], row)
+        if code == _OK and row[10]:
+            code, reason = _REFUSED, None
+        if code != _OK:
+            failed[r] = (code, reason if reason is not None else _reason_of(group, "open", r, own))
+    _decide(group, assignment, "open", failed)
 
 
 def close_round(
@@ -192,22 +190,31 @@ def close_round(
     *,
     local_problem: str | None = None,
 ) -> None:
-    """Ends a round: receivers verify the sender's checksums (plan order), then every rank agrees.
+    """Ends a round: every rank shares its checksums (plan order) in one gather, each receiver's
+    are compared with the sender's on every rank, and all raise RoundFailed or none does.
 
-    `checksums` are unsigned 64-bit values in plan order; None on a receiver that has
-    none to compare (it failed and reports `local_problem`).
+    `checksums` are unsigned 64-bit values in plan order; None on a rank that has none to
+    compare (it failed and reports `local_problem`).
     """
     names = [e.name for _, e in assignment.plan.entries()]
-    signed = None
-    if group.rank == 0:
-        assert checksums is not None and len(checksums) == len(names)
-        signed = [c - (1 << 64) if c >= 1 << 63 else c for c in checksums]
-    sent = _share(group, "checksums", signed, len(names), "checksum trailer")
-    reason = local_problem
-    if reason is None and group.rank != 0:
-        assert checksums is not None
-        bad = [n for n, s, c in zip(names, sent, checksums) if (s & ((1 << 64) - 1)) != c]
-        if bad:
-            shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
-            reason = f"checksum mismatch on {len(bad)} of {len(names)} tensors: {shown}"
-    _agree(group, assignment, "close", _REFUSED if reason else _OK, reason)
+    if local_problem is not None or checksums is None:
+        own = local_problem or "no checksums"
+        _post_reason(group, "close", own)
+        row = [_REFUSED] + [0] * len(names)
+    else:
+        own = None
+        assert len(checksums) == len(names)
+        row = [_OK] + [c - (1 << 64) if c >= 1 << 63 else c for c in checksums]
+    rows = _gather(group, "close", row)
+    failed: dict[int, tuple[int, str]] = {}
+    for r, got in enumerate(rows):
+        if len(got) != len(row):
+            failed[r] = (_OUT_OF_STEP, f"sent {len(got) - 1} checksums for a plan of {len(names)} tensors")
+        elif got[0] != _OK:
+            failed[r] = (got[0], _reason_of(group, "close", r, own))
+        elif r != 0 and rows[0][0] == _OK and len(rows[0]) == len(row):
+            bad = [n for n, s, c in zip(names, rows[0][1:], got[1:]) if s != c]
+            if bad:
+                shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+                failed[r] = (_REFUSED, f"checksum mismatch on {len(bad)} of {len(names)} tensors: {shown}")
+    _decide(group, assignment, "close", failed)

@@ -267,10 +267,8 @@ class ReceiveStream:
         # Bucket k-1's slot is free now that the consumer asked for bucket k.
         self._issue_upto(k + self._num_buffers)
         bucket = buckets[k]
-        into = self._into.pop(k, None)
-        if into is not None:
-            dests = [into]  # the bytes are arriving in it already
-        else:
+        into = self._into.pop(k, None)  # a one-tensor bucket received straight into the consumer's tensor
+        if into is None:
             try:
                 dests = [self._destination_for(e) for e in bucket.entries]
             except Exception as e:
@@ -279,8 +277,7 @@ class ReceiveStream:
         sources = self._inbound.finish(k, self._inflight.pop(k))
         buf = self._ring[k % self._num_buffers][: bucket.size_bytes]
         if into is not None:
-            sources = [into[1]]
-            dests = [(into[0], None)]  # nothing to copy: checksum it where it landed
+            sources, dests = [into[1]], [(into[0], None)]  # nothing to copy: checksum it where it landed
         t0 = time.monotonic()
         batch = self._land(bucket, buf, sources, dests)
         self._inbound.copied(k, self._device)

@@ -155,8 +155,7 @@ class DirectOut:
         r = self._group.round_index
         keys = [f"ipc/{r}/done/{rank}" for rank in _receiver_ranks(self._group)]
         self._group.wait_keys(keys, "the receivers' copies out of this process's tensors")
-        for key in (_sources_key(self._group), *keys):
-            self._group.store.delete_key(key)
+        self._group.forget([_sources_key(self._group), *keys])
 
 
 class IpcOut:
@@ -179,12 +178,11 @@ class IpcOut:
         acks = [f"ipc/{r}/ack/{k}/{rank}" for rank in _receiver_ranks(self._group)]
         self._group.wait_keys(acks, f"acknowledgements of bucket {k + 1}/{self._num_buckets}")
         # Every receiver has read and acknowledged bucket k: its keys are spent.
-        for key in (f"ipc/{r}/ready/{k}", *acks):
-            self._group.store.delete_key(key)
+        self._group.forget([f"ipc/{r}/ready/{k}", *acks])
 
     def close(self) -> None:
         """Forgets the buffer handles; call once the round is closed and no receiver still looks them up."""
-        self._group.store.delete_key(_sources_key(self._group))
+        self._group.forget([_sources_key(self._group)])
 
 
 def _mapping_key(desc: dict) -> str:

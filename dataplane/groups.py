@@ -120,6 +120,8 @@ class DataPlaneGroup:
         self._buffers: list[torch.Tensor] = []
         # What a transport keeps across rounds of this group (CUDA IPC exports and mappings).
         self.transport_state: dict[str, dict] = {}
+        # Spent store keys, deleted while this rank waits anyway (each delete is a round trip).
+        self._spent_keys: list[str] = []
 
     @property
     def group_id(self) -> str:
@@ -288,6 +290,10 @@ class DataPlaneGroup:
         self._mark_broken(notice)
         raise TransferError(f"rank {self.rank}: {what} abandoned: {notice}")
 
+    def forget(self, keys: Sequence[str]) -> None:
+        """Deletes these store keys later, during a wait_keys that would otherwise sleep."""
+        self._spent_keys.extend(keys)
+
     def wait_keys(self, keys: Sequence[str], what: str) -> None:
         """Waits until every key exists in the group's store, with the same deadline and abort rules as `wait`.
 
@@ -316,6 +322,12 @@ class DataPlaneGroup:
             if now >= next_abort_check:
                 self.check_abort(what)
                 next_abort_check = now + ABORT_POLL_INTERVAL_S
+            if self._spent_keys:
+                try:
+                    self.store.delete_key(self._spent_keys.pop())
+                except RuntimeError as e:
+                    raise self.fail(f"rendezvous store unreachable during {what}: {e}") from e
+                continue  # the delete took a round trip: look again rather than sleep
             time.sleep(delay_s)
             delay_s = min(delay_s * 2, 0.0002 if now < fast_until else 0.002)
 

@@ -141,17 +141,17 @@ def _decide(group: DataPlaneGroup, assignment: Assignment, phase: str, failed: d
 
 
 def _forget_round(group: DataPlaneGroup, round_index: int) -> None:
-    """Deletes a finished round's control keys; every rank read them before that round could close."""
+    """Deletes a finished round's control keys (during later waits); every rank has read them."""
     if round_index < 1:
         return
-    keys = [
-        f"{kind}/{round_index}/{phase}/{r}"
-        for kind in ("gather", "status")
-        for phase in ("open", "close")
-        for r in range(group.world_size)
-    ]
-    for key in keys:
-        group.store.delete_key(key)
+    group.forget(
+        [
+            f"{kind}/{round_index}/{phase}/{r}"
+            for kind in ("gather", "status")
+            for phase in ("open", "close")
+            for r in range(group.world_size)
+        ]
+    )
 
 
 def open_round(group: DataPlaneGroup, assignment: Assignment, *, local_problem: str | None = None) -> None:

@@ -116,16 +116,19 @@ def _layout(device: torch.device, nwords: tuple[int, ...]) -> tuple[torch.Tensor
     block_span = torch.repeat_interleave(torch.arange(len(nwords), dtype=torch.int64), counts)
     starts = torch.cumsum(counts, 0) - counts
     block_word = (torch.arange(block_span.numel(), dtype=torch.int64) - starts[block_span]) * _BLOCK_WORDS
-    found = (
-        block_span.to(device),
-        block_word.to(device),
-        torch.tensor(nwords, dtype=torch.int64).to(device),
+    return _cache_put(
+        _tables,
+        key,
+        (block_span.to(device), block_word.to(device), torch.tensor(nwords, dtype=torch.int64).to(device)),
     )
+
+
+def _cache_put(cache: dict, key, value):
     with _lock:
-        if len(_tables) >= _MAX_CACHED_LAYOUTS:
-            _tables.clear()
-        _tables[key] = found
-    return found
+        if len(cache) >= _MAX_CACHED_LAYOUTS:
+            cache.clear()
+        cache[key] = value
+    return value
 
 
 def _chunk_multipliers(device: torch.device, num_chunks: int) -> torch.Tensor:
@@ -163,11 +166,7 @@ def _offsets_on(device: torch.device, offsets: tuple[int, ...]) -> torch.Tensor:
     key = (device, offsets)
     found = _offset_tables.get(key)
     if found is None:
-        found = torch.tensor(offsets, dtype=torch.int64).to(device)
-        with _lock:
-            if len(_offset_tables) >= _MAX_CACHED_LAYOUTS:
-                _offset_tables.clear()
-            _offset_tables[key] = found
+        found = _cache_put(_offset_tables, key, torch.tensor(offsets, dtype=torch.int64).to(device))
     return found
 
 

@@ -7,7 +7,7 @@ import torch
 from weightsync.core import Bucket, BucketEntry
 from weightsync.core.dtypes import DTYPE_ITEMSIZE
 
-__all__ = ["dtype_name", "entry_spans", "entry_view", "torch_dtype"]
+__all__ = ["dtype_name", "entry_spans", "entry_view", "keep_bytes", "known_bytes", "torch_dtype"]
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_ITEMSIZE}
 
@@ -35,3 +35,19 @@ def entry_view(buffer: torch.Tensor, entry: BucketEntry) -> torch.Tensor:
 
 def entry_spans(bucket: Bucket) -> list[tuple[int, int]]:
     return [(e.offset_bytes, e.nbytes) for e in bucket.entries]
+
+
+def known_bytes(seen: dict, name: str, t: object) -> torch.Tensor | None:
+    """The flat uint8 view kept for `name` if `t` is the very tensor kept with it, unmoved and
+    unreshaped: trainers and engines hand over the same tensors round after round, and looking
+    at each once per group keeps per-tensor work off every round."""
+    known = seen.get(name)
+    if known is not None and known[0] is t and known[1] == t.data_ptr() and known[2] == t.shape:
+        return known[3]
+    return None
+
+
+def keep_bytes(seen: dict, name: str, t: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """Remembers `raw`, the flat uint8 view of `t`, for known_bytes; returns it."""
+    seen[name] = (t, t.data_ptr(), t.shape, raw)
+    return raw

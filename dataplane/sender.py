@@ -17,7 +17,7 @@ from weightsync.dataplane.deferred import DeferredTensor, materialize
 from weightsync.dataplane.fused import PendingChecksums, copy_and_checksum, prepare
 from weightsync.dataplane.groups import DataPlaneGroup
 from weightsync.dataplane.handshake import RoundFailed, close_round, open_round
-from weightsync.dataplane.layout import entry_spans, entry_view, torch_dtype
+from weightsync.dataplane.layout import entry_spans, entry_view, keep_bytes, known_bytes, torch_dtype
 
 __all__ = ["SendResult", "send_assignment"]
 
@@ -180,21 +180,18 @@ def _direct_sources(
     plan: BucketPlan, source: Mapping[str, SourceTensor], device: torch.device, group: DataPlaneGroup
 ) -> list[torch.Tensor] | None:
     """Every plan tensor's wire bytes in place, or None if any needs packing (a cast, a gather, a computation)."""
-    # Trainers send the same parameters round after round: look at each once per group.
     seen = group.transport_state.setdefault("direct_sources", {})
     out = []
     for _, e in plan.entries():
         t = source[e.name]
-        known = seen.get(e.name)
-        if known is not None and known[0] is t and known[1] == t.data_ptr() and known[2] == t.shape:
-            out.append(known[3])
-            continue
-        if not isinstance(t, torch.Tensor) or type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
-            return None
-        raw = _as_wire_bytes(t.detach(), e, device)
+        raw = known_bytes(seen, e.name, t)
         if raw is None:
-            return None
-        seen[e.name] = (t, t.data_ptr(), t.shape, raw)
+            if not isinstance(t, torch.Tensor) or type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+                return None
+            raw = _as_wire_bytes(t.detach(), e, device)
+            if raw is None:
+                return None
+            keep_bytes(seen, e.name, t, raw)
         out.append(raw)
     return out
 

@@ -32,6 +32,7 @@ from weightsync.core import (
     TensorSpec,
     Unavailable,
     default_bucket_size,
+    is_full_round,
 )
 from weightsync.core.types import TRANSPORTS
 
@@ -464,7 +465,7 @@ class Coordinator:
                 continue
             if out.status is ResultStatus.OK:
                 rec.served_version = rnd.version
-                if rnd.manifest_covers.issuperset(rec.inventory):
+                if is_full_round(rec.inventory, rnd.manifest_covers):
                     rec.dirty = False
                     rec.stale = False
             else:

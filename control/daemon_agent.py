@@ -18,7 +18,7 @@ import grpc
 
 from weightsync.control.channel import make_channel
 from weightsync.control.convert import assignment_from_pb, checksums_to_pb, spec_to_pb
-from weightsync.core import Assignment, TensorSpec
+from weightsync.core import Assignment, TensorSpec, is_full_round
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
@@ -267,8 +267,9 @@ class DaemonAgent:
             why = "draining" if self.draining else f"busy with update {self._work_update_id}"
             session.outbox.put_nowait(pb.DaemonMessage(result=pb.UpdateResult(update_id=msg.update_id, ok=False, error=why)))
             return
-        inventory = {s.name for s in self.identity.inventory}
-        self._full_rounds[assignment.update_id] = inventory.issubset(e.name for _, e in assignment.plan.entries())
+        self._full_rounds[assignment.update_id] = is_full_round(
+            (s.name for s in self.identity.inventory), {e.name for _, e in assignment.plan.entries()}
+        )
         self._work_update_id = assignment.update_id
         self._work = asyncio.get_running_loop().create_task(self._handle(assignment, ranks, session), name=f"update-{assignment.update_id}")
 

@@ -23,6 +23,7 @@ from weightsync.core.plan import (
     default_bucket_size,
     fusion_key,
 )
+from weightsync.core.rounds import is_full_round
 from weightsync.core.types import Participant, Rendezvous, TensorSpec
 
 __all__ = [
@@ -48,4 +49,5 @@ __all__ = [
     "apply_unit",
     "default_bucket_size",
     "fusion_key",
+    "is_full_round",
 ]

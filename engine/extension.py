@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from weightsync.core import FailedPrecondition, InvalidArgument, NotFound, TensorSpec, fusion_key
+from weightsync.core import FailedPrecondition, InvalidArgument, NotFound, TensorSpec, fusion_key, is_full_round
 from weightsync.engine.inventory import check_update, dtype_name, inventory_from_config
 from weightsync.engine.payload import assignment_from_dict, decode_tensors
 
@@ -202,7 +202,7 @@ class WeightsyncWorkerExtension:
         except BaseException as e:
             self._weightsync_note_failure(e)
             raise
-        self._weightsync_note_applied(applied, version)
+        self._weightsync_note_applied(applied, version, [name for name, _ in items])
         return applied
 
     def _weightsync_check_usable(self) -> None:
@@ -219,10 +219,10 @@ class WeightsyncWorkerExtension:
         if model_touched(error):
             state.dirty = True
 
-    def _weightsync_note_applied(self, applied: "AppliedWeights", version: int | None) -> None:
+    def _weightsync_note_applied(self, applied: "AppliedWeights", version: int | None, names: list[str]) -> None:
         state = self._weightsync()
         # A partial update verifies only its own tensors: it cannot clean a dirty engine.
-        state.dirty = state.dirty and applied.num_tensors < len(state.inventory)
+        state.dirty = state.dirty and not is_full_round(state.inventory, set(names))
         if version is not None:
             state.version = int(version)
         state.num_applies += 1
@@ -301,7 +301,7 @@ class WeightsyncWorkerExtension:
         except BaseException as e:
             self._weightsync_note_failure(e)
             raise
-        self._weightsync_note_applied(applied, a.version)
+        self._weightsync_note_applied(applied, a.version, [e.name for _, e in a.plan.entries()])
         return self._weightsync_result(a, rank, applied, result)
 
     def _weightsync_result(self, a: "Assignment", rank: int, applied: "AppliedWeights", result: Any) -> dict[str, Any]:

@@ -18,9 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from weightsync.control.records import DaemonOutcome, DaemonRecord, DaemonState, ResultStatus, RoundRecord, RoundState
-from weightsync.control.validation import check_against_inventory
+from weightsync.control.state_file import CommittedState, load_state, save_state
+from weightsync.control.validation import MAX_LISTED_PROBLEMS, check_against_inventory
 from weightsync.core import (
     ALIGN_BYTES,
+    AlreadyExists,
     Assignment,
     BucketPlan,
     FailedPrecondition,
@@ -29,6 +31,7 @@ from weightsync.core import (
     Participant,
     PermissionDenied,
     Rendezvous,
+    ResourceExhausted,
     TensorSpec,
     Unavailable,
     default_bucket_size,
@@ -36,12 +39,17 @@ from weightsync.core import (
 )
 from weightsync.core.types import TRANSPORTS
 
-__all__ = ["Coordinator", "CoordinatorConfig", "UpdateOptions", "DaemonRegistration", "SessionEvent"]
+__all__ = ["Coordinator", "CoordinatorConfig", "check_registration", "UpdateOptions", "DaemonRegistration", "SessionEvent"]
 
 log = logging.getLogger(__name__)
 
 MAX_BUCKET_SIZE_BYTES = 8 << 30
 MAX_DEADLINE_S = 24 * 3600.0
+# A round shorter than this would expire before one default heartbeat interval (1 s) could
+# tell a working daemon from a silent one: every such round would end TIMED_OUT.
+MIN_DEADLINE_S = 1.0
+# Free-text fields of a registration (engine, model, host): shown by status, never parsed.
+MAX_LABEL_CHARS = 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,6 +59,14 @@ class CoordinatorConfig:
     default_deadline_s: float = 600.0
     default_collective_timeout_s: float = 120.0
     rounds_kept: int = 100
+    # "" keeps no state: after a restart every registered version is unknown (flagged dirty).
+    state_file: str = ""
+    # A daemon without a session for this long is forgotten (its id and credential binding too).
+    lost_expiry_s: float = 3600.0
+    max_daemons: int = 10_000
+    max_inventory_tensors: int = 1_000_000
+    max_tensor_bytes: int = 1 << 40
+    max_inventory_bytes: int = 64 << 40
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0:
@@ -64,6 +80,14 @@ class CoordinatorConfig:
             raise ValueError("default_deadline_s and default_collective_timeout_s must be > 0")
         if self.rounds_kept < 1:
             raise ValueError(f"rounds_kept must be >= 1, got {self.rounds_kept}")
+        if self.lost_expiry_s <= self.heartbeat_timeout_s:
+            raise ValueError(
+                f"lost_expiry_s ({self.lost_expiry_s}) must exceed heartbeat_timeout_s ({self.heartbeat_timeout_s}): "
+                "a daemon must be LOST before it can expire"
+            )
+        for name in ("max_daemons", "max_inventory_tensors", "max_tensor_bytes", "max_inventory_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,6 +113,10 @@ class DaemonRegistration:
     transports: tuple[str, ...]
     served_version: int
     dirty: bool
+    # Who sent it: the credential's identity (see control/identity.py); "" without credentials.
+    owner: str = ""
+    # The session token of this same process's previous registration, if it had one.
+    resume_token: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +132,59 @@ class SessionEvent:
     status: ResultStatus | None = None
 
 
+def check_registration(reg: DaemonRegistration, config: CoordinatorConfig) -> dict[str, TensorSpec]:
+    """Validates a registration like a manifest and returns its inventory by name.
+
+    Pure and O(tensors): the servicer runs it in a thread so that a large (legal)
+    inventory never stalls the event loop, and with it every other daemon's heartbeats.
+    """
+    problems: list[str] = []
+    if not reg.daemon_id or len(reg.daemon_id) > 256 or not reg.daemon_id.isprintable():
+        problems.append(f"daemon_id {reg.daemon_id[:64]!r}: expected 1..256 printable characters")
+    if not 1 <= reg.num_ranks <= 4096:
+        problems.append(f"num_ranks: expected 1..4096 receiver ranks, got {reg.num_ranks}")
+    for field in ("engine", "model", "host"):
+        value = getattr(reg, field)
+        if len(value) > MAX_LABEL_CHARS or not value.isprintable():
+            problems.append(f"{field}: expected at most {MAX_LABEL_CHARS} printable characters, got {len(value)} ({value[:40]!r}...)")
+    if not -1 <= reg.served_version:
+        problems.append(f"served_version: expected -1 (none yet) or a version >= 0, got {reg.served_version}")
+    unknown = sorted(set(reg.transports) - set(TRANSPORTS))
+    if unknown or not reg.transports or len(reg.transports) > len(TRANSPORTS):
+        problems.append(f"transports: expected a non-empty subset of {list(TRANSPORTS)}, got {list(reg.transports)[:8]}")
+    if not reg.inventory:
+        problems.append("inventory is empty: expected every tensor the engine accepts")
+    if len(reg.inventory) > config.max_inventory_tensors:
+        raise ResourceExhausted(
+            f"inventory has {len(reg.inventory)} tensors: expected at most {config.max_inventory_tensors} "
+            "(max_inventory_tensors, --max-inventory-tensors)"
+        )
+    inventory: dict[str, TensorSpec] = {}
+    total_bytes = 0
+    for i, spec in enumerate(reg.inventory):
+        if spec.name in inventory:
+            problems.append(f"inventory[{i}]: duplicate tensor name {spec.name!r}")
+            continue
+        nbytes = spec.nbytes
+        if nbytes > config.max_tensor_bytes:
+            problems.append(
+                f"inventory[{i}] ({spec.name!r}): shape {list(spec.shape)[:8]} of {spec.dtype} is {nbytes} bytes: expected at "
+                f"most {config.max_tensor_bytes} per tensor (max_tensor_bytes, --max-tensor-bytes)"
+            )
+        total_bytes += nbytes
+        inventory[spec.name] = spec
+        if len(problems) > 2 * MAX_LISTED_PROBLEMS:
+            break
+    if total_bytes > config.max_inventory_bytes:
+        problems.append(
+            f"inventory: {total_bytes} bytes in all: expected at most {config.max_inventory_bytes} "
+            "(max_inventory_bytes, --max-inventory-bytes)"
+        )
+    if problems:
+        raise InvalidArgument("registration is invalid", problems[:MAX_LISTED_PROBLEMS])
+    return inventory
+
+
 class Coordinator:
     """Owns every daemon record and round; one round open at a time."""
 
@@ -113,10 +194,12 @@ class Coordinator:
         self.daemons: dict[str, DaemonRecord] = {}
         self.rounds: OrderedDict[str, RoundRecord] = OrderedDict()
         self.open_round: RoundRecord | None = None
-        # Highest version any round has begun with: a half-applied round may have put
-        # it on some engine, so a new round must go past it.
-        self.max_version = -1
-        self.committed_version = -1
+        # Only rounds move these two, never a registration: a daemon's claim is checked
+        # against them. Highest version any round has begun with (the floor): a
+        # half-applied round may have put it on some engine, so a new round must go past it.
+        state = load_state(self.config.state_file) if self.config.state_file else CommittedState()
+        self.max_version = state.version_floor
+        self.committed_version = state.committed_version
         self.accepting = True
         self._reaper: asyncio.Task | None = None
 
@@ -148,31 +231,28 @@ class Coordinator:
 
     # ------------------------------------------------------------------ daemons
 
-    def register(self, reg: DaemonRegistration) -> DaemonRecord:
-        if not reg.daemon_id or len(reg.daemon_id) > 256 or not reg.daemon_id.isprintable():
-            raise InvalidArgument(f"daemon_id {reg.daemon_id[:64]!r}: expected 1..256 printable characters")
-        if not 1 <= reg.num_ranks <= 4096:
-            raise InvalidArgument(f"num_ranks: expected 1..4096 receiver ranks, got {reg.num_ranks}")
-        if not reg.inventory:
-            raise InvalidArgument("inventory is empty: expected every tensor the engine accepts")
-        unknown = sorted(set(reg.transports) - set(TRANSPORTS))
-        if unknown or not reg.transports:
-            raise InvalidArgument(f"transports: expected a non-empty subset of {list(TRANSPORTS)}, got {list(reg.transports)}")
-        inventory: dict[str, TensorSpec] = {}
-        for spec in reg.inventory:
-            if spec.name in inventory:
-                raise InvalidArgument(f"inventory: duplicate tensor name {spec.name!r}")
-            inventory[spec.name] = spec
+    def register(self, reg: DaemonRegistration, inventory: dict[str, TensorSpec] | None = None) -> DaemonRecord:
+        """Records a daemon. `inventory` is `check_registration(reg, config)`, when the caller ran it off the loop."""
+        if inventory is None:
+            inventory = check_registration(reg, self.config)
         old = self.daemons.get(reg.daemon_id)
+        if old is not None:
+            self._check_takeover(old, reg)
+        elif len(self.daemons) >= self.config.max_daemons:
+            raise ResourceExhausted(
+                f"daemon_id {reg.daemon_id!r}: {len(self.daemons)} daemons are registered, the limit "
+                f"(max_daemons, --max-daemons) is {self.config.max_daemons}: stop unused daemons or raise it"
+            )
         if old is not None:
             # A daemon that restarted re-registers under its old id; its old session is void.
             self._close_session(old, "daemon re-registered")
             self._fail_in_open_round(reg.daemon_id, "daemon re-registered during the round")
+        # A registration only claims a version; the coordinator's own record decides what it
+        # is worth. A version above every round this coordinator began (2^63-1, a typo, or any
+        # version after a restart without --state-file) is not trusted: it never moves the
+        # floor or the committed version, and the engine counts as dirty until a full round.
+        unknown = reg.served_version > self.max_version
         stale = reg.served_version < self.committed_version
-        self.max_version = max(self.max_version, reg.served_version)
-        if self.committed_version < 0 and reg.served_version >= 0 and not reg.dirty:
-            # After a coordinator restart the fleet tells us which version it serves.
-            self.committed_version = reg.served_version
         rec = DaemonRecord(
             daemon_id=reg.daemon_id,
             engine=reg.engine,
@@ -182,22 +262,42 @@ class Coordinator:
             inventory=inventory,
             transports=tuple(reg.transports),
             served_version=reg.served_version,
-            dirty=reg.dirty,
+            dirty=reg.dirty or unknown,
             stale=stale,
             session_token=secrets.token_hex(16),
+            owner=reg.owner,
+            unknown_version=unknown,
         )
         self.daemons[reg.daemon_id] = rec
         log.info(
-            "daemon registered daemon_id=%s engine=%s ranks=%d tensors=%d served_version=%d dirty=%s stale=%s",
-            rec.daemon_id, rec.engine, rec.num_ranks, len(inventory), rec.served_version, rec.dirty, stale,
+            "daemon registered daemon_id=%s engine=%s ranks=%d tensors=%d served_version=%d dirty=%s stale=%s unknown_version=%s",
+            rec.daemon_id, rec.engine, rec.num_ranks, len(inventory), rec.served_version, rec.dirty, stale, unknown,
         )
         self._update_gauges()
         return rec
 
-    def open_session(self, daemon_id: str, token: str) -> asyncio.Queue:
+    def _check_takeover(self, old: DaemonRecord, reg: DaemonRegistration) -> None:
+        """A daemon id belongs to the credential that registered it, and to one live process."""
+        if old.owner != reg.owner:
+            raise PermissionDenied(
+                f"daemon_id {reg.daemon_id!r} is registered by another credential: a daemon id belongs to the "
+                "token or client certificate that first registered it; use your own daemon id"
+            )
+        if old.outbox is None or (reg.resume_token and secrets.compare_digest(reg.resume_token, old.session_token)):
+            return  # no live session, or the same process replacing its own half-open session
+        silent_s = time.monotonic() - old.last_heartbeat_mono
+        raise AlreadyExists(
+            f"daemon_id {reg.daemon_id!r} is held by a live session (last heartbeat {silent_s:.1f} s ago, "
+            f"host {old.host!r}): give each process its own --daemon-id, or stop the other one; a restarted "
+            f"daemon gets in once the old session ends (at most heartbeat_timeout_s={self.config.heartbeat_timeout_s:g} s)"
+        )
+
+    def open_session(self, daemon_id: str, token: str, owner: str = "") -> asyncio.Queue:
         rec = self.daemons.get(daemon_id)
         if rec is None:
             raise NotFound(f"daemon {daemon_id!r} is not registered: call RegisterDaemon first")
+        if rec.owner != owner:
+            raise PermissionDenied(f"daemon {daemon_id!r} is registered by another credential: it may not answer for it")
         if not secrets.compare_digest(rec.session_token, token):
             raise PermissionDenied(f"session token for daemon {daemon_id!r} does not match its registration: register again")
         if rec.outbox is not None:
@@ -223,10 +323,10 @@ class Coordinator:
     def heartbeat(self, daemon_id: str, *, served_version: int, dirty: bool, draining: bool) -> None:
         rec = self._live(daemon_id)
         rec.beat()
-        rec.served_version = served_version
-        # During a session the coordinator's own verdicts decide `dirty`: a heartbeat sent
-        # before the daemon heard its verdict must not re-flag it. The daemon's own flag
-        # counts at registration, when the coordinator has no history of it.
+        # During a session the coordinator's own verdicts decide `served_version` and `dirty`:
+        # a heartbeat sent before the daemon heard its verdict must not re-flag it, and a
+        # heartbeat may not claim a version no round gave it. The daemon's own claims count
+        # at registration only, checked there.
         if draining and rec.state is DaemonState.IDLE:
             rec.state = DaemonState.DRAINING
             self._update_gauges()
@@ -268,7 +368,7 @@ class Coordinator:
 
     # ------------------------------------------------------------------ rounds
 
-    def begin_update(self, version: int, manifest: Sequence[TensorSpec], options: UpdateOptions) -> Assignment:
+    def begin_update(self, version: int, manifest: Sequence[TensorSpec], options: UpdateOptions, owner: str = "") -> Assignment:
         self._check_options(options)
         if not self.accepting:
             raise Unavailable("coordinator is shutting down: retry against its replacement")
@@ -312,9 +412,10 @@ class Coordinator:
             plan=plan,
             deadline_s=deadline_s,
         )
-        rnd = RoundRecord(assignment=assignment, manifest_covers=frozenset(s.name for s in manifest))
+        rnd = RoundRecord(assignment=assignment, manifest_covers=frozenset(s.name for s in manifest), owner=owner)
         rnd.outcomes = {d.daemon_id: DaemonOutcome() for d in participants}
         self.max_version = version
+        self._save_state()
         self.open_round = rnd
         self.rounds[assignment.update_id] = rnd
         while len(self.rounds) > self.config.rounds_kept:
@@ -330,8 +431,8 @@ class Coordinator:
         )
         return assignment
 
-    async def commit_update(self, update_id: str, checksums: dict[str, int]) -> RoundRecord:
-        rnd = self._round(update_id)
+    async def commit_update(self, update_id: str, checksums: dict[str, int], owner: str = "") -> RoundRecord:
+        rnd = self._owned_round(update_id, owner, "commit")
         if not rnd.state.finished:
             expected = set(rnd.manifest_covers)
             if set(checksums) != expected:
@@ -347,8 +448,8 @@ class Coordinator:
         await rnd.done.wait()  # the deadline task bounds this wait
         return rnd
 
-    def abort_update(self, update_id: str, reason: str) -> RoundRecord:
-        rnd = self._round(update_id)
+    def abort_update(self, update_id: str, reason: str, owner: str = "") -> RoundRecord:
+        rnd = self._owned_round(update_id, owner, "abort")
         if rnd.state.finished:
             raise FailedPrecondition(f"update {update_id} already ended as {rnd.state.value}: nothing to abort")
         self._finish(rnd, RoundState.ABORTED, f"aborted by trainer: {reason or 'no reason given'}")
@@ -367,8 +468,11 @@ class Coordinator:
             problems.append(
                 f"options.bucket_size_bytes: expected {ALIGN_BYTES}..{MAX_BUCKET_SIZE_BYTES} (or 0 for the default), got {o.bucket_size_bytes}"
             )
-        if not 0 <= o.deadline_s <= MAX_DEADLINE_S:
-            problems.append(f"options.deadline_s: expected 0 (default) < deadline_s <= {MAX_DEADLINE_S}, got {o.deadline_s}")
+        if not (o.deadline_s == 0 or MIN_DEADLINE_S <= o.deadline_s <= MAX_DEADLINE_S):
+            problems.append(
+                f"options.deadline_s: expected 0 (the default) or {MIN_DEADLINE_S:g}..{MAX_DEADLINE_S:g} s, got {o.deadline_s} "
+                f"(below {MIN_DEADLINE_S:g} s a round expires before one heartbeat interval can tell a working daemon from a silent one)"
+            )
         if not 0 <= o.collective_timeout_s <= MAX_DEADLINE_S:
             problems.append(f"options.collective_timeout_s: expected 0..{MAX_DEADLINE_S}, got {o.collective_timeout_s}")
         if o.min_daemons < 0:
@@ -407,6 +511,17 @@ class Coordinator:
         if rnd is None:
             raise NotFound(f"update {update_id!r} is unknown to this coordinator (it may have restarted): begin a new round")
         return rnd
+
+    def _owned_round(self, update_id: str, owner: str, verb: str) -> RoundRecord:
+        rnd = self._round(update_id)
+        if rnd.owner != owner:
+            raise PermissionDenied(f"update {update_id} was begun by another trainer credential: only it may {verb} the round")
+        return rnd
+
+    def _save_state(self) -> None:
+        if self.config.state_file:
+            # A few bytes with fsync: fast enough for the event loop, once per round.
+            save_state(self.config.state_file, CommittedState(self.committed_version, self.max_version))
 
     def _live(self, daemon_id: str) -> DaemonRecord:
         rec = self.daemons.get(daemon_id)
@@ -465,6 +580,7 @@ class Coordinator:
                 continue
             if out.status is ResultStatus.OK:
                 rec.served_version = rnd.version
+                rec.unknown_version = False
                 if is_full_round(rec.inventory, rnd.manifest_covers):
                     rec.dirty = False
                     rec.stale = False
@@ -481,6 +597,7 @@ class Coordinator:
                 )
         if state is RoundState.COMMITTED:
             self.committed_version = max(self.committed_version, rnd.version)
+            self._save_state()
         if rnd.deadline_task is not None and rnd.deadline_task is not asyncio.current_task():
             rnd.deadline_task.cancel()
         if self.open_round is rnd:
@@ -526,6 +643,14 @@ class Coordinator:
                     self._close_session(rec, reason)
                     self._fail_in_open_round(rec.daemon_id, reason)
                     self._update_gauges()
+                elif rec.outbox is None and silent_s > self.config.lost_expiry_s and not self._in_open_round(rec.daemon_id):
+                    # Forgotten with its credential binding: a daemon id is not held forever.
+                    log.info("daemon expired daemon_id=%s silent_s=%.0f lost_expiry_s=%g", rec.daemon_id, silent_s, self.config.lost_expiry_s)
+                    del self.daemons[rec.daemon_id]
+                    self._update_gauges()
+
+    def _in_open_round(self, daemon_id: str) -> bool:
+        return self.open_round is not None and daemon_id in self.open_round.outcomes
 
     def _update_gauges(self) -> None:
         if self.metrics is not None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from weightsync.control.channel import make_channel
+from weightsync.control.channel import check_token_transport, make_channel
 from weightsync.control.convert import assignment_from_pb, checksums_to_pb, spec_to_pb
 from weightsync.core import Assignment, TensorSpec, is_full_round
 from weightsync.v1 import weightsync_pb2 as pb
@@ -90,7 +90,10 @@ class DaemonAgent:
         self._target = target
         self._handler = handler
         self._credentials = credentials
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        check_token_transport(target, credentials, token)
+        self._token = token
+        # Proves to the coordinator that a re-registration comes from this same process.
+        self._session_token = ""
         self._rpc_timeout_s = rpc_timeout_s
         self._reconnect_min_s = reconnect_min_s
         self._reconnect_max_s = reconnect_max_s
@@ -171,7 +174,7 @@ class DaemonAgent:
 
     async def _session_once(self) -> None:
         if self._channel is None:
-            self._channel = make_channel(self._target, self._credentials)
+            self._channel = make_channel(self._target, self._credentials, token=self._token)
         stub = pb_grpc.DaemonServiceStub(self._channel)
         ident = self.identity
         try:
@@ -186,15 +189,25 @@ class DaemonAgent:
                     transports=list(ident.transports),
                     served_version=self.served_version,
                     dirty=self.dirty,
+                    resume_token=self._session_token,
                 ),
                 timeout=self._rpc_timeout_s,
-                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as e:
-            if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+            if e.code() in (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.PERMISSION_DENIED,
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.ALREADY_EXISTS,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            ):
                 log.error("registration refused daemon_id=%s: %s", ident.daemon_id, e.details())
             raise
+        self._session_token = reg.session_token
         self.stale = reg.stale
+        if reg.unknown_version:
+            # The coordinator does not trust our version: we are dirty until a full round.
+            self.dirty = True
         session = _Session()
         session.outbox.put_nowait(pb.DaemonMessage(hello=pb.SessionHello(daemon_id=ident.daemon_id, session_token=reg.session_token)))
 
@@ -205,7 +218,7 @@ class DaemonAgent:
                     return
                 yield msg
 
-        call = stub.Connect(requests(), metadata=self._metadata)
+        call = stub.Connect(requests())
         self._session = session
         try:
             async with asyncio.timeout(self._rpc_timeout_s):

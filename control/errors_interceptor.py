@@ -21,6 +21,8 @@ _CODES: tuple[tuple[type[E.WeightsyncError], grpc.StatusCode], ...] = (
     (E.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (E.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (E.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (E.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (E.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 
 

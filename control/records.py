@@ -52,6 +52,10 @@ class DaemonRecord:
     dirty: bool
     stale: bool
     session_token: str
+    # The identity of the credential that registered this id (control/identity.py).
+    owner: str = ""
+    # served_version is a claim above every version this coordinator began: not trusted.
+    unknown_version: bool = False
     state: DaemonState = DaemonState.LOST
     reason: str = "registered; session not open yet"
     last_heartbeat_mono: float = field(default_factory=time.monotonic)
@@ -84,6 +88,8 @@ class DaemonOutcome:
 class RoundRecord:
     assignment: Assignment
     manifest_covers: frozenset[str]
+    # The identity of the trainer credential that began the round: only it may commit or abort.
+    owner: str = ""
     started_mono: float = field(default_factory=time.monotonic)
     started_unix: float = field(default_factory=time.time)
     state: RoundState = RoundState.TRANSFERRING

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from collections.abc import Sequence
@@ -12,8 +13,10 @@ from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from weightsync.control.auth import TokenAuthInterceptor
 from weightsync.control.coordinator import Coordinator, CoordinatorConfig
 from weightsync.control.errors_interceptor import ErrorMappingInterceptor
+from weightsync.control.identity import caller_identity
 from weightsync.control.metrics import CoordinatorMetrics
 from weightsync.control.servicer import DaemonServicer, InspectionServicer, TrainerServicer
 from weightsync.v1 import weightsync_pb2 as pb
@@ -48,7 +51,19 @@ class CoordinatorServer:
         metrics_addr: str = "127.0.0.1",
         server_credentials: grpc.ServerCredentials | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        allow_insecure_tokens: bool = False,
     ) -> None:
+        self._tokens_configured = any(isinstance(i, TokenAuthInterceptor) for i in interceptors)
+        if self._tokens_configured and server_credentials is None:
+            if not allow_insecure_tokens:
+                raise ValueError(
+                    "bearer tokens without TLS would travel in plaintext: add --tls-cert/--tls-key, or pass "
+                    "--allow-insecure-tokens (only where the network itself is trusted, e.g. loopback tests)"
+                )
+            log.warning(
+                "--allow-insecure-tokens: bearer tokens are accepted without TLS on %s: they travel in plaintext, readable on the network path",
+                listen,
+            )
         self.metrics = CoordinatorMetrics()
         self.coordinator = Coordinator(config, metrics=self.metrics)
         self._listen = listen
@@ -69,8 +84,9 @@ class CoordinatorServer:
     async def start(self) -> int:
         self.health = health_async.HealthServicer()
         server = grpc.aio.server(interceptors=(*self._interceptors, ErrorMappingInterceptor()), options=GRPC_OPTIONS)
-        pb_grpc.add_DaemonServiceServicer_to_server(DaemonServicer(self.coordinator), server)
-        pb_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(self.coordinator), server)
+        identify = functools.partial(caller_identity, tokens_configured=self._tokens_configured)
+        pb_grpc.add_DaemonServiceServicer_to_server(DaemonServicer(self.coordinator, identify), server)
+        pb_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(self.coordinator, identify), server)
         pb_grpc.add_InspectionServiceServicer_to_server(InspectionServicer(self.coordinator), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

@@ -8,10 +8,11 @@ import functools
 import logging
 
 from weightsync.control.convert import assignment_to_pb, checksums_from_pb, spec_from_pb
-from weightsync.control.coordinator import Coordinator, DaemonRegistration, SessionEvent, UpdateOptions
+from weightsync.control.coordinator import Coordinator, DaemonRegistration, SessionEvent, UpdateOptions, check_registration
+from weightsync.control.identity import caller_identity
 from weightsync.control.records import DaemonRecord, RoundRecord
 from weightsync.control.validation import MAX_LISTED_PROBLEMS, parse_manifest
-from weightsync.core import DeadlineExceeded, InvalidArgument
+from weightsync.core import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S = 10.0
 MAX_ROUNDS_LISTED = 1000
+# Free text a client sends (a daemon's error): kept and listed, so bounded.
+MAX_REASON_CHARS = 2000
 
 
 def round_to_pb(rnd: RoundRecord) -> pb.RoundInfo:
@@ -66,6 +69,7 @@ def daemon_to_pb(rec: DaemonRecord) -> pb.DaemonInfo:
         num_tensors=len(rec.inventory),
         transports=list(rec.transports),
         reason=rec.reason,
+        unknown_version=rec.unknown_version,
     )
 
 
@@ -91,39 +95,60 @@ def _event_to_pb(ev: SessionEvent) -> pb.CoordinatorMessage:
     )
 
 
+def _identity_off(context) -> str:
+    return ""
+
+
+def _parse_registration(request: pb.RegisterDaemonRequest, owner: str, coordinator: Coordinator):
+    limit = coordinator.config.max_inventory_tensors
+    if len(request.inventory) > limit:
+        raise ResourceExhausted(
+            f"inventory has {len(request.inventory)} tensors: expected at most {limit} (max_inventory_tensors, --max-inventory-tensors)"
+        )
+    problems = []
+    inventory = []
+    for i, m in enumerate(request.inventory):
+        try:
+            inventory.append(spec_from_pb(m))
+        except ValueError as e:
+            problems.append(f"inventory[{i}]: {e}")
+            if len(problems) >= MAX_LISTED_PROBLEMS:
+                break
+    if problems:
+        raise InvalidArgument("inventory is invalid", problems)
+    reg = DaemonRegistration(
+        daemon_id=request.daemon_id,
+        engine=request.engine,
+        model=request.model,
+        host=request.host,
+        num_ranks=request.num_ranks,
+        inventory=tuple(inventory),
+        transports=tuple(request.transports),
+        served_version=request.served_version,
+        dirty=request.dirty,
+        owner=owner,
+        resume_token=request.resume_token,
+    )
+    return reg, check_registration(reg, coordinator.config)
+
+
 class DaemonServicer(pb_grpc.DaemonServiceServicer):
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, identify=_identity_off) -> None:
         self._c = coordinator
+        self._identify = identify
 
     async def RegisterDaemon(self, request: pb.RegisterDaemonRequest, context) -> pb.RegisterDaemonResponse:
-        problems = []
-        inventory = []
-        for i, m in enumerate(request.inventory):
-            try:
-                inventory.append(spec_from_pb(m))
-            except ValueError as e:
-                problems.append(f"inventory[{i}]: {e}")
-        if problems:
-            raise InvalidArgument("inventory is invalid", problems[:MAX_LISTED_PROBLEMS])
-        rec = self._c.register(
-            DaemonRegistration(
-                daemon_id=request.daemon_id,
-                engine=request.engine,
-                model=request.model,
-                host=request.host,
-                num_ranks=request.num_ranks,
-                inventory=tuple(inventory),
-                transports=tuple(request.transports),
-                served_version=request.served_version,
-                dirty=request.dirty,
-            )
-        )
+        # O(tensors) Python work in a thread: a large legal inventory must not stall the loop
+        # that serves every other daemon's heartbeats (the GIL still switches every 5 ms).
+        reg, inventory = await asyncio.to_thread(_parse_registration, request, self._identify(context), self._c)
+        rec = self._c.register(reg, inventory)
         cfg = self._c.config
         return pb.RegisterDaemonResponse(
             session_token=rec.session_token,
             heartbeat_interval_s=cfg.heartbeat_interval_s,
             heartbeat_timeout_s=cfg.heartbeat_timeout_s,
             stale=rec.stale,
+            unknown_version=rec.unknown_version,
         )
 
     async def Connect(self, request_iterator, context):
@@ -138,7 +163,7 @@ class DaemonServicer(pb_grpc.DaemonServiceServicer):
         if first.WhichOneof("kind") != "hello":
             raise InvalidArgument(f"first session message: expected hello, got {first.WhichOneof('kind')}")
         daemon_id = first.hello.daemon_id
-        outbox = self._c.open_session(daemon_id, first.hello.session_token)
+        outbox = self._c.open_session(daemon_id, first.hello.session_token, self._identify(context))
         # Tells the daemon its session is open: only now is it eligible for rounds.
         await context.send_initial_metadata((("weightsync-session", "open"),))
         reader = asyncio.create_task(self._read(daemon_id, it), name=f"session-reader-{daemon_id}")
@@ -182,7 +207,7 @@ class DaemonServicer(pb_grpc.DaemonServiceServicer):
                 r = msg.result
                 try:
                     checksums = checksums_from_pb(r.checksums)
-                    ok, error = r.ok, r.error
+                    ok, error = r.ok, r.error[:MAX_REASON_CHARS]
                 except ValueError as e:
                     checksums, ok, error = {}, False, f"malformed result: {e}"
                 self._c.report_result(
@@ -200,8 +225,9 @@ class DaemonServicer(pb_grpc.DaemonServiceServicer):
 
 
 class TrainerServicer(pb_grpc.TrainerServiceServicer):
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, identify=_identity_off) -> None:
         self._c = coordinator
+        self._identify = identify
 
     async def BeginUpdate(self, request: pb.BeginUpdateRequest, context) -> pb.BeginUpdateResponse:
         manifest = parse_manifest(request.manifest)
@@ -216,7 +242,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             rendezvous_port=o.rendezvous_port,
             collective_timeout_s=o.collective_timeout_s,
         ) if request.HasField("options") else UpdateOptions()
-        assignment = self._c.begin_update(request.version, manifest, options)
+        assignment = self._c.begin_update(request.version, manifest, options, owner=self._identify(context))
         return pb.BeginUpdateResponse(assignment=assignment_to_pb(assignment))
 
     async def CommitUpdate(self, request: pb.CommitUpdateRequest, context) -> pb.CommitUpdateResponse:
@@ -224,11 +250,11 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             checksums = checksums_from_pb(request.checksums)
         except ValueError as e:
             raise InvalidArgument(f"checksums: {e}") from e
-        rnd = await self._c.commit_update(request.update_id, checksums)
+        rnd = await self._c.commit_update(request.update_id, checksums, owner=self._identify(context))
         return pb.CommitUpdateResponse(round=round_to_pb(rnd))
 
     async def AbortUpdate(self, request: pb.AbortUpdateRequest, context) -> pb.AbortUpdateResponse:
-        rnd = self._c.abort_update(request.update_id, request.reason)
+        rnd = self._c.abort_update(request.update_id, request.reason[:MAX_REASON_CHARS], owner=self._identify(context))
         return pb.AbortUpdateResponse(round=round_to_pb(rnd))
 
 
@@ -240,6 +266,7 @@ class InspectionServicer(pb_grpc.InspectionServiceServicer):
         return pb.ListDaemonsResponse(
             daemons=[daemon_to_pb(d) for d in sorted(self._c.daemons.values(), key=lambda d: d.daemon_id)],
             committed_version=self._c.committed_version,
+            version_floor=self._c.max_version,
         )
 
     async def ListRounds(self, request: pb.ListRoundsRequest, context) -> pb.ListRoundsResponse:

@@ -104,10 +104,9 @@ class TrainerClient:
         token: str | None = None,
         rpc_timeout_s: float = 30.0,
     ) -> None:
-        self._channel = make_channel(target, credentials)
+        self._channel = make_channel(target, credentials, token=token)
         self._trainer = pb_grpc.TrainerServiceStub(self._channel)
         self._inspect = pb_grpc.InspectionServiceStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.rpc_timeout_s = rpc_timeout_s
 
     async def __aenter__(self) -> "TrainerClient":
@@ -121,7 +120,7 @@ class TrainerClient:
 
     async def _call(self, what: str, method, request, timeout_s: float | None = None):
         try:
-            return await method(request, timeout=timeout_s or self.rpc_timeout_s, metadata=self._metadata)
+            return await method(request, timeout=timeout_s or self.rpc_timeout_s)
         except grpc.aio.AioRpcError as e:
             raise error_from_rpc(e, what) from e
 

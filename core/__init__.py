@@ -1,11 +1,13 @@
 """Domain values shared by the control plane and the data plane: no gRPC, no tensors."""
 
 from weightsync.core.errors import (
+    AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     TransferError,
     Unauthenticated,
     Unavailable,
@@ -28,6 +30,7 @@ from weightsync.core.types import Participant, Rendezvous, TensorSpec
 
 __all__ = [
     "ALIGN_BYTES",
+    "AlreadyExists",
     "DEFAULT_BUCKET_SIZE_BYTES",
     "GPU_DEFAULT_BUCKET_SIZE_BYTES",
     "Assignment",
@@ -41,6 +44,7 @@ __all__ = [
     "Participant",
     "PermissionDenied",
     "Rendezvous",
+    "ResourceExhausted",
     "TensorSpec",
     "TransferError",
     "Unauthenticated",

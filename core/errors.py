@@ -11,6 +11,8 @@ __all__ = [
     "DeadlineExceeded",
     "PermissionDenied",
     "Unauthenticated",
+    "AlreadyExists",
+    "ResourceExhausted",
     "TransferError",
 ]
 
@@ -52,6 +54,14 @@ class PermissionDenied(WeightsyncError):
 
 class Unauthenticated(WeightsyncError):
     """The caller presented no valid credentials."""
+
+
+class AlreadyExists(WeightsyncError):
+    """The name is held by another live party (e.g. a daemon id with an open session)."""
+
+
+class ResourceExhausted(WeightsyncError):
+    """A configured limit (count, size) would be exceeded."""
 
 
 class TransferError(WeightsyncError):

@@ -19,6 +19,13 @@ def _coordinator(args: argparse.Namespace) -> int:
         heartbeat_interval_s=args.heartbeat_interval_s,
         heartbeat_timeout_s=args.heartbeat_timeout_s,
         default_deadline_s=args.deadline_s,
+        rounds_kept=args.rounds_kept,
+        state_file=args.state_file or "",
+        lost_expiry_s=args.lost_expiry_s,
+        max_daemons=args.max_daemons,
+        max_inventory_tensors=args.max_inventory_tensors,
+        max_tensor_bytes=args.max_tensor_bytes,
+        max_inventory_bytes=args.max_inventory_bytes,
     )
     server = CoordinatorServer(
         config,
@@ -27,6 +34,7 @@ def _coordinator(args: argparse.Namespace) -> int:
         metrics_addr=args.metrics_addr,
         server_credentials=server_credentials_from_args(args),
         interceptors=server_interceptors_from_args(args),
+        allow_insecure_tokens=args.allow_insecure_tokens,
     )
     asyncio.run(run_coordinator(server, grace_s=args.grace_s))
     return 0
@@ -60,6 +68,11 @@ def _add_security(p: argparse.ArgumentParser, server: bool) -> None:
             "--tokens-file",
             help="file of 'ROLE TOKEN' lines (roles: trainer, daemon, inspector); calls without a valid token are refused",
         )
+        g.add_argument(
+            "--allow-insecure-tokens",
+            action="store_true",
+            help="accept --tokens-file without TLS (tokens then travel in plaintext; a warning is logged on every start)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--heartbeat-timeout-s", type=float, default=10.0)
     c.add_argument("--deadline-s", type=float, default=600.0, help="default round deadline")
     c.add_argument("--grace-s", type=float, default=10.0, help="on SIGTERM, wait this long for the open round")
+    lim = c.add_argument_group("state and limits")
+    lim.add_argument(
+        "--state-file",
+        default=None,
+        help="JSON file where the committed version and the version floor are kept across restarts "
+        "(default: none; then every version a daemon registers with after a restart is untrusted until a full round)",
+    )
+    lim.add_argument("--lost-expiry-s", type=float, default=3600.0, help="forget a daemon without a session after this many seconds (default: %(default)s s)")
+    lim.add_argument("--rounds-kept", type=int, default=100, help="finished rounds kept for ListRounds/status (default: %(default)s)")
+    lim.add_argument("--max-daemons", type=int, default=10_000, help="registered daemons at most (default: %(default)s)")
+    lim.add_argument("--max-inventory-tensors", type=int, default=1_000_000, help="tensors per registration at most (default: %(default)s)")
+    lim.add_argument("--max-tensor-bytes", type=int, default=1 << 40, help="bytes per registered tensor at most (default: %(default)s = 1 TiB)")
+    lim.add_argument("--max-inventory-bytes", type=int, default=64 << 40, help="bytes per registration in all at most (default: %(default)s = 64 TiB)")
     _add_security(c, server=True)
     c.set_defaults(func=_coordinator)
 

@@ -17,6 +17,7 @@ def status_json(daemons: pb.ListDaemonsResponse, rounds: pb.ListRoundsResponse) 
         {
             "daemons": json_format.MessageToDict(daemons, always_print_fields_with_no_presence=True)["daemons"],
             "committed_version": daemons.committed_version,
+            "version_floor": daemons.version_floor,
             "rounds": json_format.MessageToDict(rounds, always_print_fields_with_no_presence=True)["rounds"],
         },
         indent=2,
@@ -40,7 +41,7 @@ def format_status(daemons: pb.ListDaemonsResponse, rounds: pb.ListRoundsResponse
             d.daemon_id,
             pb.DaemonState.Name(d.state).removeprefix("DAEMON_STATE_"),
             str(d.served_version),
-            ("dirty " if d.dirty else "") + ("stale" if d.stale else "") or "ok",
+            " ".join(f for f, on in (("dirty", d.dirty), ("stale", d.stale), ("unknown-version", d.unknown_version)) if on) or "ok",
             _ago(d.last_heartbeat_unix_s, now),
             d.engine,
             str(d.num_ranks),
@@ -64,7 +65,7 @@ def format_status(daemons: pb.ListDaemonsResponse, rounds: pb.ListRoundsResponse
     ]
     return "\n".join(
         [
-            f"committed version: {daemons.committed_version}",
+            f"committed version: {daemons.committed_version}   version floor: {daemons.version_floor} (the next round's version must exceed it)",
             "",
             _table(["DAEMON", "STATE", "VERSION", "FLAGS", "HEARTBEAT", "ENGINE", "RANKS", "HOST"], d_rows),
             "",

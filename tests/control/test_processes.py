@@ -110,11 +110,12 @@ async def test_grpcurl_metrics_status_and_sigterm():
         stop_process(proc)
 
 
-async def test_coordinator_restart_daemons_reregister_with_versions():
+async def test_coordinator_restart_daemons_reregister_with_versions(tmp_path):
     """After a SIGKILL and restart of the coordinator, daemons re-register with their versions, the open round fails cleanly, the next round commits."""
     port = free_port()
     address = f"127.0.0.1:{port}"
-    proc = spawn_coordinator(port)
+    state = ("--state-file", str(tmp_path / "state.json"))
+    proc = spawn_coordinator(port, *state)
     handlers = {d: ScriptedHandler() for d in ("d0", "d1")}
     agents = []
     try:
@@ -133,7 +134,7 @@ async def test_coordinator_restart_daemons_reregister_with_versions():
                 await client.commit_update(open_round, trainer_checksums(open_round))
             for h in handlers.values():
                 h.delay_s = 0
-            proc = spawn_coordinator(port)
+            proc = spawn_coordinator(port, *state)
             await wait_serving(address)
             await wait_until(lambda: all(ag.sessions_opened >= 2 and ag.connected.is_set() for ag in agents), 20)
             with pytest.raises(NotFound, match="unknown to this coordinator"):
@@ -154,11 +155,12 @@ async def test_coordinator_restart_daemons_reregister_with_versions():
         stop_process(proc)
 
 
-async def test_coordinator_restart_between_rounds_recovers_committed_version():
-    """Between rounds, a restarted coordinator learns the committed version from the re-registering fleet."""
+async def test_coordinator_restart_between_rounds_recovers_committed_version(tmp_path):
+    """Between rounds, a restarted coordinator reads the committed version from its state file; the fleet's claims agree with it."""
     port = free_port()
     address = f"127.0.0.1:{port}"
-    proc = spawn_coordinator(port)
+    state = ("--state-file", str(tmp_path / "state.json"))
+    proc = spawn_coordinator(port, *state)
     agents = []
     try:
         await wait_serving(address)
@@ -171,7 +173,7 @@ async def test_coordinator_restart_between_rounds_recovers_committed_version():
             await wait_until(lambda: all(ag.served_version == 4 and not ag.dirty for ag in agents))
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
-            proc = spawn_coordinator(port)
+            proc = spawn_coordinator(port, *state)
             await wait_serving(address)
             await wait_until(lambda: all(ag.sessions_opened >= 2 and ag.connected.is_set() for ag in agents), 20)
             listed = await client.list_daemons()

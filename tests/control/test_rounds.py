@@ -203,8 +203,9 @@ async def test_deadline_expiry_times_out(fleet):
 async def test_trainer_silent_times_out(fleet):
     """A trainer that never commits cannot hold the fleet: the deadline ends the round and the next one begins."""
     _, _, _, client = fleet
-    await client.begin_update(1, INVENTORY, deadline_s=0.5, **RDV)
-    await asyncio.sleep(1.0)
+    await client.begin_update(1, INVENTORY, deadline_s=1.0, **RDV)
+    server = fleet[0]
+    await wait_until(lambda: server.coordinator.open_round is None, 10)
     rounds = await client.list_rounds()
     assert rounds[0].state == "TIMED_OUT" and "before the trainer sent its checksums" in rounds[0].reason
     _, report = await run_round(client, 2)

@@ -68,7 +68,8 @@ class Fleet:
 
     def start_coordinator(self) -> None:
         self.coordinator = subprocess.Popen(
-            cli("coordinator", "--listen", self.address, "--heartbeat-interval-s", "0.3", "--heartbeat-timeout-s", str(HEARTBEAT_TIMEOUT_S)),
+            cli("coordinator", "--listen", self.address, "--heartbeat-interval-s", "0.3", "--heartbeat-timeout-s", str(HEARTBEAT_TIMEOUT_S),
+                "--state-file", str(self.tmp / "coordinator-state.json")),
             cwd=ROOT, env=self.env, stdout=self._log("coordinator"), stderr=subprocess.STDOUT,
         )
 

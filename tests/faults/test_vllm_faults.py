@@ -55,7 +55,8 @@ class VllmFleet:
 
     def start_coordinator(self) -> None:
         self.procs["coordinator"] = subprocess.Popen(
-            _cli("coordinator", "--listen", self.address, "--heartbeat-interval-s", "0.3", "--heartbeat-timeout-s", "4"),
+            _cli("coordinator", "--listen", self.address, "--heartbeat-interval-s", "0.3", "--heartbeat-timeout-s", "4",
+                 "--state-file", str(self.tmp / "coordinator-state.json")),
             cwd=ROOT, env=self.env, stdout=self._log("coordinator"), stderr=subprocess.STDOUT)
 
     def start_engine(self, name: str) -> None:

@@ -161,7 +161,7 @@ class DaemonResult(_message.Message):
     def __init__(self, daemon_id: _Optional[str] = ..., status: _Optional[_Union[ResultStatus, str]] = ..., reason: _Optional[str] = ..., mismatched_tensors: _Optional[_Iterable[str]] = ..., receive_s: _Optional[float] = ..., apply_s: _Optional[float] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
 class RegisterDaemonRequest(_message.Message):
-    __slots__ = ("daemon_id", "engine", "model", "host", "num_ranks", "inventory", "transports", "served_version", "dirty")
+    __slots__ = ("daemon_id", "engine", "model", "host", "num_ranks", "inventory", "transports", "served_version", "dirty", "resume_token")
     DAEMON_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,7 @@ class RegisterDaemonRequest(_message.Message):
     TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     SERVED_VERSION_FIELD_NUMBER: _ClassVar[int]
     DIRTY_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     daemon_id: str
     engine: str
     model: str
@@ -180,19 +181,22 @@ class RegisterDaemonRequest(_message.Message):
     transports: _containers.RepeatedScalarFieldContainer[str]
     served_version: int
     dirty: bool
-    def __init__(self, daemon_id: _Optional[str] = ..., engine: _Optional[str] = ..., model: _Optional[str] = ..., host: _Optional[str] = ..., num_ranks: _Optional[int] = ..., inventory: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., transports: _Optional[_Iterable[str]] = ..., served_version: _Optional[int] = ..., dirty: _Optional[bool] = ...) -> None: ...
+    resume_token: str
+    def __init__(self, daemon_id: _Optional[str] = ..., engine: _Optional[str] = ..., model: _Optional[str] = ..., host: _Optional[str] = ..., num_ranks: _Optional[int] = ..., inventory: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., transports: _Optional[_Iterable[str]] = ..., served_version: _Optional[int] = ..., dirty: _Optional[bool] = ..., resume_token: _Optional[str] = ...) -> None: ...
 
 class RegisterDaemonResponse(_message.Message):
-    __slots__ = ("session_token", "heartbeat_interval_s", "heartbeat_timeout_s", "stale")
+    __slots__ = ("session_token", "heartbeat_interval_s", "heartbeat_timeout_s", "stale", "unknown_version")
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     STALE_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_VERSION_FIELD_NUMBER: _ClassVar[int]
     session_token: str
     heartbeat_interval_s: float
     heartbeat_timeout_s: float
     stale: bool
-    def __init__(self, session_token: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ..., stale: _Optional[bool] = ...) -> None: ...
+    unknown_version: bool
+    def __init__(self, session_token: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ..., stale: _Optional[bool] = ..., unknown_version: _Optional[bool] = ...) -> None: ...
 
 class SessionHello(_message.Message):
     __slots__ = ("daemon_id", "session_token")
@@ -379,7 +383,7 @@ class AbortUpdateResponse(_message.Message):
     def __init__(self, round: _Optional[_Union[RoundInfo, _Mapping]] = ...) -> None: ...
 
 class DaemonInfo(_message.Message):
-    __slots__ = ("daemon_id", "state", "engine", "model", "host", "num_ranks", "served_version", "last_heartbeat_unix_s", "dirty", "stale", "num_tensors", "transports", "reason")
+    __slots__ = ("daemon_id", "state", "engine", "model", "host", "num_ranks", "served_version", "last_heartbeat_unix_s", "dirty", "stale", "num_tensors", "transports", "reason", "unknown_version")
     DAEMON_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
@@ -393,6 +397,7 @@ class DaemonInfo(_message.Message):
     NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_VERSION_FIELD_NUMBER: _ClassVar[int]
     daemon_id: str
     state: DaemonState
     engine: str
@@ -406,19 +411,22 @@ class DaemonInfo(_message.Message):
     num_tensors: int
     transports: _containers.RepeatedScalarFieldContainer[str]
     reason: str
-    def __init__(self, daemon_id: _Optional[str] = ..., state: _Optional[_Union[DaemonState, str]] = ..., engine: _Optional[str] = ..., model: _Optional[str] = ..., host: _Optional[str] = ..., num_ranks: _Optional[int] = ..., served_version: _Optional[int] = ..., last_heartbeat_unix_s: _Optional[float] = ..., dirty: _Optional[bool] = ..., stale: _Optional[bool] = ..., num_tensors: _Optional[int] = ..., transports: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ...) -> None: ...
+    unknown_version: bool
+    def __init__(self, daemon_id: _Optional[str] = ..., state: _Optional[_Union[DaemonState, str]] = ..., engine: _Optional[str] = ..., model: _Optional[str] = ..., host: _Optional[str] = ..., num_ranks: _Optional[int] = ..., served_version: _Optional[int] = ..., last_heartbeat_unix_s: _Optional[float] = ..., dirty: _Optional[bool] = ..., stale: _Optional[bool] = ..., num_tensors: _Optional[int] = ..., transports: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., unknown_version: _Optional[bool] = ...) -> None: ...
 
 class ListDaemonsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ListDaemonsResponse(_message.Message):
-    __slots__ = ("daemons", "committed_version")
+    __slots__ = ("daemons", "committed_version", "version_floor")
     DAEMONS_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FLOOR_FIELD_NUMBER: _ClassVar[int]
     daemons: _containers.RepeatedCompositeFieldContainer[DaemonInfo]
     committed_version: int
-    def __init__(self, daemons: _Optional[_Iterable[_Union[DaemonInfo, _Mapping]]] = ..., committed_version: _Optional[int] = ...) -> None: ...
+    version_floor: int
+    def __init__(self, daemons: _Optional[_Iterable[_Union[DaemonInfo, _Mapping]]] = ..., committed_version: _Optional[int] = ..., version_floor: _Optional[int] = ...) -> None: ...
 
 class ListRoundsRequest(_message.Message):
     __slots__ = ("limit",)

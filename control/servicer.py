@@ -24,6 +24,13 @@ HELLO_TIMEOUT_S = 10.0
 MAX_ROUNDS_LISTED = 1000
 # Free text a client sends (a daemon's error): kept and listed, so bounded.
 MAX_REASON_CHARS = 2000
+# ListRounds stops adding rounds past this many bytes, well under the 64 MiB message limit,
+# so that no history a client can cause makes the listing (and `status`) fail.
+MAX_LISTING_BYTES = 16 << 20
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS] + f"... ({len(text) - MAX_REASON_CHARS} more characters)"
 
 
 def round_to_pb(rnd: RoundRecord) -> pb.RoundInfo:
@@ -37,7 +44,7 @@ def round_to_pb(rnd: RoundRecord) -> pb.RoundInfo:
             pb.DaemonResult(
                 daemon_id=daemon_id,
                 status=pb.ResultStatus.Value("RESULT_STATUS_" + o.status.value),
-                reason=o.reason,
+                reason=_clip(o.reason),
                 mismatched_tensors=o.mismatched[:MAX_LISTED_PROBLEMS],
                 receive_s=o.receive_s,
                 apply_s=o.apply_s,
@@ -49,7 +56,7 @@ def round_to_pb(rnd: RoundRecord) -> pb.RoundInfo:
         num_tensors=a.plan.num_tensors,
         started_unix_s=rnd.started_unix,
         duration_s=rnd.duration_s,
-        reason=rnd.reason,
+        reason=_clip(rnd.reason),
         transport=a.rendezvous.transport,
     )
 
@@ -68,7 +75,7 @@ def daemon_to_pb(rec: DaemonRecord) -> pb.DaemonInfo:
         stale=rec.stale,
         num_tensors=len(rec.inventory),
         transports=list(rec.transports),
-        reason=rec.reason,
+        reason=_clip(rec.reason),
         unknown_version=rec.unknown_version,
     )
 
@@ -274,7 +281,14 @@ class InspectionServicer(pb_grpc.InspectionServiceServicer):
             raise InvalidArgument(f"limit: expected >= 0 (0 for the default of 20), got {request.limit}")
         limit = min(request.limit or 20, MAX_ROUNDS_LISTED)
         rounds = list(self._c.rounds.values())[-limit:]
-        return pb.ListRoundsResponse(rounds=[round_to_pb(r) for r in reversed(rounds)])
+        listed, size = [], 0
+        for r in reversed(rounds):
+            msg = round_to_pb(r)
+            size += msg.ByteSize()
+            if listed and size > MAX_LISTING_BYTES:
+                break
+            listed.append(msg)
+        return pb.ListRoundsResponse(rounds=listed)
 
     async def GetRound(self, request: pb.GetRoundRequest, context) -> pb.GetRoundResponse:
         return pb.GetRoundResponse(round=round_to_pb(self._c.get_round(request.update_id)))

@@ -73,17 +73,14 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         return await continuation(handler_call_details)
 
 
-_STREAMING_METHODS = frozenset({"/weightsync.v1.DaemonService/Connect"})
-
-
 def _denial(method: str, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    async def deny_unary(request, context):
-        await context.abort(code, message)
-
-    async def deny_stream(request_iterator, context):
+    # A request-streaming handler for every method, unary ones too: gRPC reads a unary
+    # request whole before calling its handler (and opens its flow-control window to the
+    # announced size, up to 64 MiB), so a unary denial would first buffer whatever an
+    # unauthenticated client sends. A streaming handler refuses before reading a byte.
+    # The client cannot tell: cardinality is a server-side choice.
+    async def deny(request_iterator, context):
         await context.abort(code, message)
         yield  # pragma: no cover - unreachable, makes this an async generator
 
-    if method in _STREAMING_METHODS:
-        return grpc.stream_stream_rpc_method_handler(deny_stream)
-    return grpc.unary_unary_rpc_method_handler(deny_unary)
+    return grpc.stream_stream_rpc_method_handler(deny)

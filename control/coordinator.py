@@ -67,6 +67,9 @@ class CoordinatorConfig:
     max_inventory_tensors: int = 1_000_000
     max_tensor_bytes: int = 1 << 40
     max_inventory_bytes: int = 64 << 40
+    # Request bodies read at once, and how long one may take (see control/read_limits.py).
+    max_concurrent_reads: int = 4
+    request_read_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0:
@@ -85,7 +88,9 @@ class CoordinatorConfig:
                 f"lost_expiry_s ({self.lost_expiry_s}) must exceed heartbeat_timeout_s ({self.heartbeat_timeout_s}): "
                 "a daemon must be LOST before it can expire"
             )
-        for name in ("max_daemons", "max_inventory_tensors", "max_tensor_bytes", "max_inventory_bytes"):
+        if self.request_read_timeout_s <= 0:
+            raise ValueError(f"request_read_timeout_s must be > 0, got {self.request_read_timeout_s}")
+        for name in ("max_daemons", "max_inventory_tensors", "max_tensor_bytes", "max_inventory_bytes", "max_concurrent_reads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 

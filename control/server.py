@@ -18,6 +18,7 @@ from weightsync.control.coordinator import Coordinator, CoordinatorConfig
 from weightsync.control.errors_interceptor import ErrorMappingInterceptor
 from weightsync.control.identity import caller_identity
 from weightsync.control.metrics import CoordinatorMetrics
+from weightsync.control.read_limits import ReadLimitInterceptor
 from weightsync.control.servicer import DaemonServicer, InspectionServicer, TrainerServicer
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
@@ -36,6 +37,12 @@ GRPC_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ("grpc.keepalive_time_ms", 30000),
     ("grpc.keepalive_timeout_ms", 10000),
+    # No bandwidth-delay probing: it grows every stream's flow-control window (up to MiBs)
+    # before a handler asked to read, so that a caller could park that much per stream.
+    # Windows stay at 64 KiB until a request is read (control messages are small; bulk
+    # bytes travel on the data plane).
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.max_concurrent_streams", 1024),
 )
 
 
@@ -83,7 +90,14 @@ class CoordinatorServer:
 
     async def start(self) -> int:
         self.health = health_async.HealthServicer()
-        server = grpc.aio.server(interceptors=(*self._interceptors, ErrorMappingInterceptor()), options=GRPC_OPTIONS)
+        cfg = self.coordinator.config
+        limits = ReadLimitInterceptor(max_concurrent_reads=cfg.max_concurrent_reads, read_timeout_s=cfg.request_read_timeout_s)
+        server = grpc.aio.server(
+            interceptors=(*self._interceptors, limits, ErrorMappingInterceptor()),
+            options=GRPC_OPTIONS,
+            # Sessions hold one call each for their lifetime: room for every daemon, plus calls.
+            maximum_concurrent_rpcs=cfg.max_daemons + 1024,
+        )
         identify = functools.partial(caller_identity, tokens_configured=self._tokens_configured)
         pb_grpc.add_DaemonServiceServicer_to_server(DaemonServicer(self.coordinator, identify), server)
         pb_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(self.coordinator, identify), server)

@@ -26,6 +26,8 @@ def _coordinator(args: argparse.Namespace) -> int:
         max_inventory_tensors=args.max_inventory_tensors,
         max_tensor_bytes=args.max_tensor_bytes,
         max_inventory_bytes=args.max_inventory_bytes,
+        max_concurrent_reads=args.max_concurrent_reads,
+        request_read_timeout_s=args.request_read_timeout_s,
     )
     server = CoordinatorServer(
         config,
@@ -100,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--max-daemons", type=int, default=10_000, help="registered daemons at most (default: %(default)s)")
     lim.add_argument("--max-inventory-tensors", type=int, default=1_000_000, help="tensors per registration at most (default: %(default)s)")
     lim.add_argument("--max-tensor-bytes", type=int, default=1 << 40, help="bytes per registered tensor at most (default: %(default)s = 1 TiB)")
+    lim.add_argument(
+        "--max-concurrent-reads", type=int, default=4,
+        help="request bodies read at once; each is at most 64 MiB, so this bounds what callers can make the coordinator buffer (default: %(default)s)",
+    )
+    lim.add_argument(
+        "--request-read-timeout-s", type=float, default=60.0,
+        help="a request body not received within this many seconds fails DEADLINE_EXCEEDED and is freed (default: %(default)s s)",
+    )
     lim.add_argument("--max-inventory-bytes", type=int, default=64 << 40, help="bytes per registration in all at most (default: %(default)s = 64 TiB)")
     _add_security(c, server=True)
     c.set_defaults(func=_coordinator)

@@ -9,7 +9,6 @@ import logging
 
 from weightsync.control.convert import assignment_to_pb, checksums_from_pb, spec_from_pb
 from weightsync.control.coordinator import Coordinator, DaemonRegistration, SessionEvent, UpdateOptions, check_registration
-from weightsync.control.identity import caller_identity
 from weightsync.control.records import DaemonRecord, RoundRecord
 from weightsync.control.validation import MAX_LISTED_PROBLEMS, parse_manifest
 from weightsync.core import DeadlineExceeded, InvalidArgument, ResourceExhausted

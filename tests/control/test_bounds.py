@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import free_port
-from tests.control.helpers import FAST, INVENTORY, ScriptedHandler, start_agent, start_coordinator, trainer_checksums, wait_until
+from tests.control.helpers import INVENTORY, ScriptedHandler, start_agent, start_coordinator, trainer_checksums, wait_until
 from tests.control.test_processes import ROOT, spawn_coordinator, stop_process, wait_serving
 from weightsync.control.coordinator import CoordinatorConfig
 from weightsync.control.trainer_client import TrainerClient

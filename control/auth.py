@@ -1,9 +1,11 @@
 """Bearer tokens with roles, checked by one server interceptor.
 
 Roles: `trainer` may begin, commit and abort rounds; `daemon` may register and hold a
-session; `inspector` may only read. Trainers and daemons may also inspect. Health and
-reflection stay open so that orchestrators and operators can probe without secrets;
-they reveal no state beyond the schema and SERVING/NOT_SERVING.
+session; `inspector` may only read. Trainers and daemons may also inspect. Health stays
+open so that orchestrators can probe without secrets; it reveals nothing beyond
+SERVING/NOT_SERVING, and its (tiny) requests are read under their own budget
+(control/read_limits.py). Reflection needs a token of any role: its request stream could
+otherwise make the coordinator buffer large messages for anyone.
 """
 
 from __future__ import annotations
@@ -13,15 +15,17 @@ from collections.abc import Mapping
 
 import grpc
 
-__all__ = ["ROLES", "TokenAuthInterceptor", "load_tokens"]
+__all__ = ["OPEN_PREFIXES", "ROLES", "TokenAuthInterceptor", "load_tokens"]
 
 ROLES = ("trainer", "daemon", "inspector")
 _SERVICE_ROLES: dict[str, frozenset[str]] = {
     "weightsync.v1.TrainerService": frozenset({"trainer"}),
     "weightsync.v1.DaemonService": frozenset({"daemon"}),
     "weightsync.v1.InspectionService": frozenset({"inspector", "trainer", "daemon"}),
+    "grpc.reflection.v1alpha.ServerReflection": frozenset(ROLES),
+    "grpc.reflection.v1.ServerReflection": frozenset(ROLES),
 }
-_OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+OPEN_PREFIXES = ("/grpc.health.v1.",)
 
 
 def load_tokens(path: str) -> dict[str, str]:
@@ -61,7 +65,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         method: str = handler_call_details.method
-        if method.startswith(_OPEN_PREFIXES):
+        if method.startswith(OPEN_PREFIXES):
             return await continuation(handler_call_details)
         service = method.strip("/").split("/", 1)[0]
         allowed = _SERVICE_ROLES.get(service, frozenset())

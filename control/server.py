@@ -13,7 +13,7 @@ from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from weightsync.control.auth import TokenAuthInterceptor
+from weightsync.control.auth import OPEN_PREFIXES, TokenAuthInterceptor
 from weightsync.control.coordinator import Coordinator, CoordinatorConfig
 from weightsync.control.errors_interceptor import ErrorMappingInterceptor
 from weightsync.control.identity import caller_identity
@@ -91,7 +91,11 @@ class CoordinatorServer:
     async def start(self) -> int:
         self.health = health_async.HealthServicer()
         cfg = self.coordinator.config
-        limits = ReadLimitInterceptor(max_concurrent_reads=cfg.max_concurrent_reads, read_timeout_s=cfg.request_read_timeout_s)
+        limits = ReadLimitInterceptor(
+            max_concurrent_reads=cfg.max_concurrent_reads,
+            read_timeout_s=cfg.request_read_timeout_s,
+            open_prefixes=OPEN_PREFIXES if self._tokens_configured else (),
+        )
         server = grpc.aio.server(
             interceptors=(*self._interceptors, limits, ErrorMappingInterceptor()),
             options=GRPC_OPTIONS,

@@ -1,8 +1,8 @@
 """Stalled HTTP/2 streams, written by hand so that a test controls every frame.
 
-usage: python -m tests.control._h2_stall HOST PORT CONNECTIONS STREAMS_PER_CONNECTION [TOKEN]
+usage: python -m tests.control._h2_stall HOST PORT CONNECTIONS STREAMS_PER_CONNECTION [TOKEN [PATH]]
 
-Each stream is a gRPC call to RegisterDaemon that announces a 60 MB message and sends
+Each stream is a gRPC call (to PATH, default RegisterDaemon; TOKEN "-" for none) that announces a 60 MB message and sends
 whatever the coordinator's flow control lets it send (all but its last KiB), then stalls: the bytes
 the coordinator agreed to take are what it may have buffered. Prints 'stalled SENT_BYTES'
 once no connection has made progress for 2 s, then holds every connection open until killed.
@@ -43,7 +43,7 @@ def _literal(name: str, value: str) -> bytes:
 
 
 class _Conn:
-    def __init__(self, host: str, port: int, streams: int, token: str) -> None:
+    def __init__(self, host: str, port: int, streams: int, token: str, path: str) -> None:
         self.sock = socket.create_connection((host, port))
         self.sock.setblocking(False)
         self.buf = b""
@@ -51,9 +51,9 @@ class _Conn:
         self.initial_window = 65535
         self.out = bytearray(PREFACE + _frame(SETTINGS, 0, 0))
         self.streams: dict[int, dict] = {}
-        headers = [(":method", "POST"), (":scheme", "http"), (":path", "/weightsync.v1.DaemonService/RegisterDaemon"),
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", path),
                    (":authority", f"{host}:{port}"), ("content-type", "application/grpc"), ("te", "trailers")]
-        if token:
+        if token and token != "-":
             headers.append(("authorization", f"Bearer {token}"))
         block = b"".join(_literal(k, v) for k, v in headers)
         for i in range(streams):
@@ -126,7 +126,8 @@ class _Conn:
 def main() -> None:
     host, port, num_conns, num_streams = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     token = sys.argv[5] if len(sys.argv) > 5 else ""
-    conns = [_Conn(host, port, num_streams, token) for _ in range(num_conns)]
+    path = sys.argv[6] if len(sys.argv) > 6 else "/weightsync.v1.DaemonService/RegisterDaemon"
+    conns = [_Conn(host, port, num_streams, token, path) for _ in range(num_conns)]
     last_progress = time.monotonic()
     reported = False
     while True:

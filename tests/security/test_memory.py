@@ -29,8 +29,8 @@ def _rss_mb(pid: int) -> float:
 class _Attack:
     """tests/control/_h2_stall.py in its own process: stalled RegisterDaemon streams announcing 60 MB each."""
 
-    def __init__(self, port: int, connections: int, streams: int, token: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.control._h2_stall", "127.0.0.1", str(port), str(connections), str(streams), token],
+    def __init__(self, port: int, connections: int, streams: int, token: str, path: str = "/weightsync.v1.DaemonService/RegisterDaemon") -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.control._h2_stall", "127.0.0.1", str(port), str(connections), str(streams), token, path],
                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     async def line(self, prefix: str, timeout_s: float = 60) -> int:
@@ -88,6 +88,18 @@ async def test_stalled_streams_cannot_make_the_coordinator_buffer(tmp_path):
         print(f"valid token: took {accepted / 2**20:.1f} MiB of 6 x 60 MB; all cut {time.monotonic() - t_stalled:.1f} s after stalling; RSS +{grown_mb:.1f} MB")
         assert accepted <= (60 << 20) + 6 * WINDOW_BYTES, accepted
         assert grown_mb < 120, f"the coordinator grew {grown_mb:.0f} MB for 6 stalled uploads (one read at a time allows ~64)"
+
+        # 3. No token, to the health service that stays open: one body at a time, cut at the read timeout.
+        health = _Attack(port, 6, 1, "-", "/grpc.health.v1.Health/Check")
+        attacks.append(health)
+        accepted = await health.line("stalled")
+        closed = 0
+        while closed < 6:
+            closed = await health.line("closed", timeout_s=read_timeout_s + 30)
+        grown_mb = _rss_mb(coord.pid) - base_mb
+        print(f"open health service: took {accepted / 2**20:.1f} MiB of 6 x 60 MB; RSS +{grown_mb:.1f} MB")
+        assert accepted <= (60 << 20) + 6 * WINDOW_BYTES, accepted
+        assert grown_mb < 120, f"the coordinator grew {grown_mb:.0f} MB for 6 stalled health calls"
 
         # The fleet never noticed.
         assert agent.sessions_opened == 1 and agent.connected.is_set()

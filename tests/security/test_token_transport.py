@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 
+import grpc
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.conftest import free_port
 from tests.control.helpers import INVENTORY, start_agent, trainer_checksums
@@ -52,6 +54,18 @@ async def test_allow_insecure_tokens_warns_and_loopback_tokens_work(tmp_path):
         async with TrainerClient(address) as anonymous:
             with pytest.raises(Unauthenticated):
                 await anonymous.list_daemons()
+        # Reflection needs a token too (its request stream is read for anyone it admits).
+        ask = reflection_pb2.ServerReflectionRequest(list_services="")
+        async with grpc.aio.insecure_channel(address) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(iter([ask]), timeout=5):
+                    pass
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        creds = grpc.composite_channel_credentials(grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP),
+                                                   grpc.access_token_call_credentials(trainer_tok))
+        async with grpc.aio.secure_channel(address, creds) as ch:
+            replies = [r async for r in reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(iter([ask]), timeout=5)]
+            assert "weightsync.v1.TrainerService" in [s.name for s in replies[0].list_services_response.service]
     finally:
         if agent is not None:
             await agent.close(1)

@@ -50,6 +50,8 @@ MAX_DEADLINE_S = 24 * 3600.0
 MIN_DEADLINE_S = 1.0
 # Free-text fields of a registration (engine, model, host): shown by status, never parsed.
 MAX_LABEL_CHARS = 1024
+# torch's own limit on a tensor's dims; also keeps the byte count a small product.
+MAX_DIMS = 64
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,6 +171,9 @@ def check_registration(reg: DaemonRegistration, config: CoordinatorConfig) -> di
     for i, spec in enumerate(reg.inventory):
         if spec.name in inventory:
             problems.append(f"inventory[{i}]: duplicate tensor name {spec.name!r}")
+            continue
+        if len(spec.shape) > MAX_DIMS:
+            problems.append(f"inventory[{i}] ({spec.name!r}): {len(spec.shape)} dims: expected at most {MAX_DIMS}")
             continue
         nbytes = spec.nbytes
         if nbytes > config.max_tensor_bytes:

@@ -45,6 +45,7 @@ async def test_registrations_are_bounded_and_name_the_field():
         (dict(num_ranks=10**6), grpc.StatusCode.INVALID_ARGUMENT, ["num_ranks", "1..4096"]),
         (dict(engine="e" * 5000), grpc.StatusCode.INVALID_ARGUMENT, ["engine", "1024"]),
         (dict(served_version=-5), grpc.StatusCode.INVALID_ARGUMENT, ["served_version", "-5"]),
+        (dict(inventory=[pb.TensorSpec(name="w", shape=[2**62] * 100_000, dtype="float32")]), grpc.StatusCode.INVALID_ARGUMENT, ["inventory[0]", "100000 dims"]),
         (dict(inventory=[pb.TensorSpec(name="n" * 2000, shape=[1], dtype="float32")]), grpc.StatusCode.INVALID_ARGUMENT, ["inventory[0]", "1024"]),
     ]
     try:

@@ -210,6 +210,8 @@ class Coordinator:
         state = load_state(self.config.state_file) if self.config.state_file else CommittedState()
         self.max_version = state.version_floor
         self.committed_version = state.committed_version
+        if self.config.state_file:
+            save_state(self.config.state_file, state)  # fails now, at start, if it cannot be written
         self.accepting = True
         self._reaper: asyncio.Task | None = None
 
@@ -424,8 +426,8 @@ class Coordinator:
         )
         rnd = RoundRecord(assignment=assignment, manifest_covers=frozenset(s.name for s in manifest), owner=owner)
         rnd.outcomes = {d.daemon_id: DaemonOutcome() for d in participants}
+        self._save_state(version_floor=version)
         self.max_version = version
-        self._save_state()
         self.open_round = rnd
         self.rounds[assignment.update_id] = rnd
         while len(self.rounds) > self.config.rounds_kept:
@@ -528,10 +530,14 @@ class Coordinator:
             raise PermissionDenied(f"update {update_id} was begun by another trainer credential: only it may {verb} the round")
         return rnd
 
-    def _save_state(self) -> None:
-        if self.config.state_file:
-            # A few bytes with fsync: fast enough for the event loop, once per round.
-            save_state(self.config.state_file, CommittedState(self.committed_version, self.max_version))
+    def _save_state(self, version_floor: int | None = None) -> None:
+        if not self.config.state_file:
+            return
+        try:
+            # A few bytes with fsync: fast enough for the event loop, twice per round.
+            save_state(self.config.state_file, CommittedState(self.committed_version, self.max_version if version_floor is None else version_floor))
+        except OSError as e:
+            raise Unavailable(f"cannot write the state file {self.config.state_file}: {e}: fix the disk or the path") from e
 
     def _live(self, daemon_id: str) -> DaemonRecord:
         rec = self.daemons.get(daemon_id)
@@ -607,7 +613,12 @@ class Coordinator:
                 )
         if state is RoundState.COMMITTED:
             self.committed_version = max(self.committed_version, rnd.version)
-            self._save_state()
+            try:
+                self._save_state()
+            except Unavailable:
+                # The round did commit; a restart will know an older committed version, which
+                # only makes it trust fewer claims. Finishing the round matters more.
+                log.error("committed version %d not persisted", rnd.version, exc_info=True)
         if rnd.deadline_task is not None and rnd.deadline_task is not asyncio.current_task():
             rnd.deadline_task.cancel()
         if self.open_round is rnd:

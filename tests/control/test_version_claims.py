@@ -152,3 +152,13 @@ async def test_without_a_state_file_a_restart_trusts_no_claimed_version():
         for ag in agents:
             await ag.close(1)
         stop_process(proc)
+
+
+def test_unreadable_or_inconsistent_state_file_stops_the_coordinator_at_start(tmp_path):
+    """A corrupt state file, or one whose floor is below its committed version, is refused at start with the file named."""
+    for text, needle in (("{not json", "cannot read it"), ('{"committed_version": 5, "version_floor": 3}', "version_floor (3) is below")):
+        state = tmp_path / "state.json"
+        state.write_text(text)
+        proc = spawn_coordinator(free_port(), "--state-file", str(state))
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode != 0 and str(state) in out and needle in out, out

@@ -15,7 +15,8 @@ from tests.faults.fleet import ROOT, Fleet, cli
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
-pytestmark = pytest.mark.slow
+# A loaded 2-core machine took 9 min (CI alone: far less); the default 300 s would cut it short there.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 FAULTS = ["none", "absurd_claim", "duplicate_id", "bad_registration", "stalled_streams", "coordinator_restart"]
 
 

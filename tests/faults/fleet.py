@@ -39,6 +39,15 @@ def make_weights(seed: int) -> dict[str, torch.Tensor]:
     return {k: v.to(torch.bfloat16) for k, v in out.items()}
 
 
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    """Polls `predicate` until it holds; fails naming `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s:g} s: {what}")
+        time.sleep(interval_s)
+
+
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)) for k in a)
 
@@ -106,21 +115,35 @@ class Fleet:
         self.weights[version] = path
         return w
 
-    def push(self, version: int, *, background: bool = False):
+    def push(
+        self,
+        version: int,
+        *,
+        background: bool = False,
+        collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
+        deadline_s: float = DEADLINE_S,
+        failpoints: dict | None = None,
+    ):
+        """Runs `weightsync push` for `version`; `failpoints` go to the trainer process (see runtime/failpoints.py)."""
         if version not in self.weights:
             self.checkpoint(version)
         cmd = cli("push", "--coordinator", self.address, "--weights", str(self.weights[version]), "--version", str(version),
-                  "--bucket-size-bytes", str(BUCKET_BYTES), "--collective-timeout-s", str(COLLECTIVE_TIMEOUT_S),
-                  "--deadline-s", str(DEADLINE_S), "--json")
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=self._log(f"push-v{version}"), text=True)
+                  "--bucket-size-bytes", str(BUCKET_BYTES), "--collective-timeout-s", str(collective_timeout_s),
+                  "--deadline-s", str(deadline_s), "--json")
+        env = self.env
+        if failpoints:
+            path = self.tmp / f"push-v{version}.failpoints"
+            path.write_text("".join(f"{k} {v}\n" for k, v in failpoints.items()))
+            env = {**env, "WEIGHTSYNC_FAILPOINTS_FILE": str(path)}
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self._log(f"push-v{version}"), text=True)
         if background:
             return proc
         return self.finish_push(proc)
 
-    def push_mid_transfer(self, version: int, *, after_s: float, apply_delay_s: float = 0.15) -> subprocess.Popen:
+    def push_mid_transfer(self, version: int, *, after_s: float, apply_delay_s: float = 0.15, **push_options) -> subprocess.Popen:
         """Starts a slowed push and returns once it has been transferring for after_s: time for a fault."""
         self.slow_all(apply_delay_s)
-        proc = self.push(version, background=True)
+        proc = self.push(version, background=True, **push_options)
         self.wait_round_started()
         time.sleep(after_s)
         return proc

@@ -455,16 +455,17 @@ class GroupCache:
         if reason is not None:
             raise TransferError(f"rank {rank}: {what} abandoned: {reason}")
 
-    def _poll_keys(self, store: Store, keys: list[str], update_id: str, rank: int, what: str, timeout_s: float) -> None:
-        """Waits for keys like store.wait, but leaves at once when the round is aborted from outside."""
+    def _poll_keys(self, store: Store, keys: list[str], update_id: str, rank: int, what: str, timeout_s: float) -> bool:
+        """Waits for keys like store.wait, but leaves at once when the round is aborted from outside; False on timeout."""
         deadline = time.monotonic() + timeout_s
         delay_s = 0.0005
         while not store.check(keys):
             self._raise_if_aborted(update_id, rank, what)
             if time.monotonic() >= deadline:
-                raise TransferError(f"rank {rank}: {what} did not finish within timeout_s={timeout_s:g} (a peer hangs or died)")
+                return False
             time.sleep(delay_s)
             delay_s = min(delay_s * 2, ABORT_POLL_INTERVAL_S)
+        return True
 
     def _raw_store(self, rendezvous: Rendezvous, rank: int) -> Store:
         if rank == 0:
@@ -529,7 +530,11 @@ class GroupCache:
                     store.delete_key(self._last_round_key)
                 self._last_round_key = round_key
             else:
-                self._poll_keys(store, [round_key], assignment.update_id, rank, "waiting for the trainer's round key", rdv.timeout_s)
+                if not self._poll_keys(store, [round_key], assignment.update_id, rank, "rendezvous", rdv.timeout_s):
+                    raise TransferError(
+                        f"rank {rank}: rendezvous for update {assignment.update_id} failed at {rdv.host}:{rdv.port} "
+                        f"within {rdv.timeout_s:g} s: the trainer did not open the round"
+                    )
                 generation = int(store.get(round_key))
         except TransferError:
             self.drop()
@@ -552,7 +557,12 @@ class GroupCache:
             # barrier (which polls for aborts) rather than inside the constructor.
             prefixed.set(f"joined/{rank}", b"1")
             joined = [f"joined/{r}" for r in range(rdv.world_size)]
-            self._poll_keys(prefixed, joined, assignment.update_id, rank, f"joining group {rdv.group_id}", rdv.timeout_s)
+            if not self._poll_keys(prefixed, joined, assignment.update_id, rank, f"joining group {rdv.group_id}", rdv.timeout_s):
+                missing = [r for r in range(rdv.world_size) if not prefixed.check([f"joined/{r}"])]
+                raise TransferError(
+                    f"rank {rank}: could not form {rdv.transport} group {rdv.group_id} (world_size {rdv.world_size}) "
+                    f"within {rdv.timeout_s:g} s: ranks {missing} never joined"
+                )
             backend = _make_backend(rdv, rank, prefixed, device)
         except RuntimeError as e:
             raise TransferError(

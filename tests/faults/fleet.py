@@ -52,6 +52,15 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)) for k in a)
 
 
+class _Impostor:
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
 class Fleet:
     def __init__(self, tmp: Path, num_daemons: int = 3) -> None:
         self.tmp = tmp
@@ -87,15 +96,36 @@ class Fleet:
     def saved(self, daemon_id: str) -> Path:
         return self.tmp / f"{daemon_id}.held.safetensors"
 
+    def state_file(self, daemon_id: str) -> Path:
+        return self.tmp / f"{daemon_id}.state.json"
+
+    def own_view(self, daemon_id: str) -> dict | None:
+        """The daemon's own view of its engine (served_version, dirty, stale, busy), or None before it wrote one."""
+        try:
+            return json.loads(self.state_file(daemon_id).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
     def start_daemon(self, daemon_id: str, served_version: int = -1) -> None:
         self.failpoints(daemon_id).write_text("")
         self.saved(daemon_id).unlink(missing_ok=True)
+        self.state_file(daemon_id).unlink(missing_ok=True)
         self.daemons[daemon_id] = subprocess.Popen(
             cli("daemon", "--coordinator", self.address, "--weights", str(self.weights[0]), "--daemon-id", daemon_id,
-                "--served-version", str(served_version), "--save-on-commit", str(self.saved(daemon_id)), "--drain-s", "2"),
+                "--served-version", str(served_version), "--save-on-commit", str(self.saved(daemon_id)), "--drain-s", "2",
+                "--state-file", str(self.state_file(daemon_id))),
             cwd=ROOT, env={**self.env, "WEIGHTSYNC_FAILPOINTS_FILE": str(self.failpoints(daemon_id))},
             stdout=self._log(daemon_id), stderr=subprocess.STDOUT,
         )
+
+    def start_impostor(self, daemon_id: str) -> "_Impostor":
+        """A second daemon process under an existing daemon's id (stopped with .close())."""
+        proc = subprocess.Popen(
+            cli("daemon", "--coordinator", self.address, "--weights", str(self.weights[0]), "--daemon-id", daemon_id,
+                "--served-version", "0", "--drain-s", "1"),
+            cwd=ROOT, env=self.env, stdout=self._log(f"impostor-{daemon_id}"), stderr=subprocess.STDOUT,
+        )
+        return _Impostor(proc)
 
     def set_failpoints(self, daemon_id: str, **points) -> None:
         self.failpoints(daemon_id).write_text("".join(f"{k} {v}\n" for k, v in points.items()))
@@ -181,7 +211,7 @@ class Fleet:
                 raise AssertionError(f"daemons {ids} not idle within {timeout_s} s; logs in {self.logs}")
             time.sleep(0.2)
 
-    def wait_round_started(self, timeout_s: float = 20.0) -> None:
+    def wait_round_started(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             rounds = self.client.list_rounds(1)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -52,6 +53,33 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)) for k in a)
 
 
+class LocalPush:
+    """A push by WeightSync on a thread of this process: the same round as `weightsync push`, without an interpreter start."""
+
+    def __init__(self, address: str, weights: Path, version: int, collective_timeout_s: float, deadline_s: float) -> None:
+        self.result: tuple[int, dict | None] | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(address, weights, version, collective_timeout_s, deadline_s), name=f"push-v{version}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, address: str, weights: Path, version: int, collective_timeout_s: float, deadline_s: float) -> None:
+        from weightsync.runtime.trainer import WeightSync
+
+        try:
+            with WeightSync(address, bucket_size_bytes=BUCKET_BYTES, collective_timeout_s=collective_timeout_s, deadline_s=deadline_s) as sync:
+                report = sync.push(load_file(weights), version=version, raise_on_failure=False)
+            summary = {"state": report.state, "daemons": {v.daemon_id: v.status for v in report.results}, "reason": report.reason}
+            self.result = (0 if report.committed else 1, summary)
+        except Exception as e:  # as the CLI would: the round failed, say how
+            self.result = (1, {"error": f"{type(e).__name__}: {e}"})
+
+    def wait(self, timeout_s: float) -> tuple[int, dict | None]:
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), f"the push did not end within {timeout_s:g} s"
+        return self.result
+
+
 class _Impostor:
     def __init__(self, proc: subprocess.Popen) -> None:
         self.proc = proc
@@ -77,7 +105,8 @@ class Fleet:
         for i in range(num_daemons):
             self.start_daemon(f"mem{i}", served_version=0)
         self.client = SyncTrainerClient(self.address, rpc_timeout_s=10)
-        self.wait_daemons(list(self.daemons))
+        # Cold start of 4 Python+torch processes: seconds on an idle machine, a minute or more on a loaded one.
+        self.wait_daemons(list(self.daemons), timeout_s=180)
 
     # ---------------------------------------------------------------- processes
 
@@ -153,10 +182,14 @@ class Fleet:
         collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
         deadline_s: float = DEADLINE_S,
         failpoints: dict | None = None,
+        local: bool = False,
     ):
-        """Runs `weightsync push` for `version`; `failpoints` go to the trainer process (see runtime/failpoints.py)."""
+        """Runs `weightsync push` for `version` (local: a LocalPush in this process); `failpoints` go to the trainer process."""
         if version not in self.weights:
             self.checkpoint(version)
+        if local:
+            push = LocalPush(self.address, self.weights[version], version, collective_timeout_s, deadline_s)
+            return push if background else push.wait(DEADLINE_S + 30)
         cmd = cli("push", "--coordinator", self.address, "--weights", str(self.weights[version]), "--version", str(version),
                   "--bucket-size-bytes", str(BUCKET_BYTES), "--collective-timeout-s", str(collective_timeout_s),
                   "--deadline-s", str(deadline_s), "--json")
@@ -186,7 +219,9 @@ class Fleet:
             time.sleep(0.2)
         return state
 
-    def finish_push(self, proc: subprocess.Popen, timeout_s: float = DEADLINE_S + 30) -> tuple[int, dict | None]:
+    def finish_push(self, proc: "subprocess.Popen | LocalPush", timeout_s: float = DEADLINE_S + 30) -> tuple[int, dict | None]:
+        if isinstance(proc, LocalPush):
+            return proc.wait(timeout_s)
         out, _ = proc.communicate(timeout=timeout_s)
         try:
             return proc.returncode, json.loads(out) if out.strip() else None

@@ -39,7 +39,7 @@ from weightsync.core import (
 )
 from weightsync.core.types import TRANSPORTS
 
-__all__ = ["Coordinator", "CoordinatorConfig", "check_registration", "UpdateOptions", "DaemonRegistration", "SessionEvent"]
+__all__ = ["Coordinator", "CoordinatorConfig", "check_registration", "UpdateOptions", "DaemonRegistration", "RoundEvent", "SessionEvent"]
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +195,24 @@ def check_registration(reg: DaemonRegistration, config: CoordinatorConfig) -> di
     return inventory
 
 
+@dataclass(frozen=True, slots=True)
+class RoundEvent:
+    """What the coordinator tells a trainer following its round (WatchUpdate)."""
+
+    update_id: str
+    state: RoundState
+    reason: str = ""
+
+
 class Coordinator:
-    """Owns every daemon record and round; one round open at a time."""
+    """Owns every daemon record and round; one round open at a time.
+
+    Every participant of a round has a liveness: each daemon its session and heartbeats,
+    the trainer its WatchUpdate stream. Losing any of them, or any daemon reporting a
+    failure, fails the round at once and tells everyone (cancel to the daemons, the final
+    event to the trainer), so that the data plane is abandoned everywhere within seconds
+    instead of at the collective timeout.
+    """
 
     def __init__(self, config: CoordinatorConfig | None = None, metrics=None) -> None:
         self.config = config or CoordinatorConfig()
@@ -332,13 +348,14 @@ class Coordinator:
         self._fail_in_open_round(daemon_id, f"session closed: {reason}")
         self._update_gauges()
 
-    def heartbeat(self, daemon_id: str, *, served_version: int, dirty: bool, draining: bool) -> None:
+    def heartbeat(self, daemon_id: str, *, served_version: int, dirty: bool, draining: bool, busy_update_id: str = "") -> None:
         rec = self._live(daemon_id)
         rec.beat()
         # During a session the coordinator's own verdicts decide `served_version` and `dirty`:
         # a heartbeat sent before the daemon heard its verdict must not re-flag it, and a
         # heartbeat may not claim a version no round gave it. The daemon's own claims count
         # at registration only, checked there.
+        self._settle(rec, busy_update_id)
         if draining and rec.state is DaemonState.IDLE:
             rec.state = DaemonState.DRAINING
             self._update_gauges()
@@ -366,7 +383,10 @@ class Coordinator:
             log.warning("result for unknown round ignored update_id=%s daemon_id=%s", update_id, daemon_id)
             return
         out = rnd.outcomes[daemon_id]
+        # A result is the last thing a daemon's handler sends: its receiver has left this round.
+        out.reported = True
         if rnd.state.finished or out.status is not ResultStatus.PENDING or out.checksums is not None:
+            self._settle(rec, "")
             return
         out.receive_s, out.apply_s, out.bytes_received = receive_s, apply_s, bytes_received
         if ok:
@@ -374,9 +394,11 @@ class Coordinator:
         else:
             out.status = ResultStatus.FAILED
             out.reason = error or "daemon reported failure without a reason"
-        if rec.state is DaemonState.UPDATING:
-            rec.state = DaemonState.IDLE
-        self._maybe_judge(rnd)
+        self._settle(rec, "")
+        if ok:
+            self._maybe_judge(rnd)
+        else:
+            self._fail_round(rnd, f"{daemon_id}: {out.reason}")
 
     # ------------------------------------------------------------------ rounds
 
@@ -435,6 +457,10 @@ class Coordinator:
         rnd.deadline_task = asyncio.get_running_loop().create_task(self._deadline(rnd), name=f"deadline-{assignment.update_id}")
         for d in participants:
             d.state = DaemonState.UPDATING
+            d.reason = ""
+            # Dirty from its first new byte, which may land any moment now; only an OK verdict
+            # of a round that covers its whole inventory clears it (in _finish).
+            d.dirty = True
             d.outbox.put_nowait(SessionEvent("assignment", assignment=assignment))
         self._update_gauges()
         log.info(
@@ -469,6 +495,26 @@ class Coordinator:
 
     def get_round(self, update_id: str) -> RoundRecord:
         return self._round(update_id)
+
+    def watch_update(self, update_id: str) -> asyncio.Queue:
+        """The trainer's stream of RoundEvents for its round: the current state now, the final one later."""
+        rnd = self._round(update_id)
+        events: asyncio.Queue = asyncio.Queue()
+        events.put_nowait(RoundEvent(rnd.update_id, rnd.state, rnd.reason))
+        if not rnd.state.finished:
+            rnd.watchers.append(events)
+            rnd.trainer_attached = True
+        return events
+
+    def watch_closed(self, update_id: str, events: asyncio.Queue, reason: str) -> None:
+        """A trainer's WatchUpdate stream ended; if it was the round's last and the round is open, the trainer is lost."""
+        rnd = self.rounds.get(update_id)
+        if rnd is None or events not in rnd.watchers:
+            return  # the round ended first (its final event was sent), or was forgotten
+        rnd.watchers.remove(events)
+        if not rnd.state.finished and not rnd.watchers:
+            log.warning("trainer lost update_id=%s reason=%s", update_id, reason)
+            self._fail_round(rnd, f"trainer lost: {reason}")
 
     # ------------------------------------------------------------------ internals
 
@@ -553,14 +599,46 @@ class Coordinator:
         if out is not None and out.status is ResultStatus.PENDING and out.checksums is None:
             out.status = ResultStatus.FAILED
             out.reason = reason
-            self._maybe_judge(rnd)
+            self._fail_round(rnd, f"{daemon_id}: {reason}")
+
+    def _fail_round(self, rnd: RoundRecord, reason: str) -> None:
+        """Ends an open round FAILED now: it can no longer commit, and everyone still in it must leave.
+
+        Daemons that already reported are judged if the trainer's checksums are in, so a
+        daemon that verifiably received every byte is not flagged for another's failure.
+        """
+        if rnd.state.finished:
+            return
+        if rnd.trainer_checksums is not None:
+            self._judge_reported(rnd)
+        self._finish(rnd, RoundState.FAILED, reason)
+
+    def _pending_in_open_round(self, daemon_id: str) -> bool:
+        rnd = self.open_round
+        out = rnd.outcomes.get(daemon_id) if rnd is not None else None
+        return out is not None and out.status is ResultStatus.PENDING and out.checksums is None
+
+    def _settle(self, rec: DaemonRecord, busy_update_id: str) -> None:
+        """UPDATING while the daemon owes the open round a result or its receiver is still inside any round; else IDLE.
+
+        `busy_update_id` comes from the daemon's heartbeat: a receiver that a failed round
+        left blocked (until its own timeout) must not be offered the next round, which
+        would wait for it.
+        """
+        if rec.state not in (DaemonState.IDLE, DaemonState.UPDATING) or self._pending_in_open_round(rec.daemon_id):
+            return
+        if busy_update_id:
+            if rec.state is not DaemonState.UPDATING:
+                rec.state = DaemonState.UPDATING
+                self._update_gauges()
+            rec.reason = f"receiver still inside update {busy_update_id}: not offered new rounds until it leaves"
+        elif rec.state is DaemonState.UPDATING:
+            rec.state = DaemonState.IDLE
+            rec.reason = ""
+            self._update_gauges()
 
     def _maybe_judge(self, rnd: RoundRecord) -> None:
-        if rnd.state.finished or not rnd.all_reported():
-            return
-        if rnd.trainer_checksums is None:
-            if all(o.status is ResultStatus.FAILED for o in rnd.outcomes.values()):
-                self._finish(rnd, RoundState.FAILED, "every daemon failed")
+        if rnd.state.finished or not rnd.all_reported() or rnd.trainer_checksums is None:
             return
         self._judge_reported(rnd)
         ok = all(o.status is ResultStatus.OK for o in rnd.outcomes.values())
@@ -604,9 +682,14 @@ class Coordinator:
                 # Its engine may hold some of the new bytes: flag it until a full round re-syncs it.
                 rec.dirty = True
             if rec.state is DaemonState.UPDATING:
-                rec.state = DaemonState.IDLE
+                if out.reported:
+                    rec.state = DaemonState.IDLE
+                else:
+                    # Its receiver may still be inside the round: it becomes IDLE when a
+                    # heartbeat says it left (see _settle), not before.
+                    rec.reason = f"update {rnd.update_id} ended {state.value}; waiting for its receiver to leave it"
             if rec.outbox is not None:
-                if state is RoundState.ABORTED or state is RoundState.TIMED_OUT:
+                if state is not RoundState.COMMITTED:
                     rec.outbox.put_nowait(SessionEvent("cancel", update_id=rnd.update_id, reason=reason))
                 rec.outbox.put_nowait(
                     SessionEvent("verdict", update_id=rnd.update_id, version=rnd.version, round_state=state, status=out.status, reason=out.reason)
@@ -623,6 +706,9 @@ class Coordinator:
             rnd.deadline_task.cancel()
         if self.open_round is rnd:
             self.open_round = None
+        for events in rnd.watchers:
+            events.put_nowait(RoundEvent(rnd.update_id, state, reason))
+        rnd.watchers.clear()
         rnd.done.set()
         if self.metrics is not None:
             self.metrics.round_finished(state.value, rnd.duration_s, rnd.assignment.plan.payload_bytes * len(rnd.outcomes))
@@ -633,7 +719,16 @@ class Coordinator:
         )
 
     async def _deadline(self, rnd: RoundRecord) -> None:
-        await asyncio.sleep(rnd.assignment.deadline_s)
+        # The trainer holds WatchUpdate open for its round; one that never opens it is as
+        # lost as a daemon that never heartbeats, and must not hold the fleet until the deadline.
+        attach_s = min(self.config.heartbeat_timeout_s, rnd.assignment.deadline_s)
+        await asyncio.sleep(attach_s)
+        if not rnd.state.finished and not rnd.trainer_attached:
+            self._fail_round(
+                rnd, f"trainer lost: it did not open WatchUpdate within heartbeat_timeout_s={self.config.heartbeat_timeout_s:g}"
+            )
+            return
+        await asyncio.sleep(rnd.assignment.deadline_s - attach_s)
         if rnd.state.finished:
             return
         if rnd.trainer_checksums is None:

@@ -39,6 +39,9 @@ class HandlerResult:
 
 # handler(assignment, my_ranks, progress) -> HandlerResult; raise to report failure.
 # progress(buckets_done, bytes_done) may be called from any thread.
+# A handler whose work runs in threads should also have `abort(update_id, reason)`: the
+# agent calls it when the coordinator cancels the round (instead of cancelling the task,
+# which would leave the thread running unseen), and stays busy until the handler returns.
 UpdateHandler = Callable[[Assignment, tuple[int, ...], ProgressFn], Awaitable[HandlerResult]]
 
 
@@ -245,8 +248,8 @@ class DaemonAgent:
             if self.busy and not self._closing:
                 # The round's verdict can no longer arrive: a restarted coordinator does
                 # not know it. Give up on it; the engine stays flagged dirty.
-                log.warning("session lost mid-round: cancelling update_id=%s", self._work_update_id)
-                self._work.cancel()
+                log.warning("session lost mid-round: abandoning update_id=%s", self._work_update_id)
+                self._stop_work("the daemon lost its session with the coordinator")
             beats.cancel()
             session.outbox.put_nowait(None)
             call.cancel()
@@ -330,7 +333,16 @@ class DaemonAgent:
     def _on_cancel(self, msg: pb.CancelUpdate) -> None:
         if self.busy and self._work_update_id == msg.update_id:
             log.warning("cancelling update_id=%s reason=%s", msg.update_id, msg.reason)
+            self._stop_work(f"the coordinator cancelled the round: {msg.reason}")
+
+    def _stop_work(self, reason: str) -> None:
+        abort = getattr(self._handler, "abort", None)
+        if abort is None:
             self._work.cancel()
+            return
+        # The handler's thread leaves the data plane within its poll interval and the task
+        # then ends by itself; until it has, `busy` stays true and heartbeats say so.
+        abort(self._work_update_id, reason)
 
     def _on_verdict_msg(self, v: pb.UpdateVerdict) -> None:
         self.verdicts.append(v)

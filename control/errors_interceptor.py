@@ -105,4 +105,17 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                     await _abort_for(exc, context, method)
 
             return handler._replace(stream_stream=stream_stream)
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request, context):
+                try:
+                    async for response in inner_us(_checked(request, method), context):
+                        yield response
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:  # RPC boundary: map, log, abort
+                    await _abort_for(exc, context, method)
+
+            return handler._replace(unary_stream=unary_stream)
         return handler

@@ -82,6 +82,8 @@ class DaemonOutcome:
     receive_s: float = 0.0
     apply_s: float = 0.0
     bytes_received: int = 0
+    # The daemon itself sent a result: its handler has ended (unlike a failure the coordinator declared).
+    reported: bool = False
 
 
 @dataclass(slots=True)
@@ -99,6 +101,9 @@ class RoundRecord:
     duration_s: float = 0.0
     done: asyncio.Event = field(default_factory=asyncio.Event)
     deadline_task: asyncio.Task | None = None
+    # The trainer's WatchUpdate streams (its liveness in the round); each gets the final state.
+    watchers: list[asyncio.Queue] = field(default_factory=list)
+    trainer_attached: bool = False
 
     @property
     def update_id(self) -> str:

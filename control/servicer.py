@@ -205,7 +205,9 @@ class DaemonServicer(pb_grpc.DaemonServiceServicer):
             kind = msg.WhichOneof("kind")
             if kind == "heartbeat":
                 hb = msg.heartbeat
-                self._c.heartbeat(daemon_id, served_version=hb.served_version, dirty=hb.dirty, draining=hb.draining)
+                self._c.heartbeat(
+                    daemon_id, served_version=hb.served_version, dirty=hb.dirty, draining=hb.draining, busy_update_id=hb.busy_update_id
+                )
             elif kind == "progress":
                 p = msg.progress
                 self._c.progress(daemon_id, p.update_id, p.buckets_done, p.bytes_done)
@@ -262,6 +264,23 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     async def AbortUpdate(self, request: pb.AbortUpdateRequest, context) -> pb.AbortUpdateResponse:
         rnd = self._c.abort_update(request.update_id, request.reason[:MAX_REASON_CHARS], owner=self._identify(context))
         return pb.AbortUpdateResponse(round=round_to_pb(rnd))
+
+    async def WatchUpdate(self, request: pb.WatchUpdateRequest, context):
+        events = self._c.watch_update(request.update_id)
+        # grpc.aio cancels this coroutine when the trainer's connection goes away (a killed
+        # process closes its socket at once); the finally then tells the coordinator.
+        reason = "the trainer closed its WatchUpdate stream before the round ended"
+        try:
+            while True:
+                ev = await events.get()
+                yield pb.RoundEvent(update_id=ev.update_id, state=pb.RoundState.Value("ROUND_STATE_" + ev.state.value), reason=ev.reason)
+                if ev.state.finished:
+                    return
+        except asyncio.CancelledError:
+            reason = "the trainer's connection to the coordinator closed (process died or network lost)"
+            raise
+        finally:
+            self._c.watch_closed(request.update_id, events, reason)
 
 
 class InspectionServicer(pb_grpc.InspectionServiceServicer):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -15,7 +17,14 @@ from weightsync.core import Assignment, TensorSpec, WeightsyncError
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
-__all__ = ["DaemonVerdict", "RoundFailed", "RoundReport", "SyncTrainerClient", "TrainerClient"]
+__all__ = ["DaemonVerdict", "RoundEndFn", "RoundFailed", "RoundReport", "SyncTrainerClient", "TrainerClient"]
+
+log = logging.getLogger(__name__)
+
+# on_round_end(update_id, state, reason): the round ended on the coordinator (state COMMITTED,
+# FAILED, ABORTED or TIMED_OUT), or the trainer lost its round stream (state LOST). Called on
+# the client's event loop thread; it must not block.
+RoundEndFn = Callable[[str, str, str], None]
 
 # Beyond the round's own deadline, the commit call waits this long for the verdict.
 COMMIT_MARGIN_S = 30.0
@@ -108,6 +117,7 @@ class TrainerClient:
         self._trainer = pb_grpc.TrainerServiceStub(self._channel)
         self._inspect = pb_grpc.InspectionServiceStub(self._channel)
         self.rpc_timeout_s = rpc_timeout_s
+        self._watches: dict[str, asyncio.Task] = {}
 
     async def __aenter__(self) -> "TrainerClient":
         return self
@@ -116,6 +126,8 @@ class TrainerClient:
         await self.close()
 
     async def close(self) -> None:
+        for update_id in list(self._watches):
+            await self._stop_watch(update_id)
         await self._channel.close()
 
     async def _call(self, what: str, method, request, timeout_s: float | None = None):
@@ -137,7 +149,13 @@ class TrainerClient:
         rendezvous_host: str = "",
         rendezvous_port: int = 0,
         collective_timeout_s: float = 0.0,
+        on_round_end: RoundEndFn | None = None,
     ) -> Assignment:
+        """Begins a round and holds its WatchUpdate stream open until the verdict (the trainer's liveness).
+
+        on_round_end is told when the round ends or the stream is lost, e.g. to abandon a
+        transfer the coordinator already failed because a daemon was lost.
+        """
         req = pb.BeginUpdateRequest(
             version=version,
             manifest=[spec_to_pb(s) for s in manifest],
@@ -153,16 +171,77 @@ class TrainerClient:
             ),
         )
         resp = await self._call("BeginUpdate", self._trainer.BeginUpdate, req)
-        return assignment_from_pb(resp.assignment)
+        assignment = assignment_from_pb(resp.assignment)
+        await self._watch(assignment.update_id, on_round_end)
+        return assignment
+
+    async def _watch(self, update_id: str, on_round_end: RoundEndFn | None) -> None:
+        """Opens WatchUpdate and waits (bounded) for its first event, so the coordinator knows this trainer before any byte moves."""
+        # No deadline on the stream itself: it lives exactly as long as the round, which the
+        # coordinator bounds with the round's deadline.
+        call = self._trainer.WatchUpdate(pb.WatchUpdateRequest(update_id=update_id), metadata=self._metadata)
+        try:
+            async with asyncio.timeout(self.rpc_timeout_s):
+                first = await call.read()
+        except (grpc.aio.AioRpcError, TimeoutError) as e:
+            call.cancel()
+            # The coordinator fails a round whose trainer never attached; say so now.
+            log.warning("update_id=%s: could not open WatchUpdate: %s", update_id, e)
+            self._round_ended(on_round_end, update_id, "LOST", f"could not open WatchUpdate: {e}")
+            return
+        self._watches[update_id] = asyncio.get_running_loop().create_task(
+            self._follow(update_id, call, first, on_round_end), name=f"watch-{update_id}"
+        )
+
+    async def _follow(self, update_id: str, call, event, on_round_end: RoundEndFn | None) -> None:
+        try:
+            while event is not grpc.aio.EOF:
+                state = pb.RoundState.Name(event.state).removeprefix("ROUND_STATE_")
+                if state != "TRANSFERRING":
+                    self._round_ended(on_round_end, update_id, state, event.reason)
+                    return
+                event = await call.read()
+            reason = "the coordinator ended WatchUpdate without a final state"
+        except grpc.aio.AioRpcError as e:
+            reason = f"lost WatchUpdate: {e.code().name}: {e.details()}"
+        except asyncio.CancelledError:
+            call.cancel()  # the round ended for this trainer (verdict, abort, close): release the stream
+            raise
+        finally:
+            self._watches.pop(update_id, None)
+        log.warning("update_id=%s: %s", update_id, reason)
+        self._round_ended(on_round_end, update_id, "LOST", reason)
+
+    @staticmethod
+    def _round_ended(on_round_end: RoundEndFn | None, update_id: str, state: str, reason: str) -> None:
+        if on_round_end is None:
+            return
+        try:
+            on_round_end(update_id, state, reason)
+        except Exception:  # a caller's callback must not kill the watch; log it with its traceback
+            log.error("on_round_end for update_id=%s raised", update_id, exc_info=True)
+
+    async def _stop_watch(self, update_id: str) -> None:
+        task = self._watches.pop(update_id, None)
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def commit_update(self, assignment: Assignment, checksums: Mapping[str, int], sender_s: float = 0.0) -> RoundReport:
         """Sends the trainer's checksums and waits for the verdict (bounded by the round's deadline)."""
         req = pb.CommitUpdateRequest(update_id=assignment.update_id, checksums=checksums_to_pb(checksums), sender_s=sender_s)
-        resp = await self._call("CommitUpdate", self._trainer.CommitUpdate, req, assignment.deadline_s + COMMIT_MARGIN_S)
+        try:
+            resp = await self._call("CommitUpdate", self._trainer.CommitUpdate, req, assignment.deadline_s + COMMIT_MARGIN_S)
+        finally:
+            await self._stop_watch(assignment.update_id)
         return RoundReport.from_pb(resp.round)
 
     async def abort_update(self, update_id: str, reason: str) -> RoundReport:
-        resp = await self._call("AbortUpdate", self._trainer.AbortUpdate, pb.AbortUpdateRequest(update_id=update_id, reason=reason))
+        try:
+            resp = await self._call("AbortUpdate", self._trainer.AbortUpdate, pb.AbortUpdateRequest(update_id=update_id, reason=reason))
+        finally:
+            await self._stop_watch(update_id)
         return RoundReport.from_pb(resp.round)
 
     async def list_daemons(self) -> pb.ListDaemonsResponse:
@@ -203,6 +282,9 @@ class SyncTrainerClient:
 
     def abort_update(self, update_id: str, reason: str) -> RoundReport:
         return self._run(self._client.abort_update(update_id, reason))
+
+    def get_round(self, update_id: str) -> RoundReport:
+        return self._run(self._client.get_round(update_id))
 
     def list_daemons(self) -> pb.ListDaemonsResponse:
         return self._run(self._client.list_daemons())

@@ -12,6 +12,13 @@ store and releases its backend at once; every wait polls for the notice. gloo
 reports a dead peer only to the ranks that talk to it directly, and an aborted
 NCCL communicator tells nobody: without the notice the others would sit out the
 whole timeout.
+
+Abort from outside: the control plane learns of a lost participant before the data
+plane does (a stopped peer keeps its sockets open). `GroupCache.abort(update_id, reason)`
+may be called from any thread; it only records the request, and the thread that runs
+the round fails it at its next poll (every ABORT_POLL_INTERVAL_S at most), posting the
+notice and closing the backend itself, so no store client or backend is ever driven
+from two threads.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ ABORT_POLL_INTERVAL_S = 0.05
 # Reading the reason a peer left in the store: it was written before the peer
 # entered the collective that told us about it, so it is there or never will be.
 _REASON_TIMEOUT_S = 2.0
+# Abort requests remembered per process: only the current and recent rounds matter.
+_MAX_ABORT_REQUESTS = 16
 
 
 def _timedelta(seconds: float) -> datetime.timedelta:
@@ -106,6 +115,7 @@ class DataPlaneGroup:
         store: Store,
         device: torch.device,
         backend: object | None,
+        abort_requests: dict[str, str] | None = None,
     ) -> None:
         self.rendezvous = rendezvous
         self.rank = rank
@@ -122,6 +132,8 @@ class DataPlaneGroup:
         self.transport_state: dict[str, dict] = {}
         # Spent store keys, deleted while this rank waits anyway (each delete is a round trip).
         self._spent_keys: list[str] = []
+        # update_id -> reason, written by other threads (GroupCache.abort); read at every poll.
+        self._abort_requests: dict[str, str] = abort_requests if abort_requests is not None else {}
 
     @property
     def group_id(self) -> str:
@@ -251,6 +263,7 @@ class DataPlaneGroup:
 
     def wait(self, work, what: str) -> None:
         """Waits for a collective, raising TransferError on failure, timeout or a peer's abort notice."""
+        self._check_requested_abort(what)
         started = time.monotonic()
         deadline = self._deadline()
         is_done = self._completion(work)
@@ -279,8 +292,18 @@ class DataPlaneGroup:
             return None
         return self.store.get(key).decode(errors="replace")
 
+    def request_abort(self, update_id: str, reason: str) -> None:
+        """Thread-safe: the thread running round `update_id` fails it at its next poll (see the module docstring)."""
+        self._abort_requests[update_id] = reason  # one dict store: atomic under the GIL
+
+    def _check_requested_abort(self, what: str) -> None:
+        reason = self._abort_requests.get(self.update_id) if self.update_id else None
+        if reason is not None:
+            raise self.fail(f"{what} abandoned: {reason}")
+
     def check_abort(self, what: str) -> None:
-        """Raises TransferError if a peer posted an abort notice for this round."""
+        """Raises TransferError if this round was aborted from outside, or a peer posted an abort notice."""
+        self._check_requested_abort(what)
         try:
             notice = self._abort_notice()
         except RuntimeError as e:
@@ -310,6 +333,7 @@ class DataPlaneGroup:
         # receivers must not flood the trainer's store.
         fast_until = started + 0.02
         keys = list(keys)
+        self._check_requested_abort(what)
         while True:
             try:
                 if self.store.check(keys):
@@ -365,18 +389,30 @@ class DataPlaneGroup:
 
     def close(self) -> None:
         """Releases the backend: NCCL is aborted (its kernels would spin forever), gloo shut down."""
-        backend, self.backend = self.backend, None
         self._buffers = []
         self.transport_state = {}
-        if backend is None:
+        if self.backend is None:
             return
         try:
             if self.transport == "nccl":
-                backend.abort()
+                self.backend.abort()
             else:
-                backend.shutdown()
+                self.backend.shutdown()
         except RuntimeError as e:
             log.warning("rank %d: closing group %s raised: %s", self.rank, self.group_id, e, exc_info=True)
+        # gloo's destructor joins its worker threads, which stay in a pending collective until
+        # that collective's own timeout, shutdown() or not (measured: 29 s of a 30 s timeout).
+        # The last reference is therefore dropped on a thread of its own, never on the round's.
+        holder = [self.backend]
+        self.backend = None
+        released = threading.Event()
+
+        def drop() -> None:
+            released.wait()
+            holder.clear()
+
+        threading.Thread(target=drop, name=f"weightsync-release-{self.group_id}", daemon=True).start()
+        released.set()  # only now: this thread holds no reference any more
 
 
 class GroupCache:
@@ -394,10 +430,42 @@ class GroupCache:
         self._group: DataPlaneGroup | None = None
         self._last_round_key: str | None = None
         self.num_constructions = 0
+        # Shared with every group this cache builds; see `abort`.
+        self._abort_requests: dict[str, str] = {}
 
     @property
     def group(self) -> DataPlaneGroup | None:
         return self._group
+
+    def abort(self, update_id: str, reason: str) -> None:
+        """Thread-safe: fails round `update_id` on this rank within ABORT_POLL_INTERVAL_S, wherever it waits
+        (joining, in a collective, in a handshake), or at once if it has not begun yet.
+
+        For the control plane's "this round failed elsewhere": the rank then posts the abort
+        notice, so its peers leave too.
+        """
+        self._abort_requests[update_id] = reason
+        while len(self._abort_requests) > _MAX_ABORT_REQUESTS:
+            # Dicts keep insertion order: drop the oldest request. A concurrent abort may have
+            # removed it first; either way the newest requests stay.
+            self._abort_requests.pop(next(iter(self._abort_requests)), None)
+
+    def _raise_if_aborted(self, update_id: str, rank: int, what: str) -> None:
+        reason = self._abort_requests.get(update_id)
+        if reason is not None:
+            raise TransferError(f"rank {rank}: {what} abandoned: {reason}")
+
+    def _poll_keys(self, store: Store, keys: list[str], update_id: str, rank: int, what: str, timeout_s: float) -> bool:
+        """Waits for keys like store.wait, but leaves at once when the round is aborted from outside; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        delay_s = 0.0005
+        while not store.check(keys):
+            self._raise_if_aborted(update_id, rank, what)
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, ABORT_POLL_INTERVAL_S)
+        return True
 
     def _raw_store(self, rendezvous: Rendezvous, rank: int) -> Store:
         if rank == 0:
@@ -442,6 +510,7 @@ class GroupCache:
             raise ValueError(f"world_size {rdv.world_size}: a round needs the sender and at least one receiver")
         if rank > 0 and rank not in assignment.receiver_ranks:
             raise ValueError(f"rank {rank} is not among the receiver ranks {list(assignment.receiver_ranks)} of this round")
+        self._raise_if_aborted(assignment.update_id, rank, f"update {assignment.update_id}")
         store = self._raw_store(rdv, rank)
         base = f"{_KEY_ROOT}/{rdv.group_id}"
         round_key = f"{base}/round/{assignment.update_id}"
@@ -461,8 +530,15 @@ class GroupCache:
                     store.delete_key(self._last_round_key)
                 self._last_round_key = round_key
             else:
-                store.wait([round_key], _timedelta(rdv.timeout_s))
+                if not self._poll_keys(store, [round_key], assignment.update_id, rank, "rendezvous", rdv.timeout_s):
+                    raise TransferError(
+                        f"rank {rank}: rendezvous for update {assignment.update_id} failed at {rdv.host}:{rdv.port} "
+                        f"within {rdv.timeout_s:g} s: the trainer did not open the round"
+                    )
                 generation = int(store.get(round_key))
+        except TransferError:
+            self.drop()
+            raise
         except RuntimeError as e:
             self.drop()
             raise TransferError(
@@ -476,6 +552,17 @@ class GroupCache:
         prefixed = PrefixStore(f"{base}/{generation}", store)
         started = time.monotonic()
         try:
+            # Backend construction blocks in store reads that no abort can interrupt: enter it
+            # only once every rank is here, so a rank lost before that is left behind at the
+            # barrier (which polls for aborts) rather than inside the constructor.
+            prefixed.set(f"joined/{rank}", b"1")
+            joined = [f"joined/{r}" for r in range(rdv.world_size)]
+            if not self._poll_keys(prefixed, joined, assignment.update_id, rank, f"joining group {rdv.group_id}", rdv.timeout_s):
+                missing = [r for r in range(rdv.world_size) if not prefixed.check([f"joined/{r}"])]
+                raise TransferError(
+                    f"rank {rank}: could not form {rdv.transport} group {rdv.group_id} (world_size {rdv.world_size}) "
+                    f"within {rdv.timeout_s:g} s: ranks {missing} never joined"
+                )
             backend = _make_backend(rdv, rank, prefixed, device)
         except RuntimeError as e:
             raise TransferError(
@@ -483,7 +570,8 @@ class GroupCache:
                 f"within {rdv.timeout_s:g} s: {e}"
             ) from e
         self._group = DataPlaneGroup(
-            rendezvous=rdv, rank=rank, generation=generation, store=prefixed, device=device, backend=backend
+            rendezvous=rdv, rank=rank, generation=generation, store=prefixed, device=device, backend=backend,
+            abort_requests=self._abort_requests,
         )
         self.num_constructions += 1
         log.info(

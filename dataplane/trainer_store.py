@@ -4,13 +4,52 @@ from __future__ import annotations
 
 import datetime
 import logging
+import secrets
 import socket
+import time
 
 from torch.distributed import TCPStore
+
+from weightsync.core import InvalidArgument
 
 __all__ = ["TrainerStore"]
 
 log = logging.getLogger(__name__)
+
+# Reaching one's own listening socket takes milliseconds; a few seconds covers a loaded host.
+_SELF_PROBE_TIMEOUT_S = 5.0
+
+
+def _probe_own_listener(listener: socket.socket, host: str, port: int, timeout_s: float) -> None:
+    """Dials host:port and checks that the connection arrives at `listener`, else raises OSError.
+
+    Catches an advertised host that is not this machine: unreachable, black-holed, or
+    answered by something else (a proxy), which would otherwise leave TCPStore's own
+    client dialling it for the store's whole timeout, silently.
+    """
+    nonce = secrets.token_bytes(16)
+    deadline = time.monotonic() + timeout_s
+    with socket.create_connection((host, port), timeout=timeout_s) as dialer:
+        dialer.sendall(nonce)
+        listener.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    conn.settimeout(max(0.01, deadline - time.monotonic()))
+                    got = b""
+                    while len(got) < len(nonce):
+                        chunk = conn.recv(len(nonce) - len(got))
+                        if not chunk:
+                            break
+                        got += chunk
+                if got == nonce:
+                    return
+                # Someone else's connection: keep looking for ours until the deadline.
+        except TimeoutError:
+            raise OSError(f"the connection to {host}:{port} did not arrive at this process's listening socket") from None
+        finally:
+            listener.settimeout(None)
 
 
 def _timedelta(seconds: float) -> datetime.timedelta:
@@ -43,6 +82,17 @@ class TrainerStore:
         except OSError as e:
             sock.close()
             raise ValueError(f"cannot listen on {bind_host or host}:{port} for the rendezvous store: {e}") from e
+        # TCPStore's master also dials `host` itself and waits up to timeout_s, saying nothing;
+        # so do the daemons. Check first, within this trainer's own timeout, that `host` leads here.
+        try:
+            _probe_own_listener(sock, host, bound_port, min(timeout_s, _SELF_PROBE_TIMEOUT_S))
+        except OSError as e:
+            sock.close()
+            raise InvalidArgument(
+                f"rendezvous host {host!r} does not reach this trainer's data-plane store (listening on "
+                f"{bind_host or host}:{bound_port}): {e}. Advertise an address of this machine that the daemons "
+                "can dial: rendezvous_host= in WeightSync(...), --rendezvous-host for `weightsync push`"
+            ) from e
         # The store's event loop takes ownership of the descriptor and closes it.
         fd = sock.detach()
         self._host = host

@@ -60,9 +60,26 @@ async def _run_memory_daemon(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     agent.start()
     print(f"weightsync daemon {ident.daemon_id}: {len(ident.inventory)} tensors, coordinator {args.coordinator}", flush=True)
+    writer = asyncio.create_task(_write_state_forever(agent, args.state_file)) if args.state_file else None
     await stop.wait()
     await agent.close(drain_timeout_s=args.drain_s)
+    if writer is not None:
+        writer.cancel()
     return 0
+
+
+async def _write_state_forever(agent, path: str, interval_s: float = 0.1) -> None:
+    """Keeps PATH (JSON) equal to the agent's own view of its engine: what it claims to serve, dirty, busy."""
+    last = None
+    while True:
+        state = {"served_version": agent.served_version, "dirty": agent.dirty, "stale": agent.stale, "busy": agent.busy}
+        if state != last:
+            tmp = f"{path}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(state, f)
+            os.replace(tmp, path)  # readers never see half a file
+            last = state
+        await asyncio.sleep(interval_s)
 
 
 def _daemon(args: argparse.Namespace) -> int:
@@ -116,6 +133,7 @@ def add_subcommands(sub, add_security) -> None:
     d.add_argument("--served-version", type=int, default=-1, help="the version the weights on disk are")
     d.add_argument("--save-on-commit", default=None, help="write the engine's tensors (safetensors) after each OK verdict")
     d.add_argument("--drain-s", type=float, default=30.0, help="on SIGTERM, wait this long for the current round")
+    d.add_argument("--state-file", default=None, help="keep the daemon's own view (served version, dirty, busy) in this JSON file")
     add_security(d, server=False)
     d.set_defaults(func=_daemon)
 

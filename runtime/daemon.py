@@ -27,8 +27,9 @@ class ReceiverHandler:
     """Receives each assignment on this process's one receiver rank and applies it bucket by bucket.
 
     The transfer runs in a worker thread, so the agent's heartbeats never wait on it. A
-    round cancelled by the coordinator keeps its thread until the collective timeout
-    ends it; the next round waits for that thread instead of joining a second group.
+    round the coordinator failed is left through `abort`, within the data plane's poll
+    interval wherever the thread waits; the next round waits for that thread (it cannot
+    be interrupted inside an apply) instead of joining a second group.
     """
 
     def __init__(
@@ -47,6 +48,10 @@ class ReceiverHandler:
         self._groups = GroupCache(device=device)
         self._lock = threading.Lock()
         self._on_applied = on_applied
+
+    def abort(self, update_id: str, reason: str) -> None:
+        """Thread-safe: the receiver of `update_id` leaves the round at its next data-plane poll."""
+        self._groups.abort(update_id, reason)
 
     async def __call__(self, assignment: Assignment, ranks: tuple[int, ...], progress: ProgressFn) -> HandlerResult:
         if len(ranks) != 1:
@@ -78,8 +83,10 @@ def memory_engine_handler(engine: MemoryEngine) -> ReceiverHandler:
     held = engine.state_dict()
 
     def apply(batch) -> None:
-        engine.apply(batch)
         faults = load_failpoints()
+        if faults.mark_apply:
+            open(faults.mark_apply, "w").close()
+        engine.apply(batch)
         if faults.corrupt_applied:
             for name, _ in batch:
                 if name == faults.corrupt_applied:

@@ -6,6 +6,8 @@ every failpoint is off and costs one environment lookup per round.
 
     apply_delay_s 0.2          sleep this long after applying each bucket
     corrupt_applied NAME       flip one bit of tensor NAME right after it is applied
+    mark_apply PATH            touch PATH when a bucket's apply starts (tests wait on it)
+    pause_before_commit_s 60   trainer: sleep this long after sending, before CommitUpdate
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ class Failpoints(dict):
     @property
     def corrupt_applied(self) -> str | None:
         return self.get("corrupt_applied")
+
+    @property
+    def mark_apply(self) -> str | None:
+        return self.get("mark_apply")
+
+    @property
+    def pause_before_commit_s(self) -> float:
+        return float(self.get("pause_before_commit_s", 0.0))
 
 
 def load_failpoints() -> Failpoints:

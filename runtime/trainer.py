@@ -16,10 +16,11 @@ from typing import Any
 import torch
 
 from weightsync.control.trainer_client import RoundFailed, RoundReport, SyncTrainerClient
-from weightsync.core import TensorSpec, WeightsyncError
+from weightsync.core import FailedPrecondition, TensorSpec, WeightsyncError
 from weightsync.dataplane import GroupCache, TitanToHF, TrainerStore, send_assignment
 from weightsync.dataplane import RoundFailed as DataPlaneRoundFailed
 from weightsync.dataplane.layout import dtype_name
+from weightsync.runtime.failpoints import load_failpoints
 
 __all__ = ["WeightSync", "named_tensors", "manifest_for"]
 
@@ -108,7 +109,9 @@ class WeightSync:
         self._device = device
         self._client = SyncTrainerClient(coordinator, credentials=credentials, token=token) if self.rank == 0 else None
         # Every transport needs the store on rank 0: cuda_ipc exchanges its handles through it.
-        self._store = TrainerStore(rendezvous_host, rendezvous_port, bind_host=bind_host) if self.rank == 0 else None
+        self._store = (
+            TrainerStore(rendezvous_host, rendezvous_port, bind_host=bind_host, timeout_s=collective_timeout_s) if self.rank == 0 else None
+        )
         self._groups = GroupCache(trainer_store=self._store, device=device) if self.rank == 0 else None
         self.last_report: RoundReport | None = None
 
@@ -130,6 +133,7 @@ class WeightSync:
                     manifest_for(tensors, self._dtype),
                     rendezvous_host=self._store.host,
                     rendezvous_port=self._store.port,
+                    on_round_end=self._on_round_end,
                     **self._options,
                 )
             except WeightsyncError as e:
@@ -151,7 +155,11 @@ class WeightSync:
         except Exception as e:
             reason = f"trainer failed to send: {_describe_failure(e, assignment)}"
             try:
-                report = self._client.abort_update(assignment.update_id, reason[:2000])
+                try:
+                    report = self._client.abort_update(assignment.update_id, reason[:2000])
+                except FailedPrecondition:
+                    # The coordinator failed the round first (a participant was lost), which is why we stopped.
+                    report = self._client.get_round(assignment.update_id)
             except WeightsyncError:
                 log.warning("abort of update_id=%s failed", assignment.update_id, exc_info=True)
                 raise e from None
@@ -159,6 +167,9 @@ class WeightSync:
             if raise_on_failure:
                 raise RoundFailed(report) from e
             return report
+        pause_s = load_failpoints().pause_before_commit_s
+        if pause_s:
+            time.sleep(pause_s)
         report = self._client.commit_update(assignment, sent.checksums, sender_s=time.monotonic() - t0)
         self.last_report = report
         log.info(
@@ -168,6 +179,11 @@ class WeightSync:
         if raise_on_failure:
             report.raise_if_failed()
         return report
+
+    def _on_round_end(self, update_id: str, state: str, reason: str) -> None:
+        """On the client's thread: a round that ended without committing is abandoned on the data plane at once."""
+        if state != "COMMITTED" and self._groups is not None:
+            self._groups.abort(update_id, f"the round ended {state} on the coordinator: {reason}")
 
     def close(self) -> None:
         if self._client is not None:

@@ -173,6 +173,8 @@ async def test_abort_cancels_daemons(fleet):
     report = await client.abort_update(a.update_id, "trainer step failed")
     assert report.state == "ABORTED" and "trainer step failed" in report.reason
     await wait_until(lambda: all(h.cancelled == 1 for h in handlers.values()))
+    # A daemon is offered rounds again once its handler has reported the cancelled round.
+    await wait_until(lambda: all(d.healthy for d in server.coordinator.daemons.values()))
     assert (await client.commit_update(a, trainer_checksums(a))).state == "ABORTED"
     with pytest.raises(FailedPrecondition, match="already ended as ABORTED"):
         await client.abort_update(a.update_id, "again")

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,8 +40,53 @@ def make_weights(seed: int) -> dict[str, torch.Tensor]:
     return {k: v.to(torch.bfloat16) for k, v in out.items()}
 
 
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    """Polls `predicate` until it holds; fails naming `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s:g} s: {what}")
+        time.sleep(interval_s)
+
+
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)) for k in a)
+
+
+class LocalPush:
+    """A push by WeightSync on a thread of this process: the same round as `weightsync push`, without an interpreter start."""
+
+    def __init__(self, address: str, weights: Path, version: int, collective_timeout_s: float, deadline_s: float) -> None:
+        self.result: tuple[int, dict | None] | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(address, weights, version, collective_timeout_s, deadline_s), name=f"push-v{version}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, address: str, weights: Path, version: int, collective_timeout_s: float, deadline_s: float) -> None:
+        from weightsync.runtime.trainer import WeightSync
+
+        try:
+            with WeightSync(address, bucket_size_bytes=BUCKET_BYTES, collective_timeout_s=collective_timeout_s, deadline_s=deadline_s) as sync:
+                report = sync.push(load_file(weights), version=version, raise_on_failure=False)
+            summary = {"state": report.state, "daemons": {v.daemon_id: v.status for v in report.results}, "reason": report.reason}
+            self.result = (0 if report.committed else 1, summary)
+        except Exception as e:  # as the CLI would: the round failed, say how
+            self.result = (1, {"error": f"{type(e).__name__}: {e}"})
+
+    def wait(self, timeout_s: float) -> tuple[int, dict | None]:
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), f"the push did not end within {timeout_s:g} s"
+        return self.result
+
+
+class _Impostor:
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
 
 
 class Fleet:
@@ -59,7 +105,8 @@ class Fleet:
         for i in range(num_daemons):
             self.start_daemon(f"mem{i}", served_version=0)
         self.client = SyncTrainerClient(self.address, rpc_timeout_s=10)
-        self.wait_daemons(list(self.daemons))
+        # Cold start of 4 Python+torch processes: seconds on an idle machine, a minute or more on a loaded one.
+        self.wait_daemons(list(self.daemons), timeout_s=180)
 
     # ---------------------------------------------------------------- processes
 
@@ -79,15 +126,36 @@ class Fleet:
     def saved(self, daemon_id: str) -> Path:
         return self.tmp / f"{daemon_id}.held.safetensors"
 
+    def state_file(self, daemon_id: str) -> Path:
+        return self.tmp / f"{daemon_id}.state.json"
+
+    def own_view(self, daemon_id: str) -> dict | None:
+        """The daemon's own view of its engine (served_version, dirty, stale, busy), or None before it wrote one."""
+        try:
+            return json.loads(self.state_file(daemon_id).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
     def start_daemon(self, daemon_id: str, served_version: int = -1) -> None:
         self.failpoints(daemon_id).write_text("")
         self.saved(daemon_id).unlink(missing_ok=True)
+        self.state_file(daemon_id).unlink(missing_ok=True)
         self.daemons[daemon_id] = subprocess.Popen(
             cli("daemon", "--coordinator", self.address, "--weights", str(self.weights[0]), "--daemon-id", daemon_id,
-                "--served-version", str(served_version), "--save-on-commit", str(self.saved(daemon_id)), "--drain-s", "2"),
+                "--served-version", str(served_version), "--save-on-commit", str(self.saved(daemon_id)), "--drain-s", "2",
+                "--state-file", str(self.state_file(daemon_id))),
             cwd=ROOT, env={**self.env, "WEIGHTSYNC_FAILPOINTS_FILE": str(self.failpoints(daemon_id))},
             stdout=self._log(daemon_id), stderr=subprocess.STDOUT,
         )
+
+    def start_impostor(self, daemon_id: str) -> "_Impostor":
+        """A second daemon process under an existing daemon's id (stopped with .close())."""
+        proc = subprocess.Popen(
+            cli("daemon", "--coordinator", self.address, "--weights", str(self.weights[0]), "--daemon-id", daemon_id,
+                "--served-version", "0", "--drain-s", "1"),
+            cwd=ROOT, env=self.env, stdout=self._log(f"impostor-{daemon_id}"), stderr=subprocess.STDOUT,
+        )
+        return _Impostor(proc)
 
     def set_failpoints(self, daemon_id: str, **points) -> None:
         self.failpoints(daemon_id).write_text("".join(f"{k} {v}\n" for k, v in points.items()))
@@ -107,21 +175,39 @@ class Fleet:
         self.weights[version] = path
         return w
 
-    def push(self, version: int, *, background: bool = False):
+    def push(
+        self,
+        version: int,
+        *,
+        background: bool = False,
+        collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
+        deadline_s: float = DEADLINE_S,
+        failpoints: dict | None = None,
+        local: bool = False,
+    ):
+        """Runs `weightsync push` for `version` (local: a LocalPush in this process); `failpoints` go to the trainer process."""
         if version not in self.weights:
             self.checkpoint(version)
+        if local:
+            push = LocalPush(self.address, self.weights[version], version, collective_timeout_s, deadline_s)
+            return push if background else push.wait(DEADLINE_S + 30)
         cmd = cli("push", "--coordinator", self.address, "--weights", str(self.weights[version]), "--version", str(version),
-                  "--bucket-size-bytes", str(BUCKET_BYTES), "--collective-timeout-s", str(COLLECTIVE_TIMEOUT_S),
-                  "--deadline-s", str(DEADLINE_S), "--json")
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=self._log(f"push-v{version}"), text=True)
+                  "--bucket-size-bytes", str(BUCKET_BYTES), "--collective-timeout-s", str(collective_timeout_s),
+                  "--deadline-s", str(deadline_s), "--json")
+        env = self.env
+        if failpoints:
+            path = self.tmp / f"push-v{version}.failpoints"
+            path.write_text("".join(f"{k} {v}\n" for k, v in failpoints.items()))
+            env = {**env, "WEIGHTSYNC_FAILPOINTS_FILE": str(path)}
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self._log(f"push-v{version}"), text=True)
         if background:
             return proc
         return self.finish_push(proc)
 
-    def push_mid_transfer(self, version: int, *, after_s: float, apply_delay_s: float = 0.15) -> subprocess.Popen:
+    def push_mid_transfer(self, version: int, *, after_s: float, apply_delay_s: float = 0.15, **push_options) -> subprocess.Popen:
         """Starts a slowed push and returns once it has been transferring for after_s: time for a fault."""
         self.slow_all(apply_delay_s)
-        proc = self.push(version, background=True)
+        proc = self.push(version, background=True, **push_options)
         self.wait_round_started()
         time.sleep(after_s)
         return proc
@@ -134,7 +220,9 @@ class Fleet:
             time.sleep(0.2)
         return state
 
-    def finish_push(self, proc: subprocess.Popen, timeout_s: float = DEADLINE_S + 30) -> tuple[int, dict | None]:
+    def finish_push(self, proc: "subprocess.Popen | LocalPush", timeout_s: float = DEADLINE_S + 30) -> tuple[int, dict | None]:
+        if isinstance(proc, LocalPush):
+            return proc.wait(timeout_s)
         out, _ = proc.communicate(timeout=timeout_s)
         try:
             return proc.returncode, json.loads(out) if out.strip() else None
@@ -159,7 +247,7 @@ class Fleet:
                 raise AssertionError(f"daemons {ids} not idle within {timeout_s} s; logs in {self.logs}")
             time.sleep(0.2)
 
-    def wait_round_started(self, timeout_s: float = 20.0) -> None:
+    def wait_round_started(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             rounds = self.client.list_rounds(1)

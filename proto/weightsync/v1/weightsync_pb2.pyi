@@ -382,6 +382,22 @@ class AbortUpdateResponse(_message.Message):
     round: RoundInfo
     def __init__(self, round: _Optional[_Union[RoundInfo, _Mapping]] = ...) -> None: ...
 
+class WatchUpdateRequest(_message.Message):
+    __slots__ = ("update_id",)
+    UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
+    update_id: str
+    def __init__(self, update_id: _Optional[str] = ...) -> None: ...
+
+class RoundEvent(_message.Message):
+    __slots__ = ("update_id", "state", "reason")
+    UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    update_id: str
+    state: RoundState
+    reason: str
+    def __init__(self, update_id: _Optional[str] = ..., state: _Optional[_Union[RoundState, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class DaemonInfo(_message.Message):
     __slots__ = ("daemon_id", "state", "engine", "model", "host", "num_ranks", "served_version", "last_heartbeat_unix_s", "dirty", "stale", "num_tensors", "transports", "reason", "unknown_version")
     DAEMON_ID_FIELD_NUMBER: _ClassVar[int]

@@ -160,6 +160,11 @@ class TrainerServiceStub:
                 request_serializer=weightsync_dot_v1_dot_weightsync__pb2.BeginUpdateRequest.SerializeToString,
                 response_deserializer=weightsync_dot_v1_dot_weightsync__pb2.BeginUpdateResponse.FromString,
                 _registered_method=True)
+        self.WatchUpdate = channel.unary_stream(
+                '/weightsync.v1.TrainerService/WatchUpdate',
+                request_serializer=weightsync_dot_v1_dot_weightsync__pb2.WatchUpdateRequest.SerializeToString,
+                response_deserializer=weightsync_dot_v1_dot_weightsync__pb2.RoundEvent.FromString,
+                _registered_method=True)
         self.CommitUpdate = channel.unary_unary(
                 '/weightsync.v1.TrainerService/CommitUpdate',
                 request_serializer=weightsync_dot_v1_dot_weightsync__pb2.CommitUpdateRequest.SerializeToString,
@@ -177,6 +182,16 @@ class TrainerServiceServicer:
 
     def BeginUpdate(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchUpdate(self, request, context):
+        """The trainer's liveness in its round: it holds this stream open from BeginUpdate
+        to the verdict. If the stream closes first (the trainer died or lost the
+        coordinator), or is not opened within heartbeat_timeout_s, the round fails.
+        The final event tells a trainer still sending that the round failed elsewhere.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -201,6 +216,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.BeginUpdate,
                     request_deserializer=weightsync_dot_v1_dot_weightsync__pb2.BeginUpdateRequest.FromString,
                     response_serializer=weightsync_dot_v1_dot_weightsync__pb2.BeginUpdateResponse.SerializeToString,
+            ),
+            'WatchUpdate': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchUpdate,
+                    request_deserializer=weightsync_dot_v1_dot_weightsync__pb2.WatchUpdateRequest.FromString,
+                    response_serializer=weightsync_dot_v1_dot_weightsync__pb2.RoundEvent.SerializeToString,
             ),
             'CommitUpdate': grpc.unary_unary_rpc_method_handler(
                     servicer.CommitUpdate,
@@ -240,6 +260,33 @@ class TrainerService:
             '/weightsync.v1.TrainerService/BeginUpdate',
             weightsync_dot_v1_dot_weightsync__pb2.BeginUpdateRequest.SerializeToString,
             weightsync_dot_v1_dot_weightsync__pb2.BeginUpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchUpdate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/weightsync.v1.TrainerService/WatchUpdate',
+            weightsync_dot_v1_dot_weightsync__pb2.WatchUpdateRequest.SerializeToString,
+            weightsync_dot_v1_dot_weightsync__pb2.RoundEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -179,7 +179,7 @@ class TrainerClient:
         """Opens WatchUpdate and waits (bounded) for its first event, so the coordinator knows this trainer before any byte moves."""
         # No deadline on the stream itself: it lives exactly as long as the round, which the
         # coordinator bounds with the round's deadline.
-        call = self._trainer.WatchUpdate(pb.WatchUpdateRequest(update_id=update_id), metadata=self._metadata)
+        call = self._trainer.WatchUpdate(pb.WatchUpdateRequest(update_id=update_id))
         try:
             async with asyncio.timeout(self.rpc_timeout_s):
                 first = await call.read()

@@ -1,0 +1,289 @@
+"""The delta codec: every encoding reproduces the new tensor bit for bit, the chooser picks the fewest
+bytes, the checksum update equals a recompute, and the Triton change finder equals the torch one."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from weightsync.dataplane.checksum import CHUNK_WORDS, tensor_checksum
+from weightsync.dataplane.delta import Delta, Encoding, apply_delta, encode, encode_many, encoded_nbytes
+from weightsync.dataplane.delta_checksum import (
+    _raw_sum,
+    _unsplitmix64,
+    changed_words,
+    checksum_update,
+    gather_words,
+)
+from weightsync.dataplane.checksum import _size_mix, _splitmix64
+
+_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(_INT[t.element_size()])
+
+
+def _random(numel: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Any bit pattern (NaN payloads included), not only values randn would give."""
+    gen = torch.Generator().manual_seed(seed)
+    es = torch.empty(0, dtype=dtype).element_size()
+    raw = torch.randint(0, 256, (numel * es,), dtype=torch.uint8, generator=gen)
+    return raw.view(dtype)
+
+
+def _with_changes(base: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """A copy of base with the elements at `where` changed in their lowest bit (a one-ulp step)."""
+    new = base.clone()
+    _bits(new)[where] ^= 1
+    return new
+
+
+def _pattern(name: str, numel: int) -> torch.Tensor:
+    """Changed element indices for the named pattern."""
+    gen = torch.Generator().manual_seed(numel)
+    if name == "none":
+        return torch.empty(0, dtype=torch.int64)
+    if name == "all":
+        return torch.arange(numel)
+    if name == "first":
+        return torch.tensor([0])
+    if name == "last":
+        return torch.tensor([numel - 1])
+    if name == "first_and_last":
+        return torch.tensor([0, numel - 1])
+    if name == "runs":
+        return torch.cat([torch.arange(s, min(s + 37, numel)) for s in range(5, numel, 400)])
+    if name == "sparse":
+        return (torch.rand(numel, generator=gen) < 0.003).nonzero().squeeze(1)
+    if name == "two_percent":
+        return (torch.rand(numel, generator=gen) < 0.02).nonzero().squeeze(1)
+    if name == "half":
+        return (torch.rand(numel, generator=gen) < 0.5).nonzero().squeeze(1)
+    raise AssertionError(name)
+
+
+_PATTERNS = ["none", "all", "first", "last", "first_and_last", "runs", "sparse", "two_percent", "half"]
+
+
+@pytest.mark.parametrize("pattern", _PATTERNS)
+@pytest.mark.parametrize("encoding", list(Encoding))
+def test_every_encoding_reproduces_the_new_tensor_exactly(pattern, encoding):
+    """Forced into each encoding, every change pattern applies back to the new tensor bit for bit,
+    and the delta's bytes are exactly what encoded_nbytes counted for that encoding."""
+    base = _random(10_007, torch.bfloat16, seed=1).view(10_007)
+    new = _with_changes(base, _pattern(pattern, base.numel()))
+    delta = encode(base, new, allowed=[encoding])
+    target = base.clone()
+    apply_delta(target, delta)
+    assert torch.equal(_bits(target), _bits(new))
+    n = int((_bits(base) != _bits(new)).sum())
+    assert delta.num_changed == n
+    if delta.encoding is not Encoding.DENSE:
+        assert delta.encoding is encoding  # forced: only dense may replace it, and only when cheaper
+    where = (_bits(base) != _bits(new)).nonzero().squeeze(1)
+    gaps = torch.diff(where, prepend=torch.tensor([-1])) - 1
+    sizes = encoded_nbytes(
+        base.numel(), n, 2, num_escapes8=int((gaps >= 255).sum()), num_escapes16=int((gaps >= 65535).sum())
+    )
+    assert delta.nbytes == sizes[delta.encoding]
+
+
+@pytest.mark.parametrize("pattern", _PATTERNS)
+def test_the_chooser_picks_the_smallest_encoding(pattern):
+    """Left free, encode picks an encoding no larger than any forced one (measured in real bytes)."""
+    base = _random(50_000, torch.float16, seed=2)
+    new = _with_changes(base, _pattern(pattern, base.numel()))
+    chosen = encode(base, new)
+    forced = {e: encode(base, new, allowed=[e]).nbytes for e in Encoding}
+    assert chosen.nbytes == min(forced.values()), (chosen.encoding, forced)
+
+
+def test_dense_wins_past_the_break_even_and_gaps_win_at_two_percent():
+    """All changed goes dense; 2% of bf16 changed goes gaps8 at about 3% of dense bytes."""
+    base = _random(100_000, torch.bfloat16, seed=3)
+    assert encode(base, _with_changes(base, _pattern("all", base.numel()))).encoding is Encoding.DENSE
+    d = encode(base, _with_changes(base, _pattern("two_percent", base.numel())))
+    assert d.encoding is Encoding.GAPS8
+    assert d.nbytes < 0.035 * base.numel() * 2
+
+
+def test_long_gaps_are_escaped_in_both_gap_widths():
+    """Gaps of 255 and more (uint8) and of 65535 and more (uint16) travel as escapes and decode exactly."""
+    numel = 300_000
+    where = torch.tensor([0, 254, 255 + 255, 600, 600 + 65_536, 200_000, numel - 1])
+    base = _random(numel, torch.bfloat16, seed=4)
+    new = _with_changes(base, where)
+    for enc in (Encoding.GAPS8, Encoding.GAPS16):
+        d = encode(base, new, allowed=[enc])
+        assert d.encoding is enc
+        assert d.escapes.numel() == (4 if enc is Encoding.GAPS8 else 3)
+        assert torch.equal(d.indices(), where)
+        target = base.clone()
+        apply_delta(target, d)
+        assert torch.equal(_bits(target), _bits(new))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int8, torch.bool])
+def test_nan_payloads_and_signed_zeros_are_changes(dtype):
+    """Elements compare as integers: a NaN with another payload and -0.0 vs +0.0 are changes, reproduced exactly."""
+    base = _random(4099, dtype, seed=5).view(4099) if dtype is not torch.bool else torch.zeros(4099, dtype=torch.bool)
+    new = base.clone()
+    if dtype.is_floating_point:
+        base[10], new[10] = 0.0, -0.0
+        base[11] = new[11] = float("nan")
+        _bits(new)[11] ^= 1  # still a NaN, another payload: NaN != NaN as floats either way
+        assert torch.isnan(new[11])
+    else:
+        _bits(new)[10] ^= 1
+    d = encode(base, new)
+    assert d.num_changed == int((_bits(base) != _bits(new)).sum()) >= 1
+    target = base.clone()
+    apply_delta(target, d)
+    assert torch.equal(_bits(target), _bits(new))
+
+
+def test_encode_many_equals_encode_one_by_one_across_dtypes_and_shapes():
+    """A mixed batch (dtypes, shapes, nothing changed, all changed) gives each tensor what encode gives it."""
+    bases = [_random(n, dt, seed=i).view(shape) for i, (n, dt, shape) in enumerate(
+        [(64, torch.bfloat16, (8, 8)), (1000, torch.float32, (1000,)), (3, torch.float16, (3,)), (4096, torch.bfloat16, (64, 64))]
+    )]
+    news = [_with_changes(b, _pattern(p, b.numel())) for b, p in zip(bases, ["sparse", "half", "all", "none"])]
+    batch = encode_many(bases, news)
+    for b, n, d in zip(bases, news, batch):
+        one = encode(b, n)
+        assert (d.encoding, d.num_changed, d.nbytes) == (one.encoding, one.num_changed, one.nbytes)
+        target = b.clone()
+        apply_delta(target, d)
+        assert torch.equal(_bits(target), _bits(n))
+
+
+def test_bad_input_is_refused_naming_what_is_wrong():
+    """Mismatched pairs, a delta for another tensor and a non-contiguous target raise ValueError with both values."""
+    a = torch.zeros(4, 4, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"tensor 0: base and new must match .* \[4, 4\] .* \[16\]"):
+        encode(a, torch.zeros(16, dtype=torch.bfloat16))
+    d = encode(a, a + 1)
+    with pytest.raises(ValueError, match="delta is 16 elements of torch.bfloat16, target is 8 elements"):
+        apply_delta(torch.zeros(8, dtype=torch.bfloat16), d)
+    with pytest.raises(ValueError, match="target must be contiguous"):
+        apply_delta(torch.zeros(4, 4, dtype=torch.bfloat16).t(), d)
+    with pytest.raises(ValueError, match="values of a indices delta: expected 1-D with 2 elements"):
+        Delta(Encoding.INDICES, 16, 2, torch.zeros(2, dtype=torch.int32), torch.empty(0), torch.zeros(3))
+
+
+def test_unsplitmix64_inverts_the_checksum_finish():
+    """The finish of a checksum (splitmix64 of S mixed with the size) is undone exactly."""
+    rng = random.Random(6)
+    for _ in range(1000):
+        s = rng.getrandbits(64)
+        assert _unsplitmix64(_splitmix64(s)) == s
+        nbytes = rng.randrange(1, 1 << 40)
+        assert _raw_sum(_splitmix64(s ^ _size_mix(nbytes)), nbytes) == s
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("numel", [1, 3, 1001, 4097])
+@pytest.mark.parametrize("pattern", ["first", "last", "first_and_last", "sparse", "half", "all"])
+def test_checksum_update_equals_a_recompute(dtype, numel, pattern):
+    """S_old plus the changed words' weighted differences is the recomputed checksum of the result,
+    for odd sizes whose last word is partial and for changes in the first and last element."""
+    base = _random(numel, dtype, seed=numel)
+    new = _with_changes(base, _pattern(pattern, numel))
+    target = base.clone()
+    updated = apply_delta(target, encode(base, new), base_checksum=tensor_checksum(base))
+    assert updated == tensor_checksum(new)
+
+
+def test_checksum_update_across_a_chunk_boundary():
+    """Changed words on both sides of an 8 MiB checksum chunk and in the partial last word update exactly."""
+    numel = 2 * CHUNK_WORDS * 2 + 3  # fp32: two chunks of words plus 12 bytes, the last word half full
+    base = _random(numel, torch.float32, seed=7)
+    where = torch.tensor([0, 2 * CHUNK_WORDS - 1, 2 * CHUNK_WORDS, 2 * CHUNK_WORDS + 1, numel - 1])
+    new = _with_changes(base, where)
+    words = changed_words(where, 4)
+    assert words.tolist() == [0, CHUNK_WORDS - 1, CHUNK_WORDS, 2 * CHUNK_WORDS + 1]  # the last: half full
+    old_words, new_words = gather_words(base, words), gather_words(new, words)
+    nbytes = numel * 4
+    assert checksum_update(tensor_checksum(base), nbytes, words, old_words, new_words) == tensor_checksum(new)
+
+
+def test_the_update_trusts_the_base_and_a_recompute_does_not():
+    """A target that differed from the base outside the changed words still gets the sender's checksum
+    from the update; only a recompute sees it. This is why a verdict recomputes (delta_checksum's docstring)."""
+    base = _random(1000, torch.bfloat16, seed=8)
+    new = _with_changes(base, torch.tensor([10, 500]))
+    corrupted = base.clone()
+    _bits(corrupted)[900] ^= 1
+    updated = apply_delta(corrupted, encode(base, new), base_checksum=tensor_checksum(base))
+    assert updated == tensor_checksum(new)
+    assert tensor_checksum(corrupted) != tensor_checksum(new)
+
+
+_INTERPRETED_KERNEL = r"""
+import torch
+from weightsync.dataplane import delta, delta_kernel
+
+torch.manual_seed(0)
+sizes = [8, 4096 * 3 + 8, 800, 16, 40000]
+fracs = [0.0, 0.02, 1.0, 0.0, 0.3]
+for dtype in (torch.int16, torch.int32, torch.uint8):
+    bases = [torch.randint(-100, 100, (n,), dtype=torch.int64).to(dtype) for n in sizes]
+    news = [b.clone() for b in bases]
+    for n, f in zip(news, fracs):
+        n[torch.rand(n.numel()) < f] += 1
+    news[1][0] += 1
+    news[1][-1] += 1
+    got = delta_kernel._run(delta_kernel._kernels(), bases, news, interpret=True)
+    want = delta._find_changes_torch(bases, news)
+    assert got.counts == want.counts, (dtype, got.counts, want.counts)
+    assert got.indices.dtype == torch.int32
+    assert torch.equal(got.indices.long(), want.indices), dtype
+    assert torch.equal(got.values, want.values), dtype
+    for b, n, bits in zip(bases, news, got.bits):
+        assert torch.equal(bits, delta._pack_bits(b != n)), dtype
+    deltas = delta._build(got, news, [n.dtype for n in news], None)
+    for b, n, d in zip(bases, news, deltas):
+        t = b.clone()
+        delta.apply_delta(t, d)
+        assert torch.equal(t, n), (dtype, d.encoding)
+print("ok")
+"""
+
+
+def test_the_triton_change_finder_matches_torch_in_the_interpreter():
+    """The mark and compact kernels, run by Triton's CPU interpreter on a batch of tensors of several
+    sizes and dtypes (none, some, all changed; first and last element): the same counts, indices, values
+    and bitmasks as the torch path, and the deltas built from them apply exactly.
+    (test_encode_on_cuda_equals_cpu runs them compiled.)"""
+    pytest.importorskip("triton", reason="the change finder is written in Triton; without it CUDA uses torch ops")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED_KERNEL], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_encode_on_cuda_equals_cpu():
+    """On a GPU the kernel path (and the torch fallback for an odd-sized tensor) gives the CPU's deltas,
+    and they apply exactly on the device with the checksum updated."""
+    from weightsync.dataplane import delta_kernel
+
+    assert delta_kernel.kernel_available()
+    bases = [_random(n, torch.bfloat16, seed=n) for n in (4096 * 64, 1000, 7)]
+    news = [_with_changes(b, _pattern(p, b.numel())) for b, p in zip(bases, ["two_percent", "half", "last"])]
+    cpu = encode_many(bases, news)
+    for split in ([0, 1], [2]):
+        gpu = encode_many([bases[i].cuda() for i in split], [news[i].cuda() for i in split])
+        for i, d in zip(split, gpu):
+            assert (d.encoding, d.num_changed, d.nbytes) == (cpu[i].encoding, cpu[i].num_changed, cpu[i].nbytes)
+            target = bases[i].cuda()
+            got = apply_delta(target, d, base_checksum=tensor_checksum(bases[i]))
+            assert torch.equal(_bits(target.cpu()), _bits(news[i]))
+            assert got == tensor_checksum(news[i])

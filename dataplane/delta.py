@@ -40,10 +40,14 @@ from dataclasses import dataclass
 
 import torch
 
+from weightsync.dataplane import delta_kernel
+from weightsync.dataplane.delta_kernel import BatchChanges
+
 __all__ = [
     "Delta",
     "Encoding",
     "apply_delta",
+    "apply_many",
     "choose_encoding",
     "encode",
     "encode_many",
@@ -237,7 +241,7 @@ def encode_many(
     *,
     allowed: Iterable[Encoding] | None = None,
 ) -> list[Delta]:
-    """`encode` for many tensors, in one pass per device and dtype (few launches, two syncs on a GPU).
+    """`encode` for many tensors, in one pass per device and dtype (few launches, three syncs on a GPU).
 
     The returned deltas may share storage with each other (views of one buffer per batch)
     and, for dense, with `news`: copy them before changing either.
@@ -248,105 +252,71 @@ def encode_many(
     for i, (b, n) in enumerate(zip(bases, news)):
         _check_pair(i, b, n)
     out: list[Delta | None] = [None] * len(bases)
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, b in enumerate(bases):
-        groups.setdefault((b.device, b.dtype), []).append(i)
-    from weightsync.dataplane import delta_kernel
-
-    for (device, _), members in groups.items():
+    for members in _groups(bases):
         base_ints = [_int_view(bases[i], f"base tensor {i}") for i in members]
         new_ints = [_int_view(news[i], f"new tensor {i}") for i in members]
         found = None
-        if device.type == "cuda":
+        if base_ints[0].is_cuda:
             found = delta_kernel.find_changes(base_ints, new_ints)
         if found is None:
             found = _find_changes_torch(base_ints, new_ints)
-        deltas = _build(found, new_ints, [news[i].dtype for i in members], allowed_list)
-        for i, d in zip(members, deltas):
+        for i, d in zip(members, _build(found, new_ints, news[members[0]].dtype, allowed_list)):
             out[i] = d
     return out  # type: ignore[return-value]
 
 
-@dataclass(slots=True)
-class Changes:
-    """The changed elements of a batch of tensors, as `find_changes` leaves them.
-
-    indices: every tensor's changed element indices (local to the tensor, increasing),
-    concatenated; values: the new elements at those indices, concatenated, as integers;
-    counts: changes per tensor; bits: per tensor, its packed change mask if already made.
-    """
-
-    indices: torch.Tensor
-    values: torch.Tensor
-    counts: list[int]
-    bits: list[torch.Tensor] | None
+def _groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Positions of the tensors, grouped by device and dtype (a batch shares both)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return list(groups.values())
 
 
-def _find_changes_torch(base_ints: Sequence[torch.Tensor], new_ints: Sequence[torch.Tensor]) -> Changes:
-    idx, vals, counts = [], [], []
+def _find_changes_torch(base_ints: Sequence[torch.Tensor], new_ints: Sequence[torch.Tensor]) -> BatchChanges:
+    idx, vals, gaps, escapes, counts = [], [], [], [], []
     for b, n in zip(base_ints, new_ints):
         where = (b != n).nonzero().squeeze(1)
+        gap = torch.diff(where, prepend=where.new_full((1,), -1)) - 1
         idx.append(where)
         vals.append(n[where])
+        gaps.append(gap)
+        escapes.append(torch.stack(((gap >= _ESCAPE8).sum(), (gap >= _ESCAPE16).sum())))
         counts.append(where.numel())
-    return Changes(torch.cat(idx), torch.cat(vals), counts, None)
+    esc = torch.stack(escapes).tolist() if escapes else []
+    return BatchChanges(
+        torch.cat(idx), torch.cat(vals), torch.cat(gaps), None, counts, [e[0] for e in esc], [e[1] for e in esc], None
+    )
 
 
-def _build(
-    found: Changes,
-    new_ints: Sequence[torch.Tensor],
-    dtypes: Sequence[torch.dtype],
-    allowed: list[Encoding] | None,
-) -> list[Delta]:
-    """Chooses each tensor's encoding from exact byte counts and builds it, batch-wide ops only."""
-    device = found.indices.device
-    counts = found.counts
-    starts = [0]
-    for c in counts:
-        starts.append(starts[-1] + c)
-    total = starts[-1]
-    idx = found.indices.to(torch.int64)
-    # Gap of each change: the elements skipped since the previous change of the same tensor.
-    prev = torch.empty_like(idx)
-    if total:
-        prev[1:] = idx[:-1]
-        firsts = [s for s, c in zip(starts, counts) if c]
-        prev[torch.tensor(firsts, dtype=torch.int64).to(device)] = -1
-    gaps = idx - prev - 1
-    esc8 = gaps >= _ESCAPE8
-    esc16 = gaps >= _ESCAPE16
-    # Per tensor escape counts from running sums read at each tensor's end: one read-back.
-    ends = torch.tensor([s - 1 for s in starts[1:]], dtype=torch.int64).clamp(min=0).to(device)
-    if total:
-        run = torch.stack((torch.cumsum(esc8, 0), torch.cumsum(esc16, 0)))
-        at_ends = run[:, ends].tolist()
-    else:
-        at_ends = [[0] * len(counts), [0] * len(counts)]
-    esc8_counts, esc16_counts = _differences(at_ends[0], counts), _differences(at_ends[1], counts)
-
-    chosen: list[Encoding] = []
-    for k, new in enumerate(new_ints):
-        sizes = encoded_nbytes(
-            new.numel(), counts[k], new.element_size(), num_escapes8=esc8_counts[k], num_escapes16=esc16_counts[k]
+def _build(found: BatchChanges, new_ints: Sequence[torch.Tensor], dtype: torch.dtype, allowed: list[Encoding] | None) -> list[Delta]:
+    """Chooses each tensor's encoding from exact byte counts and builds it with batch-wide ops only:
+    per-tensor work is slicing, so a model of hundreds of tensors costs few launches."""
+    counts, esc8, esc16 = found.counts, found.escapes8, found.escapes16
+    es = new_ints[0].element_size() if new_ints else 1
+    chosen = [
+        choose_encoding(
+            encoded_nbytes(t.numel(), counts[k], es, num_escapes8=esc8[k], num_escapes16=esc16[k]), allowed
         )
-        chosen.append(choose_encoding(sizes, allowed))
-
+        for k, t in enumerate(new_ints)
+    ]
+    gaps = found.gaps
     codes8 = codes16 = escapes8 = escapes16 = None
     if Encoding.GAPS8 in chosen:
-        codes8 = gaps.clamp(max=_ESCAPE8).to(torch.uint8)
-        escapes8 = gaps[esc8]
+        codes8 = found.codes8 if found.codes8 is not None else gaps.clamp(max=_ESCAPE8).to(torch.uint8)
+        escapes8 = gaps[gaps >= _ESCAPE8]
     if Encoding.GAPS16 in chosen:
         codes16 = gaps.clamp(max=_ESCAPE16).to(torch.int32).to(torch.int16)
-        escapes16 = gaps[esc16]
-    esc8_starts, esc16_starts = _starts(esc8_counts), _starts(esc16_counts)
-
-    out = []
+        escapes16 = gaps[gaps >= _ESCAPE16]
+    device = gaps.device
     empty = torch.empty(0, dtype=torch.uint8, device=device)
-    for k, (new, dtype, enc) in enumerate(zip(new_ints, dtypes, chosen)):
+    values_all = found.values.view(dtype)
+    out = []
+    lo = e8 = e16 = 0
+    for k, (new, enc) in enumerate(zip(new_ints, chosen)):
         numel, n = new.numel(), counts[k]
-        lo, hi = starts[k], starts[k + 1]
-        values = found.values[lo:hi].view(dtype)
-        escapes = empty
+        hi = lo + n
+        values, escapes = values_all[lo:hi], empty
         if enc is Encoding.DENSE:
             positions, values = empty, new.view(dtype)
         elif enc is Encoding.INDICES:
@@ -356,35 +326,16 @@ def _build(
                 positions = found.bits[k]
             else:
                 mask = torch.zeros(numel, dtype=torch.bool, device=device)
-                mask[idx[lo:hi]] = True
+                mask[found.indices[lo:hi]] = True
                 positions = _pack_bits(mask)
         elif enc is Encoding.GAPS8:
             positions = codes8[lo:hi]
-            escapes = escapes8[esc8_starts[k] : esc8_starts[k] + esc8_counts[k]].to(_index_dtype(numel))
+            escapes = escapes8[e8 : e8 + esc8[k]].to(_index_dtype(numel))
         else:
             positions = codes16[lo:hi]
-            escapes = escapes16[esc16_starts[k] : esc16_starts[k] + esc16_counts[k]].to(_index_dtype(numel))
+            escapes = escapes16[e16 : e16 + esc16[k]].to(_index_dtype(numel))
         out.append(Delta(enc, numel, n, positions, escapes, values))
-    return out
-
-
-def _differences(running_at_ends: list[int], counts: list[int]) -> list[int]:
-    """Per-tensor counts from a running sum read at each tensor's last change (none: repeat)."""
-    out, before = [], 0
-    for value, c in zip(running_at_ends, counts):
-        if c == 0:
-            out.append(0)
-            continue
-        out.append(value - before)
-        before = value
-    return out
-
-
-def _starts(counts: list[int]) -> list[int]:
-    out, pos = [], 0
-    for c in counts:
-        out.append(pos)
-        pos += c
+        lo, e8, e16 = hi, e8 + esc8[k], e16 + esc16[k]
     return out
 
 
@@ -429,3 +380,82 @@ def apply_delta(target: torch.Tensor, delta: Delta, *, base_checksum: int | None
     new = delta_checksum.gather_words(target, words)
     nbytes = target.numel() * target.element_size()
     return delta_checksum.checksum_update(base_checksum, nbytes, words, old, new)
+
+
+def apply_many(targets: Sequence[torch.Tensor], deltas: Sequence[Delta]) -> None:
+    """`apply_delta` for many tensors. On a GPU the decode is batch-wide torch ops and one launch
+    per encoding scatters every change into every tensor, so hundreds of tensors cost a few launches.
+
+    A delta whose positions point outside its target (a corrupt or foreign delta) raises
+    ValueError before anything is written.
+    """
+    if len(targets) != len(deltas):
+        raise ValueError(f"{len(targets)} targets but {len(deltas)} deltas")
+    for i, (t, d) in enumerate(zip(targets, deltas)):
+        if t.dtype != d.dtype or t.numel() != d.numel:
+            raise ValueError(
+                f"delta {i} does not fit its target: delta is {d.numel} elements of {d.dtype}, "
+                f"target is {t.numel()} elements of {t.dtype}"
+            )
+        _int_view(t, f"target {i}")
+    for members in _groups(targets):
+        ints = [_int_view(targets[i], f"target {i}") for i in members]
+        es = ints[0].element_size()
+        anchor_ptr = ints[0].data_ptr()
+        if not (ints[0].is_cuda and delta_kernel.kernel_available()) or any((t.data_ptr() - anchor_ptr) % es for t in ints):
+            for i in members:
+                apply_delta(targets[i], deltas[i])
+            continue
+        by_encoding: dict[Encoding, list[int]] = {}
+        for k, i in enumerate(members):
+            if deltas[i].encoding is Encoding.DENSE:
+                ints[k].copy_(_int_view(deltas[i].values.to(ints[k].device), "values"))
+            elif deltas[i].num_changed:
+                by_encoding.setdefault(deltas[i].encoding, []).append(k)
+        for enc, ks in by_encoding.items():
+            ds = [deltas[members[k]] for k in ks]
+            local, span_of = _decode_batch(enc, ds, ints[0].device)
+            numels = torch.tensor([d.numel for d in ds], dtype=torch.int64).to(local.device)
+            if bool(((local < 0) | (local >= numels[span_of])).any()):
+                bad = [members[k] for k, d in zip(ks, ds) if int(d.indices().max()) >= d.numel]
+                raise ValueError(f"deltas {bad} address elements past the end of their targets: corrupt or foreign deltas")
+            anchor_offs = torch.tensor([(ints[k].data_ptr() - anchor_ptr) // es for k in ks], dtype=torch.int64)
+            offsets = anchor_offs.to(local.device)[span_of] + local
+            values = torch.cat([_int_view(d.values, "values").to(local.device) for d in ds])
+            delta_kernel.scatter(ints[0], offsets, values)
+
+
+def _decode_batch(enc: Encoding, ds: Sequence[Delta], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(local element index, position in ds) of every change of every delta, int64, with batch-wide ops."""
+    counts = [d.num_changed for d in ds]
+    total = sum(counts)
+    span_of = torch.repeat_interleave(
+        torch.arange(len(ds), device=device), torch.tensor(counts).to(device), output_size=total
+    )
+    if enc is Encoding.INDICES:
+        return torch.cat([d.positions.to(device, torch.int64) for d in ds]), span_of
+    if enc is Encoding.BITMASK:
+        sizes = [d.positions.numel() * 8 for d in ds]
+        where = _unpack_bits(torch.cat([d.positions.to(device) for d in ds]), sum(sizes)).nonzero().squeeze(1)
+        if where.numel() != total:
+            raise ValueError(f"bitmask deltas set {where.numel()} bits but count {total} changes: corrupt deltas")
+        starts = torch.tensor(_starts(sizes), dtype=torch.int64).to(device)
+        return where - starts[span_of], span_of
+    codes = torch.cat([d.positions.to(device) for d in ds]).to(torch.int64)
+    escape = _ESCAPE8
+    if enc is Encoding.GAPS16:
+        codes &= 0xFFFF
+        escape = _ESCAPE16
+    escapes = torch.cat([d.escapes.to(device, torch.int64) for d in ds])
+    codes.masked_scatter_(codes == escape, escapes)
+    running = torch.cumsum(codes + 1, 0)
+    before = torch.cat((running.new_zeros(1), running))[torch.tensor(_starts(counts), dtype=torch.int64).to(device)]
+    return running - before[span_of] - 1, span_of
+
+
+def _starts(counts: Sequence[int]) -> list[int]:
+    out, pos = [], 0
+    for c in counts:
+        out.append(pos)
+        pos += c
+    return out

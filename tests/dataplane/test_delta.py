@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from weightsync.dataplane.checksum import CHUNK_WORDS, tensor_checksum
-from weightsync.dataplane.delta import Delta, Encoding, apply_delta, encode, encode_many, encoded_nbytes
+from weightsync.dataplane.delta import Delta, Encoding, apply_delta, apply_many, encode, encode_many, encoded_nbytes
 from weightsync.dataplane.delta_checksum import (
     _raw_sum,
     _unsplitmix64,
@@ -163,6 +163,21 @@ def test_encode_many_equals_encode_one_by_one_across_dtypes_and_shapes():
         assert torch.equal(_bits(target), _bits(n))
 
 
+def test_apply_many_applies_a_mixed_batch_and_refuses_a_misfit():
+    """apply_many writes every delta of a batch of several dtypes and encodings; a delta for another
+    tensor size is refused by its position before anything is written."""
+    bases = [_random(n, dt, seed=n) for n, dt in ((5000, torch.bfloat16), (300, torch.float32), (64, torch.bfloat16))]
+    news = [_with_changes(b, _pattern(p, b.numel())) for b, p in zip(bases, ["two_percent", "all", "runs"])]
+    deltas = encode_many(bases, news)
+    targets = [b.clone() for b in bases]
+    apply_many(targets, deltas)
+    assert all(torch.equal(_bits(t), _bits(n)) for t, n in zip(targets, news))
+    targets = [b.clone() for b in bases]
+    with pytest.raises(ValueError, match="delta 1 does not fit its target: delta is 300 elements of torch.float32, target is 299"):
+        apply_many([targets[0], torch.zeros(299)], deltas[:2])
+    assert torch.equal(_bits(targets[0]), _bits(bases[0]))
+
+
 def test_bad_input_is_refused_naming_what_is_wrong():
     """Mismatched pairs, a delta for another tensor and a non-contiguous target raise ValueError with both values."""
     a = torch.zeros(4, 4, dtype=torch.bfloat16)
@@ -228,38 +243,58 @@ def test_the_update_trusts_the_base_and_a_recompute_does_not():
 _INTERPRETED_KERNEL = r"""
 import torch
 from weightsync.dataplane import delta, delta_kernel
+from weightsync.dataplane.delta import Encoding
 
 torch.manual_seed(0)
-sizes = [8, 4096 * 3 + 8, 800, 16, 40000]
-fracs = [0.0, 0.02, 1.0, 0.0, 0.3]
+# Blocks of 1024 elements; sizes that end mid-block; none, some, all changed; first and last element;
+# gaps of 255+ and 65535+ that cross block boundaries (int16 only: the interpreter is slow).
 for dtype in (torch.int16, torch.int32, torch.uint8):
+    sizes = [8, 1024 * 3 + 8, 800, 16, 3000] + ([140000] if dtype == torch.int16 else [])
+    fracs = [0.0, 0.02, 1.0, 0.0, 0.3, 0.0]
     bases = [torch.randint(-100, 100, (n,), dtype=torch.int64).to(dtype) for n in sizes]
     news = [b.clone() for b in bases]
     for n, f in zip(news, fracs):
         n[torch.rand(n.numel()) < f] += 1
     news[1][0] += 1
     news[1][-1] += 1
-    got = delta_kernel._run(delta_kernel._kernels(), bases, news, interpret=True)
+    if dtype == torch.int16:
+        for i in (1023, 1024, 1400, 70000, 139999):
+            news[5][i] += 1
+    got = delta_kernel._run(delta_kernel._kernels(), bases, news, interpret=True, block=1024)
     want = delta._find_changes_torch(bases, news)
     assert got.counts == want.counts, (dtype, got.counts, want.counts)
+    assert (got.escapes8, got.escapes16) == (want.escapes8, want.escapes16), dtype
     assert got.indices.dtype == torch.int32
     assert torch.equal(got.indices.long(), want.indices), dtype
+    assert torch.equal(got.gaps.long(), want.gaps), dtype
+    assert torch.equal(got.codes8, want.gaps.clamp(max=255).to(torch.uint8)), dtype
     assert torch.equal(got.values, want.values), dtype
     for b, n, bits in zip(bases, news, got.bits):
         assert torch.equal(bits, delta._pack_bits(b != n)), dtype
-    deltas = delta._build(got, news, [n.dtype for n in news], None)
-    for b, n, d in zip(bases, news, deltas):
-        t = b.clone()
-        delta.apply_delta(t, d)
-        assert torch.equal(t, n), (dtype, d.encoding)
+    for allowed in (None, [Encoding.INDICES], [Encoding.BITMASK], [Encoding.GAPS16], [Encoding.GAPS8]):
+        deltas = delta._build(got, news, dtype, allowed)
+        # The batched decode and the scatter kernel, as apply_many runs them on a GPU.
+        targets = [b.clone() for b in bases]
+        for enc in {d.encoding for d in deltas} - {Encoding.DENSE}:
+            ks = [k for k, d in enumerate(deltas) if d.encoding is enc and d.num_changed]
+            if ks:
+                local, span_of = delta._decode_batch(enc, [deltas[k] for k in ks], torch.device("cpu"))
+                es = targets[0].element_size()
+                anchor = torch.tensor([(targets[k].data_ptr() - targets[0].data_ptr()) // es for k in ks])
+                values = torch.cat([deltas[k].values for k in ks])
+                delta_kernel.scatter(targets[0], anchor[span_of] + local, values, interpret=True)
+        for t, n, d in zip(targets, news, deltas):
+            if d.encoding is Encoding.DENSE:
+                t.copy_(n)
+        assert all(torch.equal(t, n) for t, n in zip(targets, news)), (dtype, allowed)
 print("ok")
 """
 
 
 def test_the_triton_change_finder_matches_torch_in_the_interpreter():
-    """The mark and compact kernels, run by Triton's CPU interpreter on a batch of tensors of several
-    sizes and dtypes (none, some, all changed; first and last element): the same counts, indices, values
-    and bitmasks as the torch path, and the deltas built from them apply exactly.
+    """The mark, compact and scatter kernels, run by Triton's CPU interpreter on a batch of tensors of
+    several sizes and dtypes: the same counts, indices, gaps, escapes, values and bitmasks as the torch
+    path, and every encoding built from them decodes batch-wide and scatters back to the new tensors.
     (test_encode_on_cuda_equals_cpu runs them compiled.)"""
     pytest.importorskip("triton", reason="the change finder is written in Triton; without it CUDA uses torch ops")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -271,19 +306,33 @@ def test_the_triton_change_finder_matches_torch_in_the_interpreter():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_encode_on_cuda_equals_cpu():
-    """On a GPU the kernel path (and the torch fallback for an odd-sized tensor) gives the CPU's deltas,
-    and they apply exactly on the device with the checksum updated."""
+    """On a GPU the kernel path (and the torch fallback for an odd-sized tensor) gives the CPU's deltas;
+    they apply exactly on the device, one by one with the checksum updated and batched by apply_many,
+    and a corrupt index is refused before anything is written."""
     from weightsync.dataplane import delta_kernel
 
     assert delta_kernel.kernel_available()
-    bases = [_random(n, torch.bfloat16, seed=n) for n in (4096 * 64, 1000, 7)]
-    news = [_with_changes(b, _pattern(p, b.numel())) for b, p in zip(bases, ["two_percent", "half", "last"])]
+    bases = [_random(n, torch.bfloat16, seed=n) for n in (4096 * 64, 1000, 7, 4096 * 20)]
+    news = [_with_changes(b, _pattern(p, b.numel())) for b, p in zip(bases, ["two_percent", "half", "last", "sparse"])]
     cpu = encode_many(bases, news)
-    for split in ([0, 1], [2]):
-        gpu = encode_many([bases[i].cuda() for i in split], [news[i].cuda() for i in split])
-        for i, d in zip(split, gpu):
-            assert (d.encoding, d.num_changed, d.nbytes) == (cpu[i].encoding, cpu[i].num_changed, cpu[i].nbytes)
-            target = bases[i].cuda()
-            got = apply_delta(target, d, base_checksum=tensor_checksum(bases[i]))
-            assert torch.equal(_bits(target.cpu()), _bits(news[i]))
-            assert got == tensor_checksum(news[i])
+    for allowed in (None, [Encoding.INDICES], [Encoding.BITMASK], [Encoding.GAPS16]):
+        cpu = encode_many(bases, news, allowed=allowed)
+        for split in ([0, 1, 3], [2]):
+            gpu = encode_many([bases[i].cuda() for i in split], [news[i].cuda() for i in split], allowed=allowed)
+            for i, d in zip(split, gpu):
+                assert (d.encoding, d.num_changed, d.nbytes) == (cpu[i].encoding, cpu[i].num_changed, cpu[i].nbytes)
+                assert torch.equal(d.indices().cpu(), cpu[i].indices())
+                target = bases[i].cuda()
+                got = apply_delta(target, d, base_checksum=tensor_checksum(bases[i]))
+                assert torch.equal(_bits(target.cpu()), _bits(news[i]))
+                assert got == tensor_checksum(news[i])
+            targets = [bases[i].cuda() for i in split]
+            apply_many(targets, gpu)
+            assert all(torch.equal(_bits(t.cpu()), _bits(news[i])) for t, i in zip(targets, split))
+    bad = encode(bases[0].cuda(), news[0].cuda(), allowed=[Encoding.INDICES])
+    positions = bad.positions.clone()
+    positions[-1] = bad.numel
+    target = bases[0].cuda()
+    with pytest.raises(ValueError, match="past the end of their targets"):
+        apply_many([target], [Delta(Encoding.INDICES, bad.numel, bad.num_changed, positions, bad.escapes, bad.values)])
+    assert torch.equal(_bits(target.cpu()), _bits(bases[0]))

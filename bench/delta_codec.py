@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fraction", type=float, default=0.02)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of one encode and one apply")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu to check the script on a small shape")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -139,6 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     t_update = _timed(
         lambda: [apply_delta(t, d, base_checksum=s) for t, d, s in zip(targets, deltas, base_sums)], max(3, args.iters // 2)
     )
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, fn in (("encode", lambda: encode_many(bases, news)), ("apply", lambda: apply_many(targets, deltas))):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn()
+                _sync()
+            print(f"--- profile: {name}")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
 
     wire = sum(d.nbytes for d in deltas)
     by_encoding: dict[str, dict[str, int]] = {}

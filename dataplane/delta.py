@@ -274,19 +274,15 @@ def _groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
 
 
 def _find_changes_torch(base_ints: Sequence[torch.Tensor], new_ints: Sequence[torch.Tensor]) -> BatchChanges:
-    idx, vals, gaps, escapes, counts = [], [], [], [], []
+    idx, vals, counts = [], [], []
     for b, n in zip(base_ints, new_ints):
         where = (b != n).nonzero().squeeze(1)
-        gap = torch.diff(where, prepend=where.new_full((1,), -1)) - 1
         idx.append(where)
         vals.append(n[where])
-        gaps.append(gap)
-        escapes.append(torch.stack(((gap >= _ESCAPE8).sum(), (gap >= _ESCAPE16).sum())))
         counts.append(where.numel())
-    esc = torch.stack(escapes).tolist() if escapes else []
-    return BatchChanges(
-        torch.cat(idx), torch.cat(vals), torch.cat(gaps), None, counts, [e[0] for e in esc], [e[1] for e in esc], None
-    )
+    indices = torch.cat(idx)
+    gaps, esc8, esc16 = delta_kernel.gaps_and_escapes(indices, counts)
+    return BatchChanges(indices, torch.cat(vals), gaps, counts, esc8, esc16, None)
 
 
 def _build(found: BatchChanges, new_ints: Sequence[torch.Tensor], dtype: torch.dtype, allowed: list[Encoding] | None) -> list[Delta]:
@@ -303,7 +299,7 @@ def _build(found: BatchChanges, new_ints: Sequence[torch.Tensor], dtype: torch.d
     gaps = found.gaps
     codes8 = codes16 = escapes8 = escapes16 = None
     if Encoding.GAPS8 in chosen:
-        codes8 = found.codes8 if found.codes8 is not None else gaps.clamp(max=_ESCAPE8).to(torch.uint8)
+        codes8 = gaps.clamp(max=_ESCAPE8).to(torch.uint8)
         escapes8 = gaps[gaps >= _ESCAPE8]
     if Encoding.GAPS16 in chosen:
         codes16 = gaps.clamp(max=_ESCAPE16).to(torch.int32).to(torch.int16)
@@ -414,43 +410,49 @@ def apply_many(targets: Sequence[torch.Tensor], deltas: Sequence[Delta]) -> None
                 by_encoding.setdefault(deltas[i].encoding, []).append(k)
         for enc, ks in by_encoding.items():
             ds = [deltas[members[k]] for k in ks]
-            local, span_of = _decode_batch(enc, ds, ints[0].device)
-            numels = torch.tensor([d.numel for d in ds], dtype=torch.int64).to(local.device)
-            if bool(((local < 0) | (local >= numels[span_of])).any()):
-                bad = [members[k] for k, d in zip(ks, ds) if int(d.indices().max()) >= d.numel]
-                raise ValueError(f"deltas {bad} address elements past the end of their targets: corrupt or foreign deltas")
-            anchor_offs = torch.tensor([(ints[k].data_ptr() - anchor_ptr) // es for k in ks], dtype=torch.int64)
-            offsets = anchor_offs.to(local.device)[span_of] + local
-            values = torch.cat([_int_view(d.values, "values").to(local.device) for d in ds])
-            delta_kernel.scatter(ints[0], offsets, values)
+            positions, bases, running = _decode_batch(enc, ds, ints[0].device)
+            values = torch.cat([_int_view(d.values, "values").to(ints[0].device) for d in ds])
+            refused = delta_kernel.scatter(
+                ints[0],
+                positions,
+                values,
+                [d.num_changed for d in ds],
+                [d.numel for d in ds],
+                [(ints[k].data_ptr() - anchor_ptr) // es for k in ks],
+                bases,
+                running=running,
+            )
+            if refused:
+                # The kernel wrote every in-range change and none out of range: the targets are
+                # now neither base nor new, which the round's checksums will report.
+                raise ValueError(
+                    f"{refused} changes of {enc.value} deltas {[members[k] for k in ks]} address elements outside "
+                    "their targets: corrupt or foreign deltas; those targets are partly written"
+                )
 
 
-def _decode_batch(enc: Encoding, ds: Sequence[Delta], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(local element index, position in ds) of every change of every delta, int64, with batch-wide ops."""
-    counts = [d.num_changed for d in ds]
-    total = sum(counts)
-    span_of = torch.repeat_interleave(
-        torch.arange(len(ds), device=device), torch.tensor(counts).to(device), output_size=total
-    )
+def _decode_batch(enc: Encoding, ds: Sequence[Delta], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(positions, per-delta bases, running) for `delta_kernel.scatter`, with batch-wide ops."""
     if enc is Encoding.INDICES:
-        return torch.cat([d.positions.to(device, torch.int64) for d in ds]), span_of
+        positions = torch.cat([d.positions.to(device) for d in ds])
+        return positions, torch.zeros(len(ds), dtype=torch.int64, device=device), False
     if enc is Encoding.BITMASK:
         sizes = [d.positions.numel() * 8 for d in ds]
         where = _unpack_bits(torch.cat([d.positions.to(device) for d in ds]), sum(sizes)).nonzero().squeeze(1)
+        total = sum(d.num_changed for d in ds)
         if where.numel() != total:
             raise ValueError(f"bitmask deltas set {where.numel()} bits but count {total} changes: corrupt deltas")
-        starts = torch.tensor(_starts(sizes), dtype=torch.int64).to(device)
-        return where - starts[span_of], span_of
-    codes = torch.cat([d.positions.to(device) for d in ds]).to(torch.int64)
+        return where, torch.tensor(_starts(sizes), dtype=torch.int64).to(device), False
+    gaps = torch.cat([d.positions.to(device) for d in ds]).to(torch.int64)
     escape = _ESCAPE8
     if enc is Encoding.GAPS16:
-        codes &= 0xFFFF
+        gaps &= 0xFFFF
         escape = _ESCAPE16
-    escapes = torch.cat([d.escapes.to(device, torch.int64) for d in ds])
-    codes.masked_scatter_(codes == escape, escapes)
-    running = torch.cumsum(codes + 1, 0)
-    before = torch.cat((running.new_zeros(1), running))[torch.tensor(_starts(counts), dtype=torch.int64).to(device)]
-    return running - before[span_of] - 1, span_of
+    gaps.masked_scatter_(gaps == escape, torch.cat([d.escapes.to(device, torch.int64) for d in ds]))
+    running = torch.cumsum(gaps, 0)
+    # Each delta's base: the running sum just before its first change.
+    firsts = torch.tensor(_starts([d.num_changed for d in ds]), dtype=torch.int64).to(device)
+    return running, torch.cat((running.new_zeros(1), running))[firsts], True
 
 
 def _starts(counts: Sequence[int]) -> list[int]:

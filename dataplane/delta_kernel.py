@@ -5,21 +5,21 @@ nonzero reads the compare's output again, and every tensor costs several launche
 batch of tensors (one dtype, one device) costs:
 
 1. `mark`: one program per block of _BLOCK elements of any tensor reads base and new once,
-   compares them as integers, and writes the block's change count, its packed change bits
-   (one bit per element: 1/16 of a bf16 tensor) and the position of its last change.
-2. Torch over the blocks (a few thousand to a few million entries): a cumsum of the counts
-   gives every block its first output slot; a running max of the last changes gives every
-   block the change before it (blocks are in tensor order, then element order).
-3. `compact`: blocks with changes read their bits back, rank their changed elements with a
-   block-local cumsum, and write each one's index, new value, gap since the previous change
-   and uint8 gap code to its slot, plus the block's escape counts. Only sectors that hold a
-   change are read from `new` (masked loads), about a quarter of it at 2% changed bf16.
+   compares them as integers, and writes the block's change count and its packed change bits
+   (one bit per element: 1/16 of a bf16 tensor's bytes).
+2. A torch cumsum over the block counts gives every block its first output slot (blocks are
+   in tensor order, then element order, so the output is sorted per tensor).
+3. `compact`: blocks with changes read their bits back, rank their changed elements, and write
+   each one's index and new value to its slot. Only sectors that hold a change are read from
+   `new` (masked loads), about a quarter of it at 2% changed bf16.
+4. `gaps_and_escapes`: gaps from neighbouring indices and per-tensor escape counts, a few torch
+   ops over the changes only.
 
-The bits double as the bitmask encoding and the gaps as both gap encodings, so the chooser
-and every encoding need no further pass over the tensors. `scatter` writes values through
-per-change element offsets from one anchor, so one launch applies deltas into many tensors.
-Tensors the kernels cannot take (numel not a multiple of 8, an address not 16-byte aligned,
-no Triton) make `find_changes` return None, and the caller uses torch ops.
+The bits double as the bitmask encoding, so the chooser and every encoding need no further
+pass over the tensors. `scatter` writes values through per-tensor offsets from one anchor, so
+one launch applies deltas into many tensors. Tensors the kernels cannot take (numel not a
+multiple of 8, an address not 16-byte aligned, no Triton) make `find_changes` return None, and
+the caller uses torch ops.
 """
 
 from __future__ import annotations
@@ -46,35 +46,27 @@ _layouts: dict[tuple[torch.device, tuple[int, ...], int], "_Layout"] = {}
 _MAX_CACHED_LAYOUTS = 64
 
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU paths and the torch fallback need no Triton
-    triton = tl = None
-
-if triton is not None:
-    # Triton resolves the functions a kernel calls among the module's globals, so this one
-    # lives here rather than inside _kernels().
-    @triton.jit
-    def _max(a, b):
-        return tl.maximum(a, b)
-
-
 @functools.cache
 def _kernels():
     """(mark, compact, scatter), or None where Triton is missing."""
-    if triton is None:
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:  # the CPU paths and the torch fallback need no Triton
         return None
+
+    # Blocks are loaded as (BLOCK // 8, 8) tiles: each row is one byte of change bits and, for
+    # 2-byte elements, one 16-byte load, so packing bits and ranking changes within a row stay
+    # inside one thread; only the per-row counts need a scan across the block (BLOCK // 8 long).
 
     @triton.jit
     def mark(
         anchor_ptr,
         block_span_ptr,
         block_elem_ptr,
-        span_ptr,  # per span: numel, base offset, new offset, bits offset, first global element
+        span_ptr,  # per span: numel, base offset, new offset, bits offset (elements; bits in bytes)
         bits_ptr,
         counts_ptr,
-        last_ptr,
         num_spans,
         BLOCK: tl.constexpr,
         ALIGN: tl.constexpr,
@@ -86,18 +78,15 @@ def _kernels():
         base_off = tl.multiple_of(tl.load(span_ptr + num_spans + span), ALIGN)
         new_off = tl.multiple_of(tl.load(span_ptr + 2 * num_spans + span), ALIGN)
         bits_off = tl.load(span_ptr + 3 * num_spans + span)
-        first = tl.load(span_ptr + 4 * num_spans + span)
-        offs = e0 + tl.arange(0, BLOCK).to(tl.int64)
+        rows = e0 // 8 + tl.arange(0, BLOCK // 8).to(tl.int64)
+        offs = rows[:, None] * 8 + tl.arange(0, 8)[None, :]
         inside = offs < n
         x = tl.load(anchor_ptr + base_off + offs, mask=inside, other=0, eviction_policy="evict_first")
         y = tl.load(anchor_ptr + new_off + offs, mask=inside, other=0, eviction_policy="evict_first")
         changed = (x != y).to(tl.int32)
-        tl.store(counts_ptr + pid, tl.sum(changed, axis=0))
-        tl.store(last_ptr + pid, tl.max(tl.where(changed != 0, first + offs, -1), axis=0))
-        shifts = tl.arange(0, 8)
-        packed = tl.sum(tl.reshape(changed, (BLOCK // 8, 8)) << shifts[None, :], axis=1)
-        byte_offs = e0 // 8 + tl.arange(0, BLOCK // 8).to(tl.int64)
-        tl.store(bits_ptr + bits_off + byte_offs, packed.to(tl.uint8), mask=byte_offs < n // 8)
+        packed = tl.sum(changed << tl.arange(0, 8)[None, :], axis=1)
+        tl.store(counts_ptr + pid, tl.sum(tl.sum(changed, axis=1), axis=0))
+        tl.store(bits_ptr + bits_off + rows, packed.to(tl.uint8), mask=rows < n // 8)
 
     @triton.jit
     def compact(
@@ -108,14 +97,9 @@ def _kernels():
         bits_ptr,
         counts_ptr,
         slots_ptr,
-        prev_ptr,  # per block: global position of the last change before it, or -1
         idx_out_ptr,
         val_out_ptr,
-        gap_out_ptr,
-        code8_out_ptr,
-        esc_ptr,  # per block: gaps >= 255, then (after num_blocks) gaps >= 65535
         num_spans,
-        num_blocks,
         BLOCK: tl.constexpr,
         ALIGN: tl.constexpr,
     ):
@@ -124,43 +108,55 @@ def _kernels():
         if count > 0:
             span = tl.load(block_span_ptr + pid)
             e0 = tl.multiple_of(tl.load(block_elem_ptr + pid), BLOCK)
-            n = tl.load(span_ptr + span)
+            n = tl.multiple_of(tl.load(span_ptr + span), 8)
             new_off = tl.multiple_of(tl.load(span_ptr + 2 * num_spans + span), ALIGN)
             bits_off = tl.load(span_ptr + 3 * num_spans + span)
-            first = tl.load(span_ptr + 4 * num_spans + span)
-            offs = e0 + tl.arange(0, BLOCK).to(tl.int64)
-            inside = offs < n
-            byte = tl.load(bits_ptr + bits_off + (offs >> 3), mask=inside, other=0).to(tl.int32)
-            changed = (byte >> (offs & 7).to(tl.int32)) & 1
+            rows = e0 // 8 + tl.arange(0, BLOCK // 8).to(tl.int64)
+            byte = tl.load(bits_ptr + bits_off + rows, mask=rows < n // 8, other=0).to(tl.int32)
+            changed = (byte[:, None] >> tl.arange(0, 8)[None, :]) & 1
+            per_row = tl.sum(changed, axis=1)
+            rank = (tl.cumsum(per_row, axis=0) - per_row)[:, None] + tl.cumsum(changed, axis=1) - changed
             hit = changed != 0
-            rank = tl.cumsum(changed, axis=0) - changed
             slot = tl.load(slots_ptr + pid) + rank
-            # The change before each element: element i-1 if it changed, else the one before
-            # that (a running max over the block), else the block's predecessor in this tensor.
-            before = offs - 1
-            in_block = (before >= e0) & (before < n)
-            byte_b = tl.load(bits_ptr + bits_off + (before >> 3), mask=in_block, other=0).to(tl.int32)
-            changed_b = (((byte_b >> (before & 7).to(tl.int32)) & 1) != 0) & in_block
-            prev = tl.associative_scan(tl.where(changed_b, before, -1), 0, _max)
-            prev = tl.maximum(prev, tl.maximum(tl.load(prev_ptr + pid) - first, -1))
-            gap = offs - prev - 1
+            offs = rows[:, None] * 8 + tl.arange(0, 8)[None, :]
             y = tl.load(anchor_ptr + new_off + offs, mask=hit, other=0)
             tl.store(idx_out_ptr + slot, offs.to(idx_out_ptr.dtype.element_ty), mask=hit)
             tl.store(val_out_ptr + slot, y, mask=hit)
-            tl.store(gap_out_ptr + slot, gap.to(gap_out_ptr.dtype.element_ty), mask=hit)
-            tl.store(code8_out_ptr + slot, tl.minimum(gap, 255).to(tl.uint8), mask=hit)
-            tl.store(esc_ptr + pid, tl.sum((hit & (gap >= 255)).to(tl.int32), axis=0))
-            tl.store(esc_ptr + num_blocks + pid, tl.sum((hit & (gap >= 65535)).to(tl.int32), axis=0))
-        else:
-            tl.store(esc_ptr + pid, 0)
-            tl.store(esc_ptr + num_blocks + pid, 0)
 
     @triton.jit
-    def scatter(anchor_ptr, off_ptr, val_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < n
-        where = tl.load(off_ptr + offs, mask=inside, other=0)
-        tl.store(anchor_ptr + where, tl.load(val_ptr + offs, mask=inside), mask=inside)
+    def scatter(
+        anchor_ptr,
+        pos_ptr,
+        val_ptr,
+        n,
+        starts_ptr,  # per span: first change (num_spans + 1 entries, the last = n)
+        table_ptr,  # per span: numel, anchor offset, base
+        err_ptr,
+        num_spans,
+        RUNNING: tl.constexpr,
+        STEPS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = k < n
+        # The span of change k: the last span whose first change is <= k (binary search in a
+        # table small enough to stay in cache), rather than a per-change span array in memory.
+        lo = tl.zeros([BLOCK], dtype=tl.int64)
+        hi = lo + num_spans
+        for _ in tl.static_range(STEPS):
+            mid = (lo + hi) // 2
+            go_up = tl.load(starts_ptr + mid) <= k
+            lo = tl.where(go_up, mid, lo)
+            hi = tl.where(go_up, hi, mid)
+        pos = tl.load(pos_ptr + k, mask=inside, other=0).to(tl.int64)
+        local = pos - tl.load(table_ptr + 2 * num_spans + lo)
+        if RUNNING:
+            # pos is the running sum of gaps: the index adds one per earlier change of the span.
+            local += k - tl.load(starts_ptr + lo)
+        ok = inside & (local >= 0) & (local < tl.load(table_ptr + lo))
+        where = tl.load(table_ptr + num_spans + lo) + local
+        tl.store(anchor_ptr + where, tl.load(val_ptr + k, mask=ok), mask=ok)
+        tl.atomic_add(err_ptr, tl.sum((inside & ~ok).to(tl.int32), axis=0))
 
     return mark, compact, scatter
 
@@ -183,7 +179,6 @@ class _Layout:
     last_block: torch.Tensor  # per span, on the device: its last block (0 for an empty tensor)
     has_blocks: list[bool]
     bits_offs: list[int]
-    firsts: list[int]
 
 
 def _layout(device: torch.device, numels: tuple[int, ...], block: int) -> _Layout:
@@ -196,12 +191,10 @@ def _layout(device: torch.device, numels: tuple[int, ...], block: int) -> _Layou
     block_span = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
     starts = torch.cumsum(counts, 0) - counts
     block_elem = (torch.arange(block_span.numel(), dtype=torch.int64) - starts[block_span]) * block
-    bits_offs, firsts, pos, first = [], [], 0, 0
+    bits_offs, pos = [], 0
     for n in numels:
         bits_offs.append(pos)
-        firsts.append(first)
         pos += n // 8
-        first += n
     layout = _Layout(
         block_span.to(device),
         block_elem.to(device),
@@ -209,7 +202,6 @@ def _layout(device: torch.device, numels: tuple[int, ...], block: int) -> _Layou
         (torch.cumsum(counts, 0) - 1).clamp(min=0).to(device),
         [b > 0 for b in blocks],
         bits_offs,
-        firsts,
     )
     with _lock:
         if len(_layouts) >= _MAX_CACHED_LAYOUTS:
@@ -222,16 +214,15 @@ def _layout(device: torch.device, numels: tuple[int, ...], block: int) -> _Layou
 class BatchChanges:
     """The changed elements of a batch of tensors, concatenated in tensor order.
 
-    indices, values, gaps, codes8: per change (local element index, new value as an integer,
-    elements skipped since the previous change of its tensor, that gap clamped to 255);
-    counts, escapes8, escapes16: per tensor (changes, gaps >= 255, gaps >= 65535);
-    bits: per tensor, its packed change mask, or None where not made.
+    indices, values, gaps: per change (local element index, new value as an integer, elements
+    skipped since the previous change of its tensor); counts, escapes8, escapes16: per tensor
+    (changes, gaps >= 255, gaps >= 65535); bits: per tensor, its packed change mask, or None
+    where not made.
     """
 
     indices: torch.Tensor
     values: torch.Tensor
     gaps: torch.Tensor
-    codes8: torch.Tensor | None
     counts: list[int]
     escapes8: list[int]
     escapes16: list[int]
@@ -239,12 +230,14 @@ class BatchChanges:
 
 
 def _per_span(running: list[int], present: list[bool]) -> list[int]:
-    """Per-tensor amounts from a running total read at each tensor's last block."""
+    """Per-tensor amounts from a running total read at each tensor's end (absent: 0, not read)."""
     out, before = [], 0
-    for value, p in zip(running, present):
+    values = iter(running)
+    for p in present:
         if not p:
             out.append(0)
             continue
+        value = next(values)
         out.append(value - before)
         before = value
     return out
@@ -287,50 +280,95 @@ def _run(
         + [(t.data_ptr() - anchor_ptr) // es for t in base_ints]
         + [(t.data_ptr() - anchor_ptr) // es for t in new_ints]
         + layout.bits_offs
-        + layout.firsts
     )
     span_table = torch.tensor(table, dtype=torch.int64).to(device)
     bits = torch.empty(sum(numels) // 8, dtype=torch.uint8, device=device)
     counts = torch.empty(nb, dtype=torch.int32, device=device)
-    last = torch.empty(nb, dtype=torch.int64, device=device)
     extra = {} if interpret else {"num_warps": _NUM_WARPS}
     align = _ALIGN_BYTES // es
     if nb:
         mark[(nb,)](
-            anchor, layout.block_span, layout.block_elem, span_table, bits, counts, last, num_spans,
+            anchor, layout.block_span, layout.block_elem, span_table, bits, counts, num_spans,
             BLOCK=block, ALIGN=align, **extra,
         )  # fmt: skip
     ends = torch.cumsum(counts, 0, dtype=torch.int64)
     slots = ends - counts
-    prev = torch.cummax(last, 0).values.roll(1)
-    if nb:
-        prev[0] = -1
-    span_counts = _per_span(ends[layout.last_block].tolist() if nb else [], layout.has_blocks)
+    present = layout.has_blocks
+    at_ends = ends[layout.last_block].tolist() if nb else []
+    span_counts = _per_span([v for v, p in zip(at_ends, present) if p], present)
     total = sum(span_counts)
     idx_dtype = torch.int32 if max(numels, default=0) <= 1 << 31 else torch.int64
     idx_out = torch.empty(total, dtype=idx_dtype, device=device)
     val_out = torch.empty(total, dtype=anchor.dtype, device=device)
-    gap_out = torch.empty(total, dtype=idx_dtype, device=device)
-    code8_out = torch.empty(total, dtype=torch.uint8, device=device)
-    esc = torch.zeros(2, nb, dtype=torch.int32, device=device)
     if total:
         compact[(nb,)](
-            anchor, layout.block_span, layout.block_elem, span_table, bits, counts, slots, prev,
-            idx_out, val_out, gap_out, code8_out, esc, num_spans, nb, BLOCK=block, ALIGN=align, **extra,
+            anchor, layout.block_span, layout.block_elem, span_table, bits, counts, slots,
+            idx_out, val_out, num_spans, BLOCK=block, ALIGN=align, **extra,
         )  # fmt: skip
-        running = torch.cumsum(esc, 1, dtype=torch.int64)[:, layout.last_block].tolist()
-        esc8, esc16 = _per_span(running[0], layout.has_blocks), _per_span(running[1], layout.has_blocks)
-    else:
-        esc8 = esc16 = [0] * num_spans
+    gaps, esc8, esc16 = gaps_and_escapes(idx_out, span_counts)
     bit_views = [bits[o : o + n // 8] for o, n in zip(layout.bits_offs, numels)]
-    return BatchChanges(idx_out, val_out, gap_out, code8_out, span_counts, esc8, esc16, bit_views)
+    return BatchChanges(idx_out, val_out, gaps, span_counts, esc8, esc16, bit_views)
 
 
-def scatter(anchor: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, *, interpret: bool = False) -> None:
-    """anchor_storage[offsets[k]] = values[k]: element offsets (int64) from anchor's first element,
-    which may point into other tensors of the same dtype on the same device."""
+def gaps_and_escapes(indices: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Each change's gap (elements skipped since the previous change of its tensor), and per tensor
+    the number of gaps >= 255 and >= 65535, for concatenated per-tensor sorted indices: batch-wide ops
+    and one read-back."""
+    gaps = torch.empty_like(indices)
+    total = indices.numel()
+    if not total:
+        return gaps, [0] * len(counts), [0] * len(counts)
+    torch.sub(indices[1:], indices[:-1], out=gaps[1:])
+    gaps[1:] -= 1
+    starts, pos = [], 0
+    for c in counts:
+        starts.append(pos)
+        pos += c
+    firsts = torch.tensor([p for p, c in zip(starts, counts) if c], dtype=torch.int64).to(indices.device)
+    gaps[firsts] = indices[firsts]
+    ends = torch.tensor([p + c - 1 for p, c in zip(starts, counts) if c], dtype=torch.int64).to(indices.device)
+    run_dtype = torch.int32 if total < 1 << 31 else torch.int64
+    running = [torch.cumsum(gaps >= limit, 0, dtype=run_dtype)[ends] for limit in (0xFF, 0xFFFF)]
+    at_ends = torch.stack(running).tolist()
+    present = [c > 0 for c in counts]
+    return gaps, _per_span(at_ends[0], present), _per_span(at_ends[1], present)
+
+
+def scatter(
+    anchor: torch.Tensor,
+    positions: torch.Tensor,
+    values: torch.Tensor,
+    counts: Sequence[int],
+    numels: Sequence[int],
+    anchor_offsets: Sequence[int],
+    bases: torch.Tensor,
+    *,
+    running: bool,
+    interpret: bool = False,
+) -> int:
+    """Writes the changes of a batch of deltas into their tensors in one launch; returns how many it refused.
+
+    Change k belongs to tensor s (counts are per tensor, in order); its element index is
+    positions[k] - bases[s] (running=False), or that plus k's rank within its tensor (running=True:
+    positions hold running sums of gaps). It lands at anchor_offsets[s] + index elements from
+    anchor's first element, unless the index lies outside [0, numels[s]): then it is refused.
+    """
     _, _, kernel = _kernels()
-    n = offsets.numel()
-    if n:
-        extra = {} if interpret else {"num_warps": 4}
-        kernel[(-(-n // _SCATTER_BLOCK),)](anchor, offsets, values, n, BLOCK=_SCATTER_BLOCK, **extra)
+    n = positions.numel()
+    if not n:
+        return 0
+    device = anchor.device
+    num_spans = len(counts)
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    starts_t = torch.tensor(starts, dtype=torch.int64).to(device)
+    table = torch.cat((torch.tensor([*numels, *anchor_offsets], dtype=torch.int64).to(device), bases.to(torch.int64)))
+    err = torch.zeros(1, dtype=torch.int32, device=device)
+    steps = max(1, num_spans.bit_length())
+    extra = {} if interpret else {"num_warps": 4}
+    kernel[(-(-n // _SCATTER_BLOCK),)](
+        anchor, positions, values, n, starts_t, table, err, num_spans,
+        RUNNING=running, STEPS=steps, BLOCK=_SCATTER_BLOCK, **extra,
+    )  # fmt: skip
+    return int(err.item())

@@ -267,7 +267,6 @@ for dtype in (torch.int16, torch.int32, torch.uint8):
     assert got.indices.dtype == torch.int32
     assert torch.equal(got.indices.long(), want.indices), dtype
     assert torch.equal(got.gaps.long(), want.gaps), dtype
-    assert torch.equal(got.codes8, want.gaps.clamp(max=255).to(torch.uint8)), dtype
     assert torch.equal(got.values, want.values), dtype
     for b, n, bits in zip(bases, news, got.bits):
         assert torch.equal(bits, delta._pack_bits(b != n)), dtype
@@ -278,15 +277,26 @@ for dtype in (torch.int16, torch.int32, torch.uint8):
         for enc in {d.encoding for d in deltas} - {Encoding.DENSE}:
             ks = [k for k, d in enumerate(deltas) if d.encoding is enc and d.num_changed]
             if ks:
-                local, span_of = delta._decode_batch(enc, [deltas[k] for k in ks], torch.device("cpu"))
+                ds = [deltas[k] for k in ks]
+                positions, bases_, running = delta._decode_batch(enc, ds, torch.device("cpu"))
                 es = targets[0].element_size()
-                anchor = torch.tensor([(targets[k].data_ptr() - targets[0].data_ptr()) // es for k in ks])
-                values = torch.cat([deltas[k].values for k in ks])
-                delta_kernel.scatter(targets[0], anchor[span_of] + local, values, interpret=True)
+                refused = delta_kernel.scatter(
+                    targets[0], positions, torch.cat([d.values for d in ds]), [d.num_changed for d in ds],
+                    [d.numel for d in ds], [(targets[k].data_ptr() - targets[0].data_ptr()) // es for k in ks],
+                    bases_, running=running, interpret=True,
+                )
+                assert refused == 0
         for t, n, d in zip(targets, news, deltas):
             if d.encoding is Encoding.DENSE:
                 t.copy_(n)
         assert all(torch.equal(t, n) for t, n in zip(targets, news)), (dtype, allowed)
+# Indices outside their tensor are refused and counted, never written.
+t = torch.zeros(16, dtype=torch.int16)
+refused = delta_kernel.scatter(
+    t, torch.tensor([3, 16, -1]), torch.tensor([7, 8, 9], dtype=torch.int16), [3], [16], [0],
+    torch.zeros(1, dtype=torch.int64), running=False, interpret=True,
+)
+assert refused == 2 and t.tolist() == [0, 0, 0, 7] + [0] * 12, (refused, t)
 print("ok")
 """
 

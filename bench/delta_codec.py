@@ -100,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fraction", type=float, default=0.02)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--sweep",
+        default="",
+        help="kernel settings to time the finder with, comma-separated BLOCK:MARK_WARPS:COMPACT_WARPS",
+    )
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of one encode and one apply")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu to check the script on a small shape")
     args = parser.parse_args(argv)
@@ -121,6 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     ints_b = [b.view(-1).view(torch.int16) for b in bases]
     ints_n = [n.view(-1).view(torch.int16) for n in news]
     t_find = _timed(lambda: delta_kernel.find_changes(ints_b, ints_n) or encode_many(bases, news), args.iters)
+
+    sweep = {}
+    for item in filter(None, args.sweep.split(",")):
+        block, mark_warps, compact_warps = (int(v) for v in item.split(":"))
+        saved = (delta_kernel._BLOCK, delta_kernel._NUM_WARPS, delta_kernel._COMPACT_WARPS)
+        delta_kernel._NUM_WARPS, delta_kernel._COMPACT_WARPS = mark_warps, compact_warps
+        run = lambda: delta_kernel._run(delta_kernel._kernels(), ints_b, ints_n, interpret=False, block=block)  # noqa: E731
+        sweep[item] = _timed(run, args.iters)
+        delta_kernel._BLOCK, delta_kernel._NUM_WARPS, delta_kernel._COMPACT_WARPS = saved
+        print(f"sweep {item}: find {sweep[item] * 1e3:.2f} ms", flush=True)
 
     def torch_encode():
         for b, n in zip(ints_b, ints_n):
@@ -185,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         "exact": exact,
         "checksum_update_equals_recompute": checksums_ok,
         "seconds": rows,
+        "sweep_find_seconds": sweep,
         "gib_per_s": {k: rate(v) for k, v in rows.items()},
         "x_device_copy": {k: rate(v) / copy_rate for k, v in rows.items()},
     }

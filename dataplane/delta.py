@@ -70,13 +70,21 @@ class Encoding(enum.Enum):
     GAPS8 = "gaps8"
 
 
+_ORDER = list(Encoding)
+
+
 def index_width_bytes(numel: int) -> int:
     """Bytes per element index (and per escaped gap): int32 while every index fits."""
     return 4 if numel <= 1 << 31 else 8
 
 
 def _index_dtype(numel: int) -> torch.dtype:
-    return torch.int32 if index_width_bytes(numel) == 4 else torch.int64
+    return torch.int32 if numel <= 1 << 31 else torch.int64
+
+
+def _as_index(t: torch.Tensor, numel: int) -> torch.Tensor:
+    want = _index_dtype(numel)
+    return t if t.dtype == want else t.to(want)
 
 
 def encoded_nbytes(
@@ -107,8 +115,8 @@ def encoded_nbytes(
 
 def choose_encoding(sizes: dict[Encoding, int], allowed: Iterable[Encoding] | None = None) -> Encoding:
     """The allowed encoding with the fewest bytes; dense is always allowed (it needs no base)."""
-    allowed_set = set(Encoding) if allowed is None else {*allowed, Encoding.DENSE}
-    return min((e for e in Encoding if e in allowed_set), key=lambda e: sizes[e])
+    order = _ORDER if allowed is None else [e for e in _ORDER if e in {*allowed, Encoding.DENSE}]
+    return min(order, key=lambda e: sizes[e])
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,27 +147,28 @@ class Delta:
                 f"values of a {self.encoding.value} delta: expected 1-D with {want_values} elements, "
                 f"got shape {list(self.values.shape)}"
             )
-        want_positions = {
-            Encoding.DENSE: (0, None),
-            Encoding.INDICES: (n, _index_dtype(numel)),
-            Encoding.BITMASK: (-(-numel // 8), torch.uint8),
-            Encoding.GAPS8: (n, torch.uint8),
-            Encoding.GAPS16: (n, torch.int16),
-        }[self.encoding]
-        count, dtype = want_positions
+        enc = self.encoding
+        if enc is Encoding.DENSE:
+            count, dtype = 0, None
+        elif enc is Encoding.INDICES:
+            count, dtype = n, _index_dtype(numel)
+        elif enc is Encoding.BITMASK:
+            count, dtype = -(-numel // 8), torch.uint8
+        else:
+            count, dtype = n, torch.uint8 if enc is Encoding.GAPS8 else torch.int16
         if self.positions.numel() != count or (dtype is not None and self.positions.dtype != dtype):
             raise ValueError(
-                f"positions of a {self.encoding.value} delta: expected {count} elements of {dtype}, "
+                f"positions of a {enc.value} delta: expected {count} elements of {dtype}, "
                 f"got {self.positions.numel()} of {self.positions.dtype}"
             )
-        if self.encoding in (Encoding.GAPS8, Encoding.GAPS16):
+        if enc is Encoding.GAPS8 or enc is Encoding.GAPS16:
             if self.escapes.dtype != _index_dtype(numel) or self.escapes.numel() > n:
                 raise ValueError(
-                    f"escapes of a {self.encoding.value} delta: expected at most {n} elements of "
+                    f"escapes of a {enc.value} delta: expected at most {n} elements of "
                     f"{_index_dtype(numel)}, got {self.escapes.numel()} of {self.escapes.dtype}"
                 )
         elif self.escapes.numel():
-            raise ValueError(f"a {self.encoding.value} delta has no escapes, got {self.escapes.numel()}")
+            raise ValueError(f"a {enc.value} delta has no escapes, got {self.escapes.numel()}")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -290,12 +299,20 @@ def _build(found: BatchChanges, new_ints: Sequence[torch.Tensor], dtype: torch.d
     per-tensor work is slicing, so a model of hundreds of tensors costs few launches."""
     counts, esc8, esc16 = found.counts, found.escapes8, found.escapes16
     es = new_ints[0].element_size() if new_ints else 1
-    chosen = [
-        choose_encoding(
-            encoded_nbytes(t.numel(), counts[k], es, num_escapes8=esc8[k], num_escapes16=esc16[k]), allowed
-        )
-        for k, t in enumerate(new_ints)
-    ]
+    order = _ORDER if allowed is None else [e for e in _ORDER if e in {*allowed, Encoding.DENSE}]
+    chosen = []
+    for k, t in enumerate(new_ints):
+        # encoded_nbytes inlined: this loop runs once per tensor of a model, every round.
+        numel, n = t.numel(), counts[k]
+        w = 4 if numel <= 1 << 31 else 8
+        sizes = {
+            Encoding.DENSE: numel * es,
+            Encoding.INDICES: n * (w + es),
+            Encoding.BITMASK: -(-numel // 8) + n * es,
+            Encoding.GAPS16: n * (2 + es) + w * esc16[k],
+            Encoding.GAPS8: n * (1 + es) + w * esc8[k],
+        }
+        chosen.append(min(order, key=sizes.__getitem__))
     gaps = found.gaps
     codes8 = codes16 = escapes8 = escapes16 = None
     if Encoding.GAPS8 in chosen:
@@ -316,7 +333,9 @@ def _build(found: BatchChanges, new_ints: Sequence[torch.Tensor], dtype: torch.d
         if enc is Encoding.DENSE:
             positions, values = empty, new.view(dtype)
         elif enc is Encoding.INDICES:
-            positions = found.indices[lo:hi].to(_index_dtype(numel))
+            positions = found.indices[lo:hi]
+            if positions.dtype != _index_dtype(numel):
+                positions = positions.to(_index_dtype(numel))
         elif enc is Encoding.BITMASK:
             if found.bits is not None:
                 positions = found.bits[k]
@@ -326,10 +345,10 @@ def _build(found: BatchChanges, new_ints: Sequence[torch.Tensor], dtype: torch.d
                 positions = _pack_bits(mask)
         elif enc is Encoding.GAPS8:
             positions = codes8[lo:hi]
-            escapes = escapes8[e8 : e8 + esc8[k]].to(_index_dtype(numel))
+            escapes = _as_index(escapes8[e8 : e8 + esc8[k]], numel)
         else:
             positions = codes16[lo:hi]
-            escapes = escapes16[e16 : e16 + esc16[k]].to(_index_dtype(numel))
+            escapes = _as_index(escapes16[e16 : e16 + esc16[k]], numel)
         out.append(Delta(enc, numel, n, positions, escapes, values))
         lo, e8, e16 = hi, e8 + esc8[k], e16 + esc16[k]
     return out

@@ -36,6 +36,7 @@ __all__ = ["BatchChanges", "find_changes", "kernel_available", "scatter"]
 # Elements per program. A multiple of 8 (whole bit bytes); 4096 bf16 = 8 KiB per tensor read.
 _BLOCK = 4096
 _NUM_WARPS = 8
+_COMPACT_WARPS = 8
 # Addresses travel as element offsets from one anchor tensor; all offsets are multiples of
 # this many bytes, so that the compiler may use 16-byte loads.
 _ALIGN_BYTES = 16
@@ -113,9 +114,16 @@ def _kernels():
             bits_off = tl.load(span_ptr + 3 * num_spans + span)
             rows = e0 // 8 + tl.arange(0, BLOCK // 8).to(tl.int64)
             byte = tl.load(bits_ptr + bits_off + rows, mask=rows < n // 8, other=0).to(tl.int32)
-            changed = (byte[:, None] >> tl.arange(0, 8)[None, :]) & 1
+            lane = tl.arange(0, 8)[None, :]
+            changed = (byte[:, None] >> lane) & 1
+            # Rank within the row: the set bits below this lane, counted with bit arithmetic
+            # (elementwise, no scan across lanes).
+            v = byte[:, None] & ((1 << lane) - 1)
+            v = v - ((v >> 1) & 0x55)
+            v = (v & 0x33) + ((v >> 2) & 0x33)
+            below = (v + (v >> 4)) & 0x0F
             per_row = tl.sum(changed, axis=1)
-            rank = (tl.cumsum(per_row, axis=0) - per_row)[:, None] + tl.cumsum(changed, axis=1) - changed
+            rank = (tl.cumsum(per_row, axis=0) - per_row)[:, None] + below
             hit = changed != 0
             slot = tl.load(slots_ptr + pid) + rank
             offs = rows[:, None] * 8 + tl.arange(0, 8)[None, :]
@@ -303,7 +311,7 @@ def _run(
     if total:
         compact[(nb,)](
             anchor, layout.block_span, layout.block_elem, span_table, bits, counts, slots,
-            idx_out, val_out, num_spans, BLOCK=block, ALIGN=align, **extra,
+            idx_out, val_out, num_spans, BLOCK=block, ALIGN=align, **({} if interpret else {"num_warps": _COMPACT_WARPS}),
         )  # fmt: skip
     gaps, esc8, esc16 = gaps_and_escapes(idx_out, span_counts)
     bit_views = [bits[o : o + n // 8] for o, n in zip(layout.bits_offs, numels)]

@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="kernel settings to time the finder with, comma-separated BLOCK:MARK_WARPS:COMPACT_WARPS",
     )
+    parser.add_argument("--probe", action="store_true", help="time the compact kernel with parts left out")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of one encode and one apply")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu to check the script on a small shape")
     args = parser.parse_args(argv)
@@ -136,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         sweep[item] = _timed(run, args.iters)
         delta_kernel._BLOCK, delta_kernel._NUM_WARPS, delta_kernel._COMPACT_WARPS = saved
         print(f"sweep {item}: find {sweep[item] * 1e3:.2f} ms", flush=True)
+    if args.probe:
+        # The compact kernel's parts: indices only, values only, neither (ranks only).
+        for flags in ((True, False), (False, True), (False, False)):
+            run = lambda: delta_kernel._run(delta_kernel._kernels(), ints_b, ints_n, interpret=False, probe=flags)  # noqa: E731
+            sweep[f"probe idx={flags[0]} val={flags[1]}"] = t = _timed(run, args.iters)
+            print(f"probe store idx {flags[0]} val {flags[1]}: find {t * 1e3:.2f} ms", flush=True)
 
     def torch_encode():
         for b, n in zip(ints_b, ints_n):

@@ -428,9 +428,9 @@ def apply_many(targets: Sequence[torch.Tensor], deltas: Sequence[Delta]) -> None
             elif deltas[i].num_changed:
                 by_encoding.setdefault(deltas[i].encoding, []).append(k)
         for enc, ks in by_encoding.items():
-            ds = [deltas[members[k]] for k in ks]
-            positions, bases, running = _decode_batch(enc, ds, ints[0].device)
-            values = torch.cat([_int_view(d.values, "values").to(ints[0].device) for d in ds])
+            ds = [_on(deltas[members[k]], ints[0].device) for k in ks]
+            positions, bases, running = _decode_batch(enc, ds)
+            values = torch.cat([d.values for d in ds]).view(ints[0].dtype)
             refused = delta_kernel.scatter(
                 ints[0],
                 positions,
@@ -450,24 +450,31 @@ def apply_many(targets: Sequence[torch.Tensor], deltas: Sequence[Delta]) -> None
                 )
 
 
-def _decode_batch(enc: Encoding, ds: Sequence[Delta], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def _on(d: Delta, device: torch.device) -> Delta:
+    if d.device == device and d.positions.device == device and d.escapes.device == device:
+        return d
+    return Delta(d.encoding, d.numel, d.num_changed, d.positions.to(device), d.escapes.to(device), d.values.to(device))
+
+
+def _decode_batch(enc: Encoding, ds: Sequence[Delta]) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(positions, per-delta bases, running) for `delta_kernel.scatter`, with batch-wide ops."""
+    device = ds[0].device
     if enc is Encoding.INDICES:
-        positions = torch.cat([d.positions.to(device) for d in ds])
+        positions = torch.cat([d.positions for d in ds])
         return positions, torch.zeros(len(ds), dtype=torch.int64, device=device), False
     if enc is Encoding.BITMASK:
         sizes = [d.positions.numel() * 8 for d in ds]
-        where = _unpack_bits(torch.cat([d.positions.to(device) for d in ds]), sum(sizes)).nonzero().squeeze(1)
+        where = _unpack_bits(torch.cat([d.positions for d in ds]), sum(sizes)).nonzero().squeeze(1)
         total = sum(d.num_changed for d in ds)
         if where.numel() != total:
             raise ValueError(f"bitmask deltas set {where.numel()} bits but count {total} changes: corrupt deltas")
         return where, torch.tensor(_starts(sizes), dtype=torch.int64).to(device), False
-    gaps = torch.cat([d.positions.to(device) for d in ds]).to(torch.int64)
+    gaps = torch.cat([d.positions for d in ds]).to(torch.int64)
     escape = _ESCAPE8
     if enc is Encoding.GAPS16:
         gaps &= 0xFFFF
         escape = _ESCAPE16
-    gaps.masked_scatter_(gaps == escape, torch.cat([d.escapes.to(device, torch.int64) for d in ds]))
+    gaps.masked_scatter_(gaps == escape, torch.cat([d.escapes for d in ds]).to(torch.int64))
     running = torch.cumsum(gaps, 0)
     # Each delta's base: the running sum just before its first change.
     firsts = torch.tensor(_starts([d.num_changed for d in ds]), dtype=torch.int64).to(device)

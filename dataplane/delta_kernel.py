@@ -103,6 +103,8 @@ def _kernels():
         num_spans,
         BLOCK: tl.constexpr,
         ALIGN: tl.constexpr,
+        STORE_IDX: tl.constexpr = True,
+        STORE_VAL: tl.constexpr = True,
     ):
         pid = tl.program_id(0)
         count = tl.load(counts_ptr + pid)
@@ -127,44 +129,45 @@ def _kernels():
             hit = changed != 0
             slot = tl.load(slots_ptr + pid) + rank
             offs = rows[:, None] * 8 + tl.arange(0, 8)[None, :]
-            y = tl.load(anchor_ptr + new_off + offs, mask=hit, other=0)
-            tl.store(idx_out_ptr + slot, offs.to(idx_out_ptr.dtype.element_ty), mask=hit)
-            tl.store(val_out_ptr + slot, y, mask=hit)
+            # (STORE_IDX/STORE_VAL off: bench/delta_codec.py --probe times the parts.)
+            if STORE_VAL:
+                y = tl.load(anchor_ptr + new_off + offs, mask=hit, other=0)
+                tl.store(val_out_ptr + slot, y, mask=hit)
+            if STORE_IDX:
+                tl.store(idx_out_ptr + slot, offs.to(idx_out_ptr.dtype.element_ty), mask=hit)
+            if not STORE_IDX and not STORE_VAL:
+                tl.store(idx_out_ptr + tl.load(slots_ptr + pid), tl.sum(tl.sum(rank, axis=1), axis=0).to(idx_out_ptr.dtype.element_ty))
 
     @triton.jit
     def scatter(
         anchor_ptr,
         pos_ptr,
         val_ptr,
-        n,
-        starts_ptr,  # per span: first change (num_spans + 1 entries, the last = n)
+        block_span_ptr,
+        block_first_ptr,
+        starts_ptr,  # per span: first change (num_spans + 1 entries, the last = all changes)
         table_ptr,  # per span: numel, anchor offset, base
         err_ptr,
         num_spans,
         RUNNING: tl.constexpr,
-        STEPS: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        inside = k < n
-        # The span of change k: the last span whose first change is <= k (binary search in a
-        # table small enough to stay in cache), rather than a per-change span array in memory.
-        lo = tl.zeros([BLOCK], dtype=tl.int64)
-        hi = lo + num_spans
-        for _ in tl.static_range(STEPS):
-            mid = (lo + hi) // 2
-            go_up = tl.load(starts_ptr + mid) <= k
-            lo = tl.where(go_up, mid, lo)
-            hi = tl.where(go_up, hi, mid)
+        pid = tl.program_id(0)
+        span = tl.load(block_span_ptr + pid)
+        k = tl.load(block_first_ptr + pid) + tl.arange(0, BLOCK).to(tl.int64)
+        first = tl.load(starts_ptr + span)
+        inside = k < tl.load(starts_ptr + span + 1)
         pos = tl.load(pos_ptr + k, mask=inside, other=0).to(tl.int64)
-        local = pos - tl.load(table_ptr + 2 * num_spans + lo)
+        local = pos - tl.load(table_ptr + 2 * num_spans + span)
         if RUNNING:
             # pos is the running sum of gaps: the index adds one per earlier change of the span.
-            local += k - tl.load(starts_ptr + lo)
-        ok = inside & (local >= 0) & (local < tl.load(table_ptr + lo))
-        where = tl.load(table_ptr + num_spans + lo) + local
+            local += k - first
+        ok = inside & (local >= 0) & (local < tl.load(table_ptr + span))
+        where = tl.load(table_ptr + num_spans + span) + local
         tl.store(anchor_ptr + where, tl.load(val_ptr + k, mask=ok), mask=ok)
-        tl.atomic_add(err_ptr, tl.sum((inside & ~ok).to(tl.int32), axis=0))
+        bad = tl.sum((inside & ~ok).to(tl.int32), axis=0)
+        if bad > 0:
+            tl.atomic_add(err_ptr, bad)
 
     return mark, compact, scatter
 
@@ -271,6 +274,7 @@ def _run(
     *,
     interpret: bool,
     block: int = _BLOCK,
+    probe: tuple[bool, bool] = (True, True),
 ) -> BatchChanges:
     """Launches mark and compact; `interpret` lets Triton's CPU interpreter run them on CPU tensors
     (where a smaller `block` keeps the test fast and puts more block boundaries in it)."""
@@ -311,7 +315,8 @@ def _run(
     if total:
         compact[(nb,)](
             anchor, layout.block_span, layout.block_elem, span_table, bits, counts, slots,
-            idx_out, val_out, num_spans, BLOCK=block, ALIGN=align, **({} if interpret else {"num_warps": _COMPACT_WARPS}),
+            idx_out, val_out, num_spans, BLOCK=block, ALIGN=align, STORE_IDX=probe[0], STORE_VAL=probe[1],
+            **({} if interpret else {"num_warps": _COMPACT_WARPS}),
         )  # fmt: skip
     gaps, esc8, esc16 = gaps_and_escapes(idx_out, span_counts)
     bit_views = [bits[o : o + n // 8] for o, n in zip(layout.bits_offs, numels)]
@@ -367,16 +372,25 @@ def scatter(
         return 0
     device = anchor.device
     num_spans = len(counts)
+    # Programs never straddle two tensors, so each knows its tensor from a table.
+    blocks = torch.tensor([-(-c // _SCATTER_BLOCK) for c in counts], dtype=torch.int64)
+    block_span = torch.repeat_interleave(torch.arange(num_spans, dtype=torch.int64), blocks)
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)
-    starts_t = torch.tensor(starts, dtype=torch.int64).to(device)
-    table = torch.cat((torch.tensor([*numels, *anchor_offsets], dtype=torch.int64).to(device), bases.to(torch.int64)))
+    starts_cpu = torch.tensor(starts, dtype=torch.int64)
+    block_starts = torch.cumsum(blocks, 0) - blocks
+    block_first = starts_cpu[block_span] + (torch.arange(block_span.numel()) - block_starts[block_span]) * _SCATTER_BLOCK
+    host = torch.cat((block_span, block_first, starts_cpu, torch.tensor([*numels, *anchor_offsets], dtype=torch.int64)))
+    if device.type == "cuda":
+        host = host.pin_memory()
+    tables = host.to(device, non_blocking=True)
+    nb = block_span.numel()
+    table = torch.cat((tables[2 * nb + num_spans + 1 :], bases.to(torch.int64)))
     err = torch.zeros(1, dtype=torch.int32, device=device)
-    steps = max(1, num_spans.bit_length())
     extra = {} if interpret else {"num_warps": 4}
-    kernel[(-(-n // _SCATTER_BLOCK),)](
-        anchor, positions, values, n, starts_t, table, err, num_spans,
-        RUNNING=running, STEPS=steps, BLOCK=_SCATTER_BLOCK, **extra,
+    kernel[(nb,)](
+        anchor, positions, values, tables[:nb], tables[nb : 2 * nb], tables[2 * nb : 2 * nb + num_spans + 1],
+        table, err, num_spans, RUNNING=running, BLOCK=_SCATTER_BLOCK, **extra,
     )  # fmt: skip
     return int(err.item())

@@ -278,7 +278,7 @@ for dtype in (torch.int16, torch.int32, torch.uint8):
             ks = [k for k, d in enumerate(deltas) if d.encoding is enc and d.num_changed]
             if ks:
                 ds = [deltas[k] for k in ks]
-                positions, bases_, running = delta._decode_batch(enc, ds, torch.device("cpu"))
+                positions, bases_, running = delta._decode_batch(enc, ds)
                 es = targets[0].element_size()
                 refused = delta_kernel.scatter(
                     targets[0], positions, torch.cat([d.values for d in ds]), [d.num_changed for d in ds],

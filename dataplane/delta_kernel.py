@@ -47,13 +47,26 @@ _layouts: dict[tuple[torch.device, tuple[int, ...], int], "_Layout"] = {}
 _MAX_CACHED_LAYOUTS = 64
 
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU paths and the torch fallback need no Triton
+    triton = tl = None
+
+if triton is not None:
+    # At module level: Triton looks up the functions a kernel calls among the module's globals.
+    @triton.jit
+    def _popcount8(v):
+        """Set bits of each int32 holding one byte (bit arithmetic; the interpreter has no popc)."""
+        v = v - ((v >> 1) & 0x55)
+        v = (v & 0x33) + ((v >> 2) & 0x33)
+        return (v + (v >> 4)) & 0x0F
+
+
 @functools.cache
 def _kernels():
     """(mark, compact, scatter), or None where Triton is missing."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:  # the CPU paths and the torch fallback need no Triton
+    if triton is None:
         return None
 
     # Blocks are loaded as (BLOCK // 8, 8) tiles: each row is one byte of change bits and, for
@@ -116,27 +129,23 @@ def _kernels():
             bits_off = tl.load(span_ptr + 3 * num_spans + span)
             rows = e0 // 8 + tl.arange(0, BLOCK // 8).to(tl.int64)
             byte = tl.load(bits_ptr + bits_off + rows, mask=rows < n // 8, other=0).to(tl.int32)
-            lane = tl.arange(0, 8)[None, :]
-            changed = (byte[:, None] >> lane) & 1
-            # Rank within the row: the set bits below this lane, counted with bit arithmetic
-            # (elementwise, no scan across lanes).
-            v = byte[:, None] & ((1 << lane) - 1)
-            v = v - ((v >> 1) & 0x55)
-            v = (v & 0x33) + ((v >> 2) & 0x33)
-            below = (v + (v >> 4)) & 0x0F
-            per_row = tl.sum(changed, axis=1)
-            rank = (tl.cumsum(per_row, axis=0) - per_row)[:, None] + below
-            hit = changed != 0
-            slot = tl.load(slots_ptr + pid) + rank
-            offs = rows[:, None] * 8 + tl.arange(0, 8)[None, :]
+            # One byte of bits per row of 8 elements. Everything stays 1-D over the rows (one
+            # layout, no conversions): the rows' first slots from a cumsum of their popcounts,
+            # then the 8 lanes one at a time, each ranked by the set bits below it.
+            per_row = _popcount8(byte)
+            first_slot = tl.load(slots_ptr + pid) + tl.cumsum(per_row, axis=0) - per_row
+            for j in tl.static_range(8):
+                hit = ((byte >> j) & 1) != 0
+                slot = first_slot + _popcount8(byte & ((1 << j) - 1))
+                offs = rows * 8 + j
+                if STORE_VAL:
+                    y = tl.load(anchor_ptr + new_off + offs, mask=hit, other=0)
+                    tl.store(val_out_ptr + slot, y, mask=hit)
+                if STORE_IDX:
+                    tl.store(idx_out_ptr + slot, offs.to(idx_out_ptr.dtype.element_ty), mask=hit)
             # (STORE_IDX/STORE_VAL off: bench/delta_codec.py --probe times the parts.)
-            if STORE_VAL:
-                y = tl.load(anchor_ptr + new_off + offs, mask=hit, other=0)
-                tl.store(val_out_ptr + slot, y, mask=hit)
-            if STORE_IDX:
-                tl.store(idx_out_ptr + slot, offs.to(idx_out_ptr.dtype.element_ty), mask=hit)
             if not STORE_IDX and not STORE_VAL:
-                tl.store(idx_out_ptr + tl.load(slots_ptr + pid), tl.sum(tl.sum(rank, axis=1), axis=0).to(idx_out_ptr.dtype.element_ty))
+                tl.store(idx_out_ptr + tl.load(slots_ptr + pid), tl.sum(first_slot, axis=0).to(idx_out_ptr.dtype.element_ty))
 
     @triton.jit
     def scatter(

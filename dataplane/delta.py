@@ -7,8 +7,8 @@ changed ones in the cheapest of five forms, chosen per tensor from exact byte co
     dense    all values                                   numel * E
     indices  W-byte element indices + values              n * (W + E)
     bitmask  one bit per element + values                 ceil(numel / 8) + n * E
-    gaps8    one uint8 gap per change + values            n * (1 + E) + W * (gaps >= 255)
     gaps16   one uint16 gap per change + values           n * (2 + E) + W * (gaps >= 65535)
+    gaps8    one uint8 gap per change + values            n * (1 + E) + W * (gaps >= 255)
 
 A gap is the number of unchanged elements before a change since the previous change (the
 first counts from element 0), so indices are the running sum of (gap + 1), minus one. A gap
@@ -23,13 +23,17 @@ payload, -0.0 vs +0.0 and every other bit pattern is reproduced exactly.
 
 The lockstep contract: a delta is only meaningful against the exact base bytes it was
 encoded from. The sender encodes against the base the receiver holds (a version the fleet
-committed, its bytes on the wire dtype); the receiver applies into that very tensor. Nothing
-here can tell a wrong base from a right one: that is what the checksums are for (see
-`apply_delta(base_checksum=...)` and `delta_checksum`).
+committed, its bytes in the wire dtype); the receiver applies into that very tensor, which
+must hold exactly that base. Nothing here can tell a wrong base from a right one, and a
+delta applied to a wrong base yields a wrong tensor without an error: that is what the
+checksums of the whole result are for (`delta_checksum.py` says which to compute, and why).
+On the wire a delta is `Delta.to_dict()` (encoding, numel, num_changed, num_escapes) plus
+its three tensors, positions, escapes and values, whose sizes follow from those four
+numbers; a receiver rebuilds it with `Delta(...)`, which checks them.
 
-CUDA tensors of one dtype are encoded by `encode_many` in two Triton kernel launches for the
-whole list (`delta_kernel.py`); CPU tensors, and CUDA tensors the kernel cannot take, use
-torch ops. Both give the same bytes.
+Encoding and decoding are exact and deterministic on every device: the CPU (torch ops)
+and a GPU (`encode_many` and `apply_many` over a whole model in a few Triton launches,
+`delta_kernel.py`, torch ops for tensors the kernels cannot take) give the same bytes.
 """
 
 from __future__ import annotations
@@ -103,18 +107,24 @@ def encoded_nbytes(
             f"escape counts must satisfy 0 <= num_escapes16 <= num_escapes8 <= num_changed={num_changed}, "
             f"got num_escapes16={num_escapes16}, num_escapes8={num_escapes8}"
         )
-    w, e, n = index_width_bytes(numel), element_size, num_changed
+    return _sizes(numel, num_changed, element_size, num_escapes8, num_escapes16)
+
+
+def _sizes(numel: int, n: int, e: int, escapes8: int, escapes16: int) -> dict[Encoding, int]:
+    # Unchecked: _build calls it once per tensor of a model, every round.
+    w = 4 if numel <= 1 << 31 else 8
     return {
         Encoding.DENSE: numel * e,
         Encoding.INDICES: n * (w + e),
         Encoding.BITMASK: -(-numel // 8) + n * e,
-        Encoding.GAPS16: n * (2 + e) + w * num_escapes16,
-        Encoding.GAPS8: n * (1 + e) + w * num_escapes8,
+        Encoding.GAPS16: n * (2 + e) + w * escapes16,
+        Encoding.GAPS8: n * (1 + e) + w * escapes8,
     }
 
 
 def choose_encoding(sizes: dict[Encoding, int], allowed: Iterable[Encoding] | None = None) -> Encoding:
-    """The allowed encoding with the fewest bytes; dense is always allowed (it needs no base)."""
+    """The allowed encoding with the fewest bytes, ties to the earlier in `Encoding`; dense is
+    always allowed (it needs no base)."""
     order = _ORDER if allowed is None else [e for e in _ORDER if e in {*allowed, Encoding.DENSE}]
     return min(order, key=lambda e: sizes[e])
 
@@ -302,16 +312,7 @@ def _build(found: BatchChanges, new_ints: Sequence[torch.Tensor], dtype: torch.d
     order = _ORDER if allowed is None else [e for e in _ORDER if e in {*allowed, Encoding.DENSE}]
     chosen = []
     for k, t in enumerate(new_ints):
-        # encoded_nbytes inlined: this loop runs once per tensor of a model, every round.
-        numel, n = t.numel(), counts[k]
-        w = 4 if numel <= 1 << 31 else 8
-        sizes = {
-            Encoding.DENSE: numel * es,
-            Encoding.INDICES: n * (w + es),
-            Encoding.BITMASK: -(-numel // 8) + n * es,
-            Encoding.GAPS16: n * (2 + es) + w * esc16[k],
-            Encoding.GAPS8: n * (1 + es) + w * esc8[k],
-        }
+        sizes = _sizes(t.numel(), counts[k], es, esc8[k], esc16[k])
         chosen.append(min(order, key=sizes.__getitem__))
     gaps = found.gaps
     codes8 = codes16 = escapes8 = escapes16 = None
@@ -367,7 +368,8 @@ def apply_delta(target: torch.Tensor, delta: Delta, *, base_checksum: int | None
             f"target is {target.numel()} elements of {target.dtype}"
         )
     ti = _int_view(target, "target")
-    values = delta.values.to(target.device)
+    delta = _on(delta, target.device)
+    values = delta.values
     if delta.encoding is Encoding.DENSE:
         ti.copy_(_int_view(values, "values"))
         if base_checksum is None:
@@ -375,15 +377,12 @@ def apply_delta(target: torch.Tensor, delta: Delta, *, base_checksum: int | None
         from weightsync.dataplane.checksum import tensor_checksum
 
         return tensor_checksum(target)
-    moved = Delta(
-        delta.encoding,
-        delta.numel,
-        delta.num_changed,
-        delta.positions.to(target.device),
-        delta.escapes.to(target.device),
-        values,
-    )
-    idx = moved.indices()
+    idx = delta.indices()
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= delta.numel):
+        raise ValueError(
+            f"a {delta.encoding.value} delta addresses elements outside its target of {delta.numel} elements "
+            f"(indices {int(idx.min())} to {int(idx.max())}): a corrupt or foreign delta; nothing was written"
+        )
     if base_checksum is None:
         ti[idx] = _int_view(values, "values")
         return None
@@ -402,7 +401,8 @@ def apply_many(targets: Sequence[torch.Tensor], deltas: Sequence[Delta]) -> None
     per encoding scatters every change into every tensor, so hundreds of tensors cost a few launches.
 
     A delta whose positions point outside its target (a corrupt or foreign delta) raises
-    ValueError before anything is written.
+    ValueError. Nothing is ever written outside a target, but other targets of the batch may
+    already hold their changes: the caller treats the batch as failed (its checksums tell).
     """
     if len(targets) != len(deltas):
         raise ValueError(f"{len(targets)} targets but {len(deltas)} deltas")

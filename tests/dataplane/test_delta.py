@@ -179,13 +179,24 @@ def test_apply_many_applies_a_mixed_batch_and_refuses_a_misfit():
 
 
 def test_bad_input_is_refused_naming_what_is_wrong():
-    """Mismatched pairs, a delta for another tensor and a non-contiguous target raise ValueError with both values."""
+    """Mismatched pairs, a delta for another tensor, an index past the end and a non-contiguous target
+    raise ValueError with the values involved, before anything is written."""
     a = torch.zeros(4, 4, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"tensor 0: base and new must match .* \[4, 4\] .* \[16\]"):
         encode(a, torch.zeros(16, dtype=torch.bfloat16))
     d = encode(a, a + 1)
     with pytest.raises(ValueError, match="delta is 16 elements of torch.bfloat16, target is 8 elements"):
         apply_delta(torch.zeros(8, dtype=torch.bfloat16), d)
+    b = a.clone()
+    b[0, 0] = b[3, 3] = 1
+    bad = encode(a, b, allowed=[Encoding.INDICES])
+    assert bad.encoding is Encoding.INDICES
+    positions = bad.positions.clone()
+    positions[1] = 16
+    target = a.clone()
+    with pytest.raises(ValueError, match="outside its target of 16 elements .indices 0 to 16.: a corrupt"):
+        apply_delta(target, Delta(Encoding.INDICES, 16, 2, positions, bad.escapes, bad.values))
+    assert torch.equal(target, a)
     with pytest.raises(ValueError, match="target must be contiguous"):
         apply_delta(torch.zeros(4, 4, dtype=torch.bfloat16).t(), d)
     with pytest.raises(ValueError, match="values of a indices delta: expected 1-D with 2 elements"):

@@ -37,7 +37,6 @@ __all__ = ["BatchChanges", "find_changes", "kernel_available", "scatter"]
 _BLOCK = 4096
 _NUM_WARPS = 8
 _COMPACT_WARPS = 8
-_COMPACT_SUB = 4
 # Addresses travel as element offsets from one anchor tensor; all offsets are multiples of
 # this many bytes, so that the compiler may use 16-byte loads.
 _ALIGN_BYTES = 16
@@ -106,52 +105,47 @@ def _kernels():
     @triton.jit
     def compact(
         anchor_ptr,
+        block_span_ptr,
         block_elem_ptr,
-        block_new_ptr,  # per block: element offset of its first element of `new` from the anchor
-        block_bits_ptr,  # per block: byte offset of its first bits byte
-        block_rows_ptr,  # per block: its rows (bytes of bits) inside its tensor
+        span_ptr,
         bits_ptr,
         counts_ptr,
         slots_ptr,
         idx_out_ptr,
         val_out_ptr,
-        num_blocks,
+        num_spans,
         BLOCK: tl.constexpr,
         ALIGN: tl.constexpr,
-        SUB: tl.constexpr,
         STORE_IDX: tl.constexpr = True,
         STORE_VAL: tl.constexpr = True,
     ):
-        # SUB blocks per program, their per-block facts read from flat tables: a program's
-        # work is a short chain of dependent loads, so fewer, longer programs keep more of
-        # them in flight.
-        for sub in tl.static_range(SUB):
-            pid = tl.program_id(0) * SUB + sub
-            if pid < num_blocks:
-                count = tl.load(counts_ptr + pid)
-                if count > 0:
-                    e0 = tl.load(block_elem_ptr + pid)
-                    new0 = tl.multiple_of(tl.load(block_new_ptr + pid), ALIGN)
-                    bits0 = tl.load(block_bits_ptr + pid)
-                    r = tl.arange(0, BLOCK // 8)
-                    byte = tl.load(bits_ptr + bits0 + r, mask=r < tl.load(block_rows_ptr + pid), other=0).to(tl.int32)
-                    # One byte of bits per row of 8 elements. Everything stays 1-D over the rows
-                    # (one layout, no conversions): the rows' first slots from a cumsum of their
-                    # popcounts, then the 8 lanes one at a time, ranked by the set bits below.
-                    per_row = _popcount8(byte)
-                    first_slot = tl.load(slots_ptr + pid) + tl.cumsum(per_row, axis=0) - per_row
-                    for j in tl.static_range(8):
-                        hit = ((byte >> j) & 1) != 0
-                        slot = first_slot + _popcount8(byte & ((1 << j) - 1))
-                        lane = r.to(tl.int64) * 8 + j
-                        if STORE_VAL:
-                            y = tl.load(anchor_ptr + new0 + lane, mask=hit, other=0)
-                            tl.store(val_out_ptr + slot, y, mask=hit)
-                        if STORE_IDX:
-                            tl.store(idx_out_ptr + slot, (e0 + lane).to(idx_out_ptr.dtype.element_ty), mask=hit)
-                    # (STORE_IDX/STORE_VAL off: bench/delta_codec.py --probe times the parts.)
-                    if not STORE_IDX and not STORE_VAL:
-                        tl.store(idx_out_ptr + tl.load(slots_ptr + pid), tl.sum(first_slot, axis=0).to(idx_out_ptr.dtype.element_ty))
+        pid = tl.program_id(0)
+        count = tl.load(counts_ptr + pid)
+        if count > 0:
+            span = tl.load(block_span_ptr + pid)
+            e0 = tl.multiple_of(tl.load(block_elem_ptr + pid), BLOCK)
+            n = tl.multiple_of(tl.load(span_ptr + span), 8)
+            new_off = tl.multiple_of(tl.load(span_ptr + 2 * num_spans + span), ALIGN)
+            bits_off = tl.load(span_ptr + 3 * num_spans + span)
+            rows = e0 // 8 + tl.arange(0, BLOCK // 8).to(tl.int64)
+            byte = tl.load(bits_ptr + bits_off + rows, mask=rows < n // 8, other=0).to(tl.int32)
+            # One byte of bits per row of 8 elements. Everything stays 1-D over the rows (one
+            # layout, no conversions): the rows' first slots from a cumsum of their popcounts,
+            # then the 8 lanes one at a time, each ranked by the set bits below it.
+            per_row = _popcount8(byte)
+            first_slot = tl.load(slots_ptr + pid) + tl.cumsum(per_row, axis=0) - per_row
+            for j in tl.static_range(8):
+                hit = ((byte >> j) & 1) != 0
+                slot = first_slot + _popcount8(byte & ((1 << j) - 1))
+                offs = rows * 8 + j
+                if STORE_VAL:
+                    y = tl.load(anchor_ptr + new_off + offs, mask=hit, other=0)
+                    tl.store(val_out_ptr + slot, y, mask=hit)
+                if STORE_IDX:
+                    tl.store(idx_out_ptr + slot, offs.to(idx_out_ptr.dtype.element_ty), mask=hit)
+            # (STORE_IDX/STORE_VAL off: bench/delta_codec.py --probe times the parts.)
+            if not STORE_IDX and not STORE_VAL:
+                tl.store(idx_out_ptr + tl.load(slots_ptr + pid), tl.sum(first_slot, axis=0).to(idx_out_ptr.dtype.element_ty))
 
     @triton.jit
     def scatter(
@@ -328,15 +322,9 @@ def _run(
     idx_out = torch.empty(total, dtype=idx_dtype, device=device)
     val_out = torch.empty(total, dtype=anchor.dtype, device=device)
     if total:
-        # Per-block tables, made on the device from the per-tensor ones.
-        bs = layout.block_span
-        block_new = span_table[2 * num_spans + bs] + layout.block_elem
-        block_bits = span_table[3 * num_spans + bs] + layout.block_elem // 8
-        block_rows = (span_table[bs] - layout.block_elem) // 8
-        sub = _COMPACT_SUB
-        compact[(-(-nb // sub),)](
-            anchor, layout.block_elem, block_new, block_bits, block_rows, bits, counts, slots,
-            idx_out, val_out, nb, BLOCK=block, ALIGN=align, SUB=sub, STORE_IDX=probe[0], STORE_VAL=probe[1],
+        compact[(nb,)](
+            anchor, layout.block_span, layout.block_elem, span_table, bits, counts, slots,
+            idx_out, val_out, num_spans, BLOCK=block, ALIGN=align, STORE_IDX=probe[0], STORE_VAL=probe[1],
             **({} if interpret else {"num_warps": _COMPACT_WARPS}),
         )  # fmt: skip
     gaps, esc8, esc16 = gaps_and_escapes(idx_out, span_counts)

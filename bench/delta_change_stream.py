@@ -109,7 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    rows = [r for lr in _LRS for r in _run_lr(lr, args.steps, args.batch, args.seq, args.seed)]
+    rows: list[dict] = []
+    for lr in _LRS:
+        rows += _run_lr(lr, args.steps, args.batch, args.seq, args.seed)
+        # Written after every learning rate, so that a run cut short keeps what it measured.
+        _write(args, rows, time.perf_counter() - t0)
+    return 0 if all(r["exact"] for r in rows) else 1
+
+
+def _write(args, rows: list[dict], wall_s: float) -> None:
     model = _model(args.seed)
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -121,13 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         "optimizer": "AdamW (torch defaults: betas 0.9/0.999, weight decay 0.01), fp32 master weights, bf16 wire",
         "batch": [args.batch, args.seq],
         "rows": rows,
+        "learning_rates_done": sorted({r["lr"] for r in rows}),
         "all_exact": all(r["exact"] for r in rows),
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": wall_s,
     }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
-    return 0 if result["all_exact"] else 1
 
 
 if __name__ == "__main__":

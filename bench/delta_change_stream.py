@@ -105,12 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lrs", default=",".join(str(lr) for lr in _LRS), help="learning rates, comma-separated")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    args.command = "python bench/delta_change_stream.py " + " ".join(argv if argv is not None else sys.argv[1:])
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     rows: list[dict] = []
-    for lr in _LRS:
+    for lr in (float(v) for v in args.lrs.split(",")):
         rows += _run_lr(lr, args.steps, args.batch, args.seq, args.seed)
         # Written after every learning rate, so that a run cut short keeps what it measured.
         _write(args, rows, time.perf_counter() - t0)
@@ -121,7 +123,7 @@ def _write(args, rows: list[dict], wall_s: float) -> None:
     model = _model(args.seed)
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python bench/delta_change_stream.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": args.command,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__,
         "model": "Qwen2 hidden 512, 4 layers, 8 heads, 2 KV heads, intermediate 1376, vocab 4096, tied, init std 0.02",

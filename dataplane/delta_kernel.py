@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BatchChanges", "find_changes", "kernel_available", "scatter"]
+__all__ = ["BatchChanges", "find_changes", "gaps_and_escapes", "kernel_available", "scatter"]
 
 # Elements per program. A multiple of 8 (whole bit bytes); 4096 bf16 = 8 KiB per tensor read.
 _BLOCK = 4096

@@ -354,5 +354,5 @@ def test_encode_on_cuda_equals_cpu():
     positions = bad.positions.clone()
     positions[-1] = bad.numel
     target = bases[0].cuda()
-    with pytest.raises(ValueError, match="1 changes of indices deltas \[0\] address elements outside their targets"):
+    with pytest.raises(ValueError, match=r"1 changes of indices deltas \[0\] address elements outside their targets"):
         apply_many([target], [Delta(Encoding.INDICES, bad.numel, bad.num_changed, positions, bad.escapes, bad.values)])

@@ -69,9 +69,8 @@ def _kernels():
     if triton is None:
         return None
 
-    # Blocks are loaded as (BLOCK // 8, 8) tiles: each row is one byte of change bits and, for
-    # 2-byte elements, one 16-byte load, so packing bits and ranking changes within a row stay
-    # inside one thread; only the per-row counts need a scan across the block (BLOCK // 8 long).
+    # mark loads a block as a (BLOCK // 8, 8) tile: each row is one byte of change bits and, for
+    # 2-byte elements, one 16-byte load, so packing a row's bits stays inside one thread.
 
     @triton.jit
     def mark(

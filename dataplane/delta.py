@@ -29,7 +29,7 @@ delta applied to a wrong base yields a wrong tensor without an error: that is wh
 checksums of the whole result are for (`delta_checksum.py` says which to compute, and why).
 On the wire a delta is `Delta.to_dict()` (encoding, numel, num_changed, num_escapes) plus
 its three tensors, positions, escapes and values, whose sizes follow from those four
-numbers; a receiver rebuilds it with `Delta(...)`, which checks them.
+numbers; a receiver rebuilds it with `Delta.from_dict`, which checks them.
 
 Encoding and decoding are exact and deterministic on every device: the CPU (torch ops)
 and a GPU (`encode_many` and `apply_many` over a whole model in a few Triton launches,
@@ -201,6 +201,19 @@ class Delta:
             "num_changed": self.num_changed,
             "num_escapes": self.escapes.numel(),
         }
+
+    @classmethod
+    def from_dict(cls, meta: dict, positions: torch.Tensor, escapes: torch.Tensor, values: torch.Tensor) -> "Delta":
+        """The delta a receiver rebuilds from `to_dict()` and the three tensors it received."""
+        try:
+            encoding = Encoding(meta["encoding"])
+        except (KeyError, ValueError):
+            raise ValueError(
+                f"delta field 'encoding' must be one of {[e.value for e in Encoding]}, got {meta.get('encoding')!r}"
+            ) from None
+        if meta.get("num_escapes") != escapes.numel():
+            raise ValueError(f"delta field 'num_escapes' is {meta.get('num_escapes')!r} but {escapes.numel()} escapes arrived")
+        return cls(encoding, int(meta["numel"]), int(meta["num_changed"]), positions, escapes, values)
 
     def indices(self) -> torch.Tensor:
         """The changed element indices, int64, increasing (dense: every index)."""

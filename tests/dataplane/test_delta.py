@@ -163,6 +163,24 @@ def test_encode_many_equals_encode_one_by_one_across_dtypes_and_shapes():
         assert torch.equal(_bits(target), _bits(n))
 
 
+@pytest.mark.parametrize("encoding", list(Encoding))
+def test_a_delta_travels_as_its_dict_and_three_tensors(encoding):
+    """to_dict plus positions, escapes and values (copied, as after a wire) rebuild a delta that applies
+    exactly; a wrong escape count or encoding name in the dict is refused, naming the field."""
+    base = _random(70_000, torch.bfloat16, seed=9)
+    new = _with_changes(base, torch.tensor([0, 3, 300, 69_999]))
+    d = encode(base, new, allowed=[encoding])
+    meta = d.to_dict()
+    got = Delta.from_dict(meta, d.positions.clone(), d.escapes.clone(), d.values.clone())
+    target = base.clone()
+    apply_delta(target, got)
+    assert torch.equal(_bits(target), _bits(new))
+    with pytest.raises(ValueError, match="'num_escapes' is 5 but"):
+        Delta.from_dict({**meta, "num_escapes": 5}, d.positions, d.escapes, d.values)
+    with pytest.raises(ValueError, match="'encoding' must be one of .* got 'rle'"):
+        Delta.from_dict({**meta, "encoding": "rle"}, d.positions, d.escapes, d.values)
+
+
 def test_apply_many_applies_a_mixed_batch_and_refuses_a_misfit():
     """apply_many writes every delta of a batch of several dtypes and encodings; a delta for another
     tensor size is refused by its position before anything is written."""

@@ -2,6 +2,8 @@
 
 One fleet serves the module (coordinator, trainer, three memory daemons); every test heals
 what it broke and ends with a committed round, so the next test starts from a consistent fleet.
+The fixture's teardown checks that nothing of the run is left: namespaces, links, iptables
+rules, processes, work directory.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import pytest
 
 from bench.fleet.fleet import EmulatedFleet, FleetSpec
 from bench.fleet.net import LinkSpec
-from tests.fleet.conftest import needs_netns
+from tests.fleet.conftest import assert_nothing_left, iptables_rules, needs_netns, pids_in_namespaces
 
 pytestmark = [pytest.mark.slow, needs_netns]
 
@@ -46,10 +48,17 @@ def fleet():
         collective_timeout_s=COLLECTIVE_TIMEOUT_S,
         deadline_s=DEADLINE_S,
     )
+    rules_before = iptables_rules()
     with EmulatedFleet(spec) as f:
         f.wait_daemons()
         f.version = 0
         yield f
+        prefix, workdir = f.prefix, f.workdir
+        pids = pids_in_namespaces(prefix)
+        assert len(pids) >= 7, "coordinator, console, trainer, three daemons and e2's cable ran inside the namespaces"
+    # After a normal close nothing of the run remains (tests/fleet/test_cleanup.py: after SIGTERM, SIGKILL).
+    assert_nothing_left(prefix, pids, rules_before)
+    assert not workdir.exists()
 
 
 def _next_version(fleet) -> int:

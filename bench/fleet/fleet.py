@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COORDINATOR_PORT = 50051  # every run has its own namespaces, so a fixed port never collides
-# Python processes importing torch on a loaded 2-core machine start slowly.
-_START_TIMEOUT_S = 120.0
+# Python processes importing torch on a loaded 2-core machine start slowly: 16 daemons
+# starting at once under a load average of 20 took over 2 minutes.
+_START_TIMEOUT_S = 600.0
 _STOP_GRACE_S = 5.0
 _ROWS_PER_TENSOR = 512
 _COLS = 1024  # 512 x 1024 bf16 = 1 MiB per tensor

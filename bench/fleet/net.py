@@ -48,7 +48,7 @@ _MAX_HOSTS = 250
 # htb needs a burst of at least one GSO segment (64 KiB on veth) or it cannot reach its rate.
 _MIN_BURST_BYTES = 128 << 10
 # Starting the userspace cable (a Python process) on a loaded 2-core machine.
-_WIRE_START_TIMEOUT_S = 30.0
+_WIRE_START_TIMEOUT_S = 120.0
 # "No limit" still goes through htb, so that rates can be set later without rebuilding the tree.
 _UNLIMITED_MBIT = 100_000
 # Filters that cut a host off from one peer (partitions) live at this tc priority.

@@ -8,6 +8,7 @@ rules, processes, work directory.
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -51,7 +52,6 @@ def fleet():
     rules_before = iptables_rules()
     with EmulatedFleet(spec) as f:
         f.wait_daemons()
-        f.version = 0
         yield f
         prefix, workdir = f.prefix, f.workdir
         pids = pids_in_namespaces(prefix)
@@ -61,16 +61,12 @@ def fleet():
     assert not workdir.exists()
 
 
-def _next_version(fleet) -> int:
-    fleet.version += 1
-    return fleet.version
+# Versions only grow, across the module's tests on its one fleet.
+_versions = itertools.count(1)
 
 
-def _wait_rx(fleet, host: str, at_least_bytes: int, timeout_s: float = 30.0) -> None:
-    """Waits until the host has received at_least_bytes more than now: the transfer reached it."""
-    start = fleet.net.counters()[host]["rx_bytes"]
-    fleet.wait_until(lambda: fleet.net.counters()[host]["rx_bytes"] - start >= at_least_bytes, timeout_s,
-                     f"{host} receiving {at_least_bytes} bytes", interval_s=0.05)
+def _next_version() -> int:
+    return next(_versions)
 
 
 def _assert_verified_or_flagged(fleet, version: int) -> dict:
@@ -87,7 +83,7 @@ def _assert_verified_or_flagged(fleet, version: int) -> dict:
 
 def _assert_next_round_commits(fleet) -> None:
     fleet.wait_daemons(ENGINES, timeout_s=60)
-    version = _next_version(fleet)
+    version = _next_version()
     answer = fleet.push(version, timeout_s=DEADLINE_S + 30)
     assert answer["state"] == "COMMITTED", answer
     info = fleet.daemons_info()
@@ -97,7 +93,8 @@ def _assert_next_round_commits(fleet) -> None:
 
 
 def _start_round_and_wait_for(fleet, host: str, **push) -> int:
-    version = _next_version(fleet)
+    """Starts a round and returns once `host` has received a bucket's worth: the fault lands mid-transfer."""
+    version = _next_version()
     before = fleet.net.counters()[host]["rx_bytes"]
     fleet.start_push(version, **push)
     fleet.wait_until(lambda: fleet.net.counters()[host]["rx_bytes"] - before >= BUCKET_BYTES, 60,
@@ -159,7 +156,7 @@ def test_loss_and_latency_on_one_host_still_commits(fleet):
 
 def test_trainer_link_cut_after_sending_before_commit(fleet):
     """The trainer's cable pulled after every byte arrived but before its commit: the round times out, engines are flagged, the next round commits."""
-    version = _next_version(fleet)
+    version = _next_version()
     fleet.start_push(version, hold=True)
     fleet.wait_sent(DEADLINE_S + 30)
     fleet.net.set_link_up("t0", False)

@@ -321,10 +321,10 @@ class Network:
 
     # ------------------------------------------------------------------ observation
 
-    def counters(self) -> dict[str, dict[str, int]]:
-        """Bytes each host's interface has received and sent, read inside its namespace from sysfs."""
+    def counters(self, names: Sequence[str] | None = None) -> dict[str, dict[str, int]]:
+        """Bytes each host's interface (default: every host's) has received and sent, read inside its namespace from sysfs."""
         out = {}
-        for host in self.hosts.values():
+        for host in (self.hosts[n] for n in names) if names is not None else self.hosts.values():
             stats = f"/sys/class/net/{host.ifname}/statistics"
             res = _run(["ip", "netns", "exec", host.netns, "cat", f"{stats}/rx_bytes", f"{stats}/tx_bytes"])
             rx, tx = (int(v) for v in res.stdout.split())

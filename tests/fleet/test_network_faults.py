@@ -9,6 +9,7 @@ rules, processes, work directory.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 
 import pytest
@@ -18,6 +19,8 @@ from bench.fleet.net import LinkSpec
 from tests.fleet.conftest import assert_nothing_left, iptables_rules, needs_netns, pids_in_namespaces
 
 pytestmark = [pytest.mark.slow, needs_netns]
+
+log = logging.getLogger(__name__)
 
 # Today a failed peer costs the collective timeout (gloo tells only the ranks that talk to it
 # directly) and a silent daemon the heartbeat timeout. FAIL_FAST_BOUND_S is how long a round
@@ -72,6 +75,7 @@ def _next_version() -> int:
 def _assert_verified_or_flagged(fleet, version: int) -> dict:
     """Every engine either serves `version` clean and holds exactly its bytes, or is flagged dirty."""
     info = fleet.daemons_info()
+    log.info("after the fault in round %d, ListDaemons: %s", version, info)
     for host in ENGINES:
         d = info[host]
         if d["served_version"] == version and not d["dirty"]:
@@ -85,6 +89,7 @@ def _assert_next_round_commits(fleet) -> None:
     fleet.wait_daemons(ENGINES, timeout_s=60)
     version = _next_version()
     answer = fleet.push(version, timeout_s=DEADLINE_S + 30)
+    log.info("round %d: %s", version, answer)
     assert answer["state"] == "COMMITTED", answer
     info = fleet.daemons_info()
     for host in ENGINES:
@@ -95,9 +100,9 @@ def _assert_next_round_commits(fleet) -> None:
 def _start_round_and_wait_for(fleet, host: str, **push) -> int:
     """Starts a round and returns once `host` has received a bucket's worth: the fault lands mid-transfer."""
     version = _next_version()
-    before = fleet.net.counters()[host]["rx_bytes"]
+    before = fleet.net.counters([host])[host]["rx_bytes"]
     fleet.start_push(version, **push)
-    fleet.wait_until(lambda: fleet.net.counters()[host]["rx_bytes"] - before >= BUCKET_BYTES, 60,
+    fleet.wait_until(lambda: fleet.net.counters([host])[host]["rx_bytes"] - before >= BUCKET_BYTES, 60,
                      f"{host} receiving its first bucket", interval_s=0.05)
     return version
 
@@ -117,6 +122,7 @@ def test_receiver_link_cut_mid_transfer(fleet):
         failed_after_s = time.monotonic() - t0
     finally:
         fleet.net.set_link_up("e1", True)
+    log.info("round %d after e1's cut: %s, %.1f s after the cut", version, answer, failed_after_s)
     assert answer["state"] in ("FAILED", "ABORTED", "TIMED_OUT"), answer
     assert failed_after_s < FAIL_FAST_BOUND_S, f"the round took {failed_after_s:.1f} s to fail"
     assert answer["daemons"].get("e1") != "OK", answer
@@ -136,6 +142,7 @@ def test_partition_between_coordinator_and_one_daemon(fleet):
         lost = fleet.wait_until(lambda: fleet.daemons_info()["e2"]["state"] == "LOST", HEARTBEAT_TIMEOUT_S + 10, "e2 LOST")
     finally:
         fleet.net.heal_partitions("coord", "e2")
+    log.info("round %d with coord|e2 partitioned: %s, %.1f s after the partition", version, answer, failed_after_s)
     assert lost
     assert answer["state"] in ("FAILED", "ABORTED", "TIMED_OUT"), answer
     assert failed_after_s < FAIL_FAST_BOUND_S, f"the round took {failed_after_s:.1f} s to fail"
@@ -170,9 +177,11 @@ def test_trainer_link_cut_after_sending_before_commit(fleet):
         ended_after_s = time.monotonic() - t0
     finally:
         fleet.net.set_link_up("t0", True)
+    log.info("round %d without the trainer's commit: %s, %.1f s after the cut", version, ended, ended_after_s)
     assert ended["state"] in ("FAILED", "ABORTED", "TIMED_OUT"), ended
     assert ended_after_s < TRAINER_SILENT_BOUND_S
     answer = fleet.finish_push(DEADLINE_S + 60)  # the commit goes through once healed, and learns the verdict
+    log.info("the trainer's push of round %d, once healed: %s", version, answer)
     assert answer.get("state") != "COMMITTED", answer
     fleet.wait_daemons(ENGINES, timeout_s=60)
     _assert_verified_or_flagged(fleet, version)

@@ -16,7 +16,8 @@ A warm-up round forms the data-plane group; then --rounds measured rounds. For e
   wire_bytes_per_host   rx/tx bytes of each host's interface over the round, read from
                         /sys/class/net/IF/statistics inside its namespace
 Top-level figures are those of the median round. Also reported: gloo_bound_s (gloo's binomial
-broadcast over these links) and star_bound_s (one copy per receiver from the root).
+broadcast: the root's link carries ceil(log2 N) copies), gloo_model_s (that tree as gloo runs
+it, sends sharing links fairly: a prediction) and star_bound_s (one copy per receiver).
 
 Today's data path has one sender: trainer rank 0 broadcasts everything. --trainer-ranks above
 1 is refused until the many-senders work lands.
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace) -> dict:
         **bound.to_dict(),
         "ratio": bound.speed_of_light_s / achieved,
         "ratio_to_gloo_bound": bound.gloo_bound_s / achieved,
+        "ratio_to_gloo_model": bound.gloo_model_s / achieved,
         "wire_bytes_per_host": median["wire_bytes_per_host"],
         "needed_bytes_per_receiver": needed,
         "hosts": 1 + len(spec.engine_hosts),
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"hosts={result['hosts']} link={args.link_mbit:g}Mbit model={args.model_mib:g}MiB "
         f"achieved={result['achieved_s']:.3f}s speed_of_light={result['speed_of_light_s']:.3f}s "
-        f"ratio={result['ratio']:.3f} gloo_bound={result['gloo_bound_s']:.3f}s "
+        f"ratio={result['ratio']:.3f} gloo_bound={result['gloo_bound_s']:.3f}s gloo_model={result['gloo_model_s']:.3f}s "
         f"trainer_tx={result['wire_bytes_per_host']['t0']['tx_bytes']}"
     )
     return 0

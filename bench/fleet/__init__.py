@@ -16,7 +16,7 @@ _EXPORTS = {
     "FleetSpec": "bench.fleet.fleet",
     "fleet_manifest": "bench.fleet.fleet",
     "RoundBound": "bench.fleet.light",
-    "gloo_broadcast_bound_s": "bench.fleet.light",
+    "gloo_broadcast_model_s": "bench.fleet.light",
     "plan_bytes": "bench.fleet.light",
     "round_bound": "bench.fleet.light",
     "Host": "bench.fleet.net",

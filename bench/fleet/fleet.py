@@ -9,7 +9,8 @@ Hosts: `coord` (coordinator, and the console that reads its state), `t0` (traine
 which hosts the data-plane store and broadcasts), and one host per engine rank, `e{m}` or
 `e{m}r{t}` with TP > 1 (a memory daemon is one receiver rank). Every process runs inside its
 host's namespace through `ip netns exec`; everything is torn down by `close` (also on SIGTERM
-once `install_signal_handlers` ran, and at interpreter exit).
+once `install_signal_handlers` ran, and at interpreter exit). Each process logs to
+WORKDIR/logs/NAME.log; set WEIGHTSYNC_FLEET_KEEP=1 to keep the work directory after close.
 """
 
 from __future__ import annotations
@@ -129,15 +130,6 @@ class _Proc:
             raise RuntimeError(f"{self.name} exited (code {self.popen.poll()}) without answering")
         return json.loads(line)
 
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(_STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(_STOP_GRACE_S)
-
 
 class EmulatedFleet:
     def __init__(self, spec: FleetSpec, *, workdir: str | os.PathLike | None = None) -> None:
@@ -204,6 +196,18 @@ class EmulatedFleet:
         if self._closed:
             return
         self._closed = True
+        # A second Ctrl-C or SIGTERM must not cut the teardown short and leave namespaces behind.
+        held = {}
+        if threading.current_thread() is threading.main_thread():
+            held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            self._teardown()
+        finally:
+            for sig, handler in held.items():
+                signal.signal(sig, handler)
+            atexit.unregister(self.close)
+
+    def _teardown(self) -> None:
         procs = [p for p in (self.trainer, self.console, *self.daemons.values(), self.coordinator) if p is not None]
         for p in procs:
             if p.popen.poll() is None:
@@ -218,7 +222,6 @@ class EmulatedFleet:
         self.net.close()
         if self._own_workdir and not os.environ.get("WEIGHTSYNC_FLEET_KEEP"):
             shutil.rmtree(self.workdir, ignore_errors=True)
-        atexit.unregister(self.close)
 
     # ------------------------------------------------------------------ processes
 

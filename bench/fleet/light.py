@@ -7,13 +7,16 @@
 once (one copy of what is needed; receivers relay the rest, as NCCL's pipelined ring does).
 That is the honest bound to compare designs against, and the ratio is taken to it.
 
-Two more bounds say what today's data path can reach at best:
+Three more figures say what today's data path can reach:
 - `star_bound_s`: a root sending one copy per receiver (receivers x bytes / its egress).
-- `gloo_bound_s`: gloo's actual broadcast (gloo/broadcast.cc), a binomial tree over whole
-  messages: the root posts its ceil(log2 N) sends at once (they share its link), and every
-  other rank forwards only after its receive completed, posting its own sends at once. With
-  equal links the last rank has its copy after dim*(dim+1)/2 message times (4 ranks: 3,
-  8: 6, 16: 10), and the root emits dim copies, not N-1.
+- `gloo_bound_s`: gloo's actual broadcast (gloo/broadcast.cc) is a binomial tree over whole
+  messages, in which the root sends ceil(log2 N) copies: its link alone needs that many
+  message times, however the sends are scheduled.
+- `gloo_model_s`: the same tree as gloo runs it: the root posts all its sends at once (they
+  share its link), and every other rank forwards only after its own receive completed, posting
+  its sends at once. With equal links and fair sharing the last rank has its copy after
+  dim*(dim+1)/2 message times (4 ranks: 3, 8: 6, 16: 10). A prediction, not a bound: TCP
+  need not share fairly, and a rank served first starts relaying sooner.
 
 Needed bytes come from the bucket plan the coordinator computes (core/plan.py): today every
 receiver rank needs every bucket, TP ranks included, because the data path sends whole tensors.
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 
 from weightsync.core import BucketPlan, TensorSpec
 
-__all__ = ["RoundBound", "gloo_broadcast_bound_s", "gloo_broadcast_tree", "plan_bytes", "round_bound"]
+__all__ = ["RoundBound", "gloo_broadcast_model_s", "gloo_broadcast_tree", "plan_bytes", "round_bound"]
 
 
 def plan_bytes(manifest: Sequence[TensorSpec], bucket_size_bytes: int) -> int:
@@ -46,6 +49,7 @@ class RoundBound:
     sender_bound_s: float
     star_bound_s: float
     gloo_bound_s: float
+    gloo_model_s: float
 
     @property
     def speed_of_light_s(self) -> float:
@@ -58,6 +62,7 @@ class RoundBound:
             "sender_bound_s": self.sender_bound_s,
             "star_bound_s": self.star_bound_s,
             "gloo_bound_s": self.gloo_bound_s,
+            "gloo_model_s": self.gloo_model_s,
         }
 
 
@@ -86,8 +91,11 @@ def round_bound(
     star_bound_s = sum(needed_bytes.values()) / _bytes_per_s(sender_egress_mbit[0])
     # gloo's tree runs over every link; with unequal links the slowest one is the honest rate here.
     slowest_mbit = min([*sender_egress_mbit, *(ingress_mbit[h] for h in needed_bytes)])
-    gloo_bound_s = gloo_broadcast_bound_s(len(needed_bytes) + 1, emit_bytes, slowest_mbit)
-    return RoundBound(receiver_bound_s, sender_bound_s, star_bound_s, gloo_bound_s)
+    num_ranks = len(needed_bytes) + 1
+    root_copies = len(gloo_broadcast_tree(num_ranks)[0])
+    gloo_bound_s = root_copies * emit_bytes / _bytes_per_s(sender_egress_mbit[0])
+    gloo_model_s = gloo_broadcast_model_s(num_ranks, emit_bytes, slowest_mbit)
+    return RoundBound(receiver_bound_s, sender_bound_s, star_bound_s, gloo_bound_s, gloo_model_s)
 
 
 def gloo_broadcast_tree(num_ranks: int) -> dict[int, list[int]]:
@@ -108,8 +116,8 @@ def gloo_broadcast_tree(num_ranks: int) -> dict[int, list[int]]:
     return sends
 
 
-def gloo_broadcast_bound_s(num_ranks: int, nbytes: int, link_mbit: float) -> float:
-    """When the last rank has its copy in gloo's binomial broadcast over equal links (sends share a sender's link)."""
+def gloo_broadcast_model_s(num_ranks: int, nbytes: int, link_mbit: float) -> float:
+    """When the last rank has its copy in gloo's binomial broadcast over equal links, a sender's sends sharing its link fairly."""
     sends = gloo_broadcast_tree(num_ranks)
     copy_s = nbytes / _bytes_per_s(link_mbit)
     done = {0: 0.0}

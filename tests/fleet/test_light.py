@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.fleet.fleet import FleetSpec, fleet_manifest
-from bench.fleet.light import gloo_broadcast_bound_s, gloo_broadcast_tree, plan_bytes, round_bound
+from bench.fleet.light import gloo_broadcast_model_s, gloo_broadcast_tree, plan_bytes, round_bound
 from bench.fleet.net import LinkSpec, Network
 
 MIB = 1 << 20
@@ -23,12 +23,15 @@ def test_speed_of_light_is_one_copy_through_the_slowest_binding_link():
 
 
 def test_gloo_broadcast_replays_gloos_binomial_tree():
-    """The root sends ceil(log2 N) copies; with equal links the last copy lands after dim*(dim+1)/2 message times."""
+    """The root sends ceil(log2 N) copies (the bound); sharing fairly, the last copy lands after dim*(dim+1)/2 message times."""
     assert gloo_broadcast_tree(4) == {0: [1, 2], 1: [3], 2: [], 3: []}
     assert sorted(c for cs in gloo_broadcast_tree(16).values() for c in cs) == list(range(1, 16))
     for ranks, copies, steps in ((2, 1, 1), (4, 2, 3), (8, 3, 6), (16, 4, 10)):
         assert len(gloo_broadcast_tree(ranks)[0]) == copies
-        assert gloo_broadcast_bound_s(ranks, 125_000, 1.0) == pytest.approx(steps)
+        assert gloo_broadcast_model_s(ranks, 125_000, 1.0) == pytest.approx(steps)
+        b = round_bound(needed_bytes={f"e{i}": 125_000 for i in range(ranks - 1)},
+                        ingress_mbit={f"e{i}": 1.0 for i in range(ranks - 1)}, sender_egress_mbit=[1.0])
+        assert (b.gloo_bound_s, b.gloo_model_s, b.star_bound_s) == pytest.approx((copies, steps, ranks - 1))
 
 
 def test_bad_input_names_the_field():

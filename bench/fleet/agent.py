@@ -1,0 +1,171 @@
+"""A trainer rank or a console inside an emulated host, driven by JSON lines on stdin.
+
+    ip netns exec NS python -m bench.fleet.agent --coordinator ADDR [--rendezvous-host IP ...]
+
+The orchestrator lives in the root namespace, from which no emulated host can be reached
+(no host has a route out). So the trainer rank and the console that reads the coordinator's
+state run inside hosts and answer over their stdin/stdout pipes. One request per line, one
+answer per line:
+
+    {"op": "push", "version": 3, "weights": PATH, "hold": false}
+        -> {"event": "sent"} first when hold is true (then send {"op": "go"} to commit)
+        -> {"event": "done", "state": ..., "daemons": {...}, "push_s": ..., ...} or {"event": "error", ...}
+    {"op": "daemons"}          -> {"event": "daemons", "committed_version": N, "daemons": {...}}
+    {"op": "rounds", "limit": 1} -> {"event": "rounds", "rounds": [...]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+__all__ = ["main"]
+
+log = logging.getLogger(__name__)
+
+
+def _reply(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _wait_go() -> None:
+    line = sys.stdin.readline()
+    if json.loads(line or "{}").get("op") != "go":
+        raise RuntimeError(f"expected {{'op': 'go'}} after 'sent', got {line!r}")
+
+
+def _report_dict(report) -> dict:
+    return {
+        "update_id": report.update_id,
+        "version": report.version,
+        "state": report.state,
+        "reason": report.reason,
+        "duration_s": report.duration_s,
+        "total_bytes": report.total_bytes,
+        "daemons": {v.daemon_id: v.status for v in report.results},
+    }
+
+
+class _Agent:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self._sync = None
+        self._client = None
+
+    def client(self):
+        from weightsync.control.trainer_client import SyncTrainerClient
+
+        if self._client is None:
+            self._client = SyncTrainerClient(self.args.coordinator, rpc_timeout_s=self.args.rpc_timeout_s)
+        return self._client
+
+    def sync(self):
+        from weightsync.runtime.trainer import WeightSync
+
+        if self._sync is None:
+            self._sync = WeightSync(
+                self.args.coordinator,
+                rendezvous_host=self.args.rendezvous_host,
+                bucket_size_bytes=self.args.bucket_size_bytes,
+                deadline_s=self.args.deadline_s,
+                collective_timeout_s=self.args.collective_timeout_s,
+                min_daemons=self.args.min_daemons,
+            )
+        return self._sync
+
+    def push(self, req: dict) -> dict:
+        from weightsync.dataplane import load_named_tensors
+
+        tensors = load_named_tensors(req["weights"])
+        sync = self.sync()
+        if req.get("hold"):
+            # A test hook, not product: the fault "trainer's link cut after sending, before commit"
+            # needs a pause exactly there, and WeightSync.push does both in one call.
+            client = sync._client
+            commit = client.commit_update
+
+            def held_commit(*a, **kw):
+                _reply({"event": "sent"})
+                _wait_go()
+                return commit(*a, **kw)
+
+            client.commit_update = held_commit
+        t0 = time.monotonic()
+        try:
+            report = sync.push(tensors, version=req["version"], raise_on_failure=False)
+        finally:
+            if req.get("hold"):
+                del sync._client.commit_update
+        return {"event": "done", "push_s": time.monotonic() - t0, **_report_dict(report)}
+
+    def daemons(self) -> dict:
+        from weightsync.v1 import weightsync_pb2 as pb
+
+        resp = self.client().list_daemons()
+        return {
+            "event": "daemons",
+            "committed_version": resp.committed_version,
+            "daemons": {
+                d.daemon_id: {
+                    "state": pb.DaemonState.Name(d.state).removeprefix("DAEMON_STATE_"),
+                    "served_version": d.served_version,
+                    "dirty": d.dirty,
+                    "stale": d.stale,
+                }
+                for d in resp.daemons
+            },
+        }
+
+    def rounds(self, req: dict) -> dict:
+        return {"event": "rounds", "rounds": [_report_dict(r) for r in self.client().list_rounds(req.get("limit", 1))]}
+
+    def handle(self, req: dict) -> dict:
+        op = req.get("op")
+        if op == "push":
+            return self.push(req)
+        if op == "daemons":
+            return self.daemons()
+        if op == "rounds":
+            return self.rounds(req)
+        raise ValueError(f"op {op!r}: expected push, daemons or rounds")
+
+    def close(self) -> None:
+        for c in (self._sync, self._client):
+            if c is not None:
+                c.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--coordinator", required=True)
+    p.add_argument("--rendezvous-host", default=None, help="this host's address (trainer rank 0 hosts the store)")
+    p.add_argument("--bucket-size-bytes", type=int, default=0)
+    p.add_argument("--deadline-s", type=float, default=600.0)
+    p.add_argument("--collective-timeout-s", type=float, default=120.0)
+    p.add_argument("--min-daemons", type=int, default=1)
+    p.add_argument("--rpc-timeout-s", type=float, default=10.0)
+    p.add_argument("--log-level", default="WARNING")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    agent = _Agent(args)
+    _reply({"event": "ready"})
+    try:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            try:
+                _reply(agent.handle(json.loads(line)))
+            except Exception as e:  # process boundary: the orchestrator gets the error as an answer
+                log.warning("request %s failed", line.strip(), exc_info=True)
+                _reply({"event": "error", "error": f"{type(e).__name__}: {e}"})
+    finally:
+        agent.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

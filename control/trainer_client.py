@@ -211,6 +211,9 @@ class SyncTrainerClient:
     def list_rounds(self, limit: int = 20) -> list[RoundReport]:
         return self._run(self._client.list_rounds(limit))
 
+    def get_round(self, update_id: str) -> RoundReport:
+        return self._run(self._client.get_round(update_id))
+
     def close(self) -> None:
         if self._loop.is_running():
             self._run(self._client.close())

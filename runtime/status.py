@@ -39,7 +39,7 @@ def format_status(daemons: pb.ListDaemonsResponse, rounds: pb.ListRoundsResponse
         [
             d.daemon_id,
             pb.DaemonState.Name(d.state).removeprefix("DAEMON_STATE_"),
-            str(d.served_version),
+            str(d.served_version) if d.served_version >= 0 else "none",
             ("dirty " if d.dirty else "") + ("stale" if d.stale else "") or "ok",
             _ago(d.last_heartbeat_unix_s, now),
             d.engine,
@@ -62,9 +62,10 @@ def format_status(daemons: pb.ListDaemonsResponse, rounds: pb.ListRoundsResponse
         ]
         for r in rounds.rounds
     ]
+    committed = daemons.committed_version if daemons.committed_version >= 0 else "none (no version committed yet)"
     return "\n".join(
         [
-            f"committed version: {daemons.committed_version}",
+            f"committed version: {committed}",
             "",
             _table(["DAEMON", "STATE", "VERSION", "FLAGS", "HEARTBEAT", "ENGINE", "RANKS", "HOST"], d_rows),
             "",

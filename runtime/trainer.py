@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from weightsync.control.trainer_client import RoundFailed, RoundReport, SyncTrainerClient
-from weightsync.core import TensorSpec, WeightsyncError
+from weightsync.core import FailedPrecondition, TensorSpec, WeightsyncError
 from weightsync.dataplane import GroupCache, TitanToHF, TrainerStore, send_assignment
 from weightsync.dataplane import RoundFailed as DataPlaneRoundFailed
 from weightsync.dataplane.layout import dtype_name
@@ -152,6 +152,11 @@ class WeightSync:
             reason = f"trainer failed to send: {_describe_failure(e, assignment)}"
             try:
                 report = self._client.abort_update(assignment.update_id, reason[:2000])
+            except FailedPrecondition:
+                # The coordinator ended the round first (a daemon died or failed, and its
+                # verdict came in): that verdict is the round's outcome, not an error.
+                log.info("update_id=%s had already ended when the trainer aborted it; taking its verdict", assignment.update_id)
+                report = self._client.get_round(assignment.update_id)
             except WeightsyncError:
                 log.warning("abort of update_id=%s failed", assignment.update_id, exc_info=True)
                 raise e from None

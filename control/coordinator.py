@@ -34,6 +34,7 @@ from weightsync.core import (
     default_bucket_size,
     is_full_round,
 )
+from weightsync.core.problems import group_by_subject
 from weightsync.core.types import TRANSPORTS
 
 __all__ = ["Coordinator", "CoordinatorConfig", "UpdateOptions", "DaemonRegistration", "SessionEvent"]
@@ -429,7 +430,9 @@ class Coordinator:
             return
         if rnd.trainer_checksums is None:
             if all(o.status is ResultStatus.FAILED for o in rnd.outcomes.values()):
-                self._finish(rnd, RoundState.FAILED, "every daemon failed")
+                # The reason is the daemons' own reasons (grouped when many share one), never a bare summary.
+                per_daemon = {d: [o.reason or o.status.value] for d, o in rnd.outcomes.items()}
+                self._finish(rnd, RoundState.FAILED, "every daemon failed: " + "; ".join(group_by_subject(per_daemon, "daemon")))
             return
         self._judge_reported(rnd)
         ok = all(o.status is ResultStatus.OK for o in rnd.outcomes.values())

@@ -22,11 +22,29 @@ from weightsync.core import Assignment, TensorSpec, is_full_round
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
-__all__ = ["DaemonAgent", "DaemonIdentity", "HandlerResult", "ProgressFn", "UpdateHandler"]
+__all__ = ["DaemonAgent", "DaemonIdentity", "HandlerResult", "ProgressFn", "UpdateHandler", "failure_reason"]
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
+
+
+def failure_reason(error: BaseException, max_chars: int = 2000) -> str:
+    """The error and its causes in one line: the round's reason must name what went wrong.
+
+    A wrapper's message alone ("staging failed", "engine died") hides the cause that an
+    operator reading `weightsync status` needs; the chain of `raise ... from` causes has it.
+    """
+    parts = [f"{type(error).__name__}: {error}"]
+    seen = {id(error)}
+    cause = error.__cause__
+    while cause is not None and id(cause) not in seen and len(parts) < 5:
+        seen.add(id(cause))
+        text = f"{type(cause).__name__}: {cause}"
+        if text not in parts[-1]:
+            parts.append(text)
+        cause = cause.__cause__
+    return " <- caused by ".join(parts)[:max_chars]
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,7 +357,7 @@ class DaemonAgent:
         except Exception as e:  # RPC-facing boundary: report the failure to the coordinator
             log.error("update failed update_id=%s daemon_id=%s", assignment.update_id, daemon_id, exc_info=True)
             session.outbox.put_nowait(
-                pb.DaemonMessage(result=pb.UpdateResult(update_id=assignment.update_id, ok=False, error=f"{type(e).__name__}: {e}"))
+                pb.DaemonMessage(result=pb.UpdateResult(update_id=assignment.update_id, ok=False, error=failure_reason(e)))
             )
             return
         self.served_version = assignment.version

@@ -118,7 +118,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.vllm_args = extra
     level = "DEBUG" if args.debug else args.log_level.upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=log_format)
+    # Our own level and handler on our own logger: `weightsync serve` imports vLLM's SageMaker
+    # routes, whose package (model_hosting_container_standards) raises the root logger and its
+    # handlers to ERROR at import, which silenced every weightsync warning (a wrong coordinator
+    # address logged nothing, even at DEBUG).
+    ours = logging.getLogger("weightsync")
+    ours.setLevel(level)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(log_format))
+    ours.addHandler(handler)
+    ours.propagate = False
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:

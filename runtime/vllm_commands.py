@@ -9,6 +9,7 @@ import signal
 import socket
 
 from weightsync.control.daemon_agent import DaemonAgent, DaemonIdentity, HandlerResult
+from weightsync.core import TransferError
 
 __all__ = ["VllmHandler", "add_subcommands"]
 
@@ -27,7 +28,17 @@ class VllmHandler:
         self._engine = engine
 
     async def __call__(self, assignment, ranks, progress) -> HandlerResult:
-        report = await self._engine.apply_assignment(assignment, ranks, progress=progress)
+        try:
+            report = await self._engine.apply_assignment(assignment, ranks, progress=progress)
+        except Exception as e:
+            if type(e).__name__ == "EngineDeadError":
+                # vLLM's own message points at a stack trace in this process's log, which the
+                # trainer and `weightsync status` never see: say what happened instead.
+                raise TransferError(
+                    f"the vLLM engine died during update {assignment.update_id}; this engine must be restarted "
+                    "(the serve process's log has the engine's traceback)"
+                ) from (e.__cause__ or e.__context__)
+            raise
         return HandlerResult(report.checksums, report.bytes_received, report.receive_s, report.apply_s)
 
 

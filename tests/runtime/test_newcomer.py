@@ -142,6 +142,7 @@ def test_daemon_wrong_coordinator_warns_and_require_exits_nonzero(procs):
     assert f"not registered with the coordinator at {dead} within --require-coordinator-s 3 s" in log
 
 
+@pytest.mark.slow  # kills or signals processes
 def test_daemon_require_coordinator_passes_when_registered(procs, tmp_path):
     """With a reachable coordinator, --require-coordinator-s does not stop the daemon; SIGINT then exits 130, SIGTERM 0."""
     address = procs.coordinator()
@@ -157,6 +158,7 @@ def test_daemon_require_coordinator_passes_when_registered(procs, tmp_path):
     assert q.wait(30) == 0
 
 
+@pytest.mark.slow  # kills or signals processes
 def test_default_daemon_id_is_stable_across_restarts_and_unique_per_process(procs, tmp_path):
     """Without --daemon-id, a restarted memory daemon re-registers under the same id (no second row); a concurrent twin gets another id."""
     address = procs.coordinator()
@@ -236,6 +238,7 @@ def test_help_gives_every_option_a_text_and_default(command):
             assert re.search(re.escape(opt) + r" SECONDS", text), f"{command} {opt} does not say its unit"
 
 
+@pytest.mark.slow  # kills or signals processes
 def test_push_raise_on_failure_false_returns_report_when_the_coordinator_ended_the_round_first(procs, tmp_path, caplog):
     """When a daemon fails and the coordinator ends the round before the trainer aborts it, push(raise_on_failure=False) returns the FAILED report."""
     from weightsync.dataplane import DeferredTensor

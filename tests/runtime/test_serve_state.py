@@ -203,7 +203,7 @@ def test_wrong_coordinator_is_loud_and_require_exits_nonzero(fleet):
     """A serve pointed at a dead address answers 503 with the address and error, warns in its log, and exits 3 under --require-coordinator-s."""
     dead = f"127.0.0.1:{free_port()}"
     port = free_port()
-    p = fleet.start_serve("wrong", dead, port, "--require-coordinator-s", "40")
+    p = fleet.start_serve("wrong", dead, port, "--require-coordinator-s", "25")
     seen = {}
 
     def not_ready() -> bool:
@@ -216,4 +216,4 @@ def test_wrong_coordinator_is_loud_and_require_exits_nonzero(fleet):
     assert p.wait(120) == 3
     log = (fleet.tmp / "wrong.log").read_text()
     assert f"cannot reach the coordinator at {dead}" in log and "WARNING" in log, log[-3000:]
-    assert "--require-coordinator-s 40 s" in log, log[-3000:]
+    assert "--require-coordinator-s 25 s" in log, log[-3000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 
@@ -114,6 +115,9 @@ def _serve_cmd(args: argparse.Namespace) -> int:
 
     from weightsync.engine import EXTENSION_CLS
 
+    if os.sep in args.model and not os.path.isdir(args.model):
+        # vLLM would take it for a hub id and answer with a repo-id format error.
+        raise FileNotFoundError(f"{args.model}: no such model directory (expected a Hugging Face model directory)")
     vparser = make_arg_parser(FlexibleArgumentParser(prog="weightsync serve (vLLM options)"))
     vargs = vparser.parse_args(["--model", args.model, *args.vllm_args])
     vargs.worker_extension_cls = EXTENSION_CLS

@@ -192,6 +192,7 @@ def test_cli_user_mistakes_are_one_line_and_debug_shows_traceback(procs, tmp_pat
         "missing": _cli("push", "--coordinator", dead, "--weights", str(tmp_path / "nope.safetensors"), "--version", "1"),
         "bad file": _cli("push", "--coordinator", dead, "--weights", str(bad), "--version", "1"),
         "unreachable": _cli("status", "--coordinator", dead, "--timeout-s", "2"),
+        "serve missing": _cli("serve", str(tmp_path / "no-model"), "--coordinator", dead),
     }
     cases["missing, --debug"] = [*cases["missing"], "--debug"]
     running = {what: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=procs.env)
@@ -203,9 +204,11 @@ def test_cli_user_mistakes_are_one_line_and_debug_shows_traceback(procs, tmp_pat
             continue
         assert p.returncode == 1, (what, err)
         assert "Traceback" not in err, (what, err)
-        assert re.search(r"^weightsync (push|status): error: .+", err, re.M), (what, err)
+        assert re.search(r"^weightsync (push|status|serve): error: .+", err, re.M), (what, err)
         if what == "missing":
             assert "no such file or directory" in err, err
+        if what == "serve missing":
+            assert "no such model directory" in err, err
         assert "--debug" in err, (what, err)
 
 

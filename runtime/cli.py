@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 
 __all__ = ["main"]
@@ -28,8 +29,9 @@ def _coordinator(args: argparse.Namespace) -> int:
         server_credentials=server_credentials_from_args(args),
         interceptors=server_interceptors_from_args(args),
     )
-    asyncio.run(run_coordinator(server, grace_s=args.grace_s))
-    return 0
+    received = asyncio.run(run_coordinator(server, grace_s=args.grace_s))
+    # SIGTERM is how orchestrators stop it (status 0); SIGINT is an interruption (128 + 2).
+    return 130 if received == signal.SIGINT else 0
 
 
 def _status(args: argparse.Namespace) -> int:

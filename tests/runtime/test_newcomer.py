@@ -144,7 +144,7 @@ def test_daemon_wrong_coordinator_warns_and_require_exits_nonzero(procs):
 
 @pytest.mark.slow  # kills or signals processes
 def test_daemon_require_coordinator_passes_when_registered(procs, tmp_path):
-    """With a reachable coordinator, --require-coordinator-s does not stop the daemon; SIGINT then exits 130, SIGTERM 0."""
+    """With a reachable coordinator, --require-coordinator-s does not stop the daemon; SIGINT then exits 130, SIGTERM 0 (the coordinator too)."""
     address = procs.coordinator()
     weights = tmp_path / "w.safetensors"
     save_file({"proj.weight": torch.zeros(4, 4)}, weights)
@@ -156,6 +156,9 @@ def test_daemon_require_coordinator_passes_when_registered(procs, tmp_path):
     _wait_for(lambda: any(d["state"] == "DAEMON_STATE_IDLE" for d in _status(address, procs.env)["daemons"]), 60, "the daemon")
     q.send_signal(signal.SIGTERM)
     assert q.wait(30) == 0
+    coordinator = procs.procs[0]
+    coordinator.send_signal(signal.SIGINT)
+    assert coordinator.wait(30) == 130, "Ctrl-C on the coordinator exits non-zero"
 
 
 @pytest.mark.slow  # kills or signals processes

@@ -275,3 +275,30 @@ def test_push_raise_on_failure_false_returns_report_when_the_coordinator_ended_t
     assert [v.daemon_id for v in report.results] == ["victim"] and report.results[0].status == "FAILED"
     assert "see stack trace" not in report.reason.lower() and report.reason
 
+
+
+async def test_a_dead_vllm_engine_is_named_as_the_reason_not_a_stack_trace():
+    """vLLM's EngineDeadError ("See stack trace (above)") reaches the round as what happened, with its cause."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from weightsync.control.daemon_agent import failure_reason
+    from weightsync.core import Assignment, BucketPlan, Participant, Rendezvous, TensorSpec, TransferError
+    from weightsync.runtime.vllm_commands import VllmHandler
+
+    class DeadEngine:
+        """Stands in for VllmEngine whose engine core process has died (killing one here would also end the server)."""
+
+        async def apply_assignment(self, assignment, ranks, progress=None):
+            try:
+                raise ConnectionResetError("engine core socket closed")
+            except ConnectionResetError as e:
+                raise EngineDeadError() from e
+
+    a = Assignment("u1", 3, Rendezvous("gloo", "127.0.0.1", 1234, 2, "g"), (Participant("engine-a", (1,)),),
+                   BucketPlan.build([TensorSpec("w", (4,), "float32")]), 10.0)
+    with pytest.raises(TransferError) as info:
+        await VllmHandler(DeadEngine())(a, (1,), lambda *_: None)
+    reason = failure_reason(info.value)
+    assert "the vLLM engine died during update u1" in reason, reason
+    assert "caused by ConnectionResetError: engine core socket closed" in reason, reason
+    assert "stack trace (above)" not in reason, reason

@@ -55,6 +55,7 @@ async def _serve(args: argparse.Namespace, vargs: argparse.Namespace) -> int:
     agent = None
     watchdog = None
     unregistered = False
+    received: list[int] = []
     try:
         async with build_async_engine_client(vargs) as client:
             config = VllmEngineConfig(
@@ -91,6 +92,7 @@ async def _serve(args: argparse.Namespace, vargs: argparse.Namespace) -> int:
                         signal.raise_signal(signal.SIGTERM)
 
                 watchdog = asyncio.get_running_loop().create_task(watch(), name="require-coordinator")
+            _note_signals(asyncio.get_running_loop(), received)
             shutdown_task = await build_and_serve(client, listen_address, sock, vargs)
             await shutdown_task
     finally:
@@ -100,7 +102,28 @@ async def _serve(args: argparse.Namespace, vargs: argparse.Namespace) -> int:
             http.detach()
             await agent.close(drain_timeout_s=args.drain_s)
         sock.close()
-    return 3 if unregistered else 0
+    if unregistered:
+        return 3
+    # SIGTERM is how orchestrators stop it (status 0); Ctrl-C is an interruption (128 + 2).
+    return 130 if received and received[0] == signal.SIGINT else 0
+
+
+def _note_signals(loop: asyncio.AbstractEventLoop, received: list[int]) -> None:
+    """Records which signal stops the server, keeping vLLM's own handlers.
+
+    vLLM's server installs its SIGINT/SIGTERM handlers on this loop and tells neither
+    which one fired; the exit status needs it. This wraps the loop's registration for
+    the lifetime of the loop, which is this command's.
+    """
+    add = loop.add_signal_handler
+
+    def add_noting(sig: int, callback, *cb_args) -> None:
+        add(sig, lambda: (received.append(sig), callback(*cb_args)))
+
+    try:
+        loop.add_signal_handler = add_noting  # type: ignore[method-assign]
+    except AttributeError:  # a loop implemented in C (uvloop): exit 0 on either signal
+        log.debug("cannot note signals on %s", type(loop).__name__)
 
 
 def _cuda() -> bool:

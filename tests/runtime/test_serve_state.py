@@ -189,7 +189,7 @@ def test_every_view_agrees_after_full_partial_and_failed_rounds(fleet):
 
 
 def test_restarted_serve_keeps_its_daemon_id(fleet):
-    """Without --daemon-id, serve is HOST-vllm-PORT: a restart on the same port re-registers the same daemon, no second row."""
+    """Without --daemon-id, serve is HOST-vllm-PORT: a restart on the same port re-registers the same daemon, no second row; SIGTERM exits 0, SIGINT 130."""
     serve = fleet.procs["serve"]
     serve.send_signal(signal.SIGTERM)
     assert serve.wait(120) == 0
@@ -197,6 +197,9 @@ def test_restarted_serve_keeps_its_daemon_id(fleet):
     fleet.wait_ready()
     rows = fleet.client.list_daemons().daemons
     assert [d.daemon_id for d in rows] == [fleet.daemon_id]
+    # Ctrl-C stops it gracefully too, with the interrupted status.
+    fleet.procs["serve"].send_signal(signal.SIGINT)
+    assert fleet.procs["serve"].wait(120) == 130
 
 
 def test_wrong_coordinator_is_loud_and_require_exits_nonzero(fleet):

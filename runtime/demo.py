@@ -117,9 +117,9 @@ def _run(args: argparse.Namespace, work: Path) -> bool:
     logging.getLogger("weightsync").setLevel(logging.WARNING)
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    # One process per engine starts in seconds on CPU; GPU users keep vLLM's default.
+    # vLLM's caches and sockets inside the demo's dir, removed with it. (VLLM_ENABLE_V1_MULTIPROCESSING
+    # is not set: serve's engine core runs in its own process whatever it says.)
     demo_env = {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
         "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT", str(work / "vllm-cache")),
         "VLLM_RPC_BASE_PATH": os.environ.get("VLLM_RPC_BASE_PATH", str(work / "rpc")),
     }

@@ -31,7 +31,7 @@ def test_demo_commits_every_round_and_restores():
     assert text.count("engine-0=OK, engine-1=OK") == 3
     # Copyable commands for every role, and the versions a bug report needs.
     assert " coordinator --listen 127.0.0.1:" in text
-    assert text.count("VLLM_ENABLE_V1_MULTIPROCESSING=0 ") == 2 and " serve " in text and "--kv-cache-memory-bytes 67108864" in text
+    assert text.count("VLLM_CACHE_ROOT=") == 2 and " serve " in text and "--kv-cache-memory-bytes 67108864" in text
     assert " push --coordinator 127.0.0.1:" in text and "--version 3" in text
     assert "torch " in text and "vLLM 0.32" in text
     assert not leftovers, "the demo's temp dir is removed on exit"

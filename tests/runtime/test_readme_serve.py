@@ -16,12 +16,14 @@ import pytest
 
 from tests.conftest import free_port
 from tests.engine.helpers import hf_greedy
+from tests.runtime.helpers import stop_gracefully
 from weightsync.control.trainer_client import SyncTrainerClient
 from weightsync.core import WeightsyncError
 from weightsync.engine import inventory_from_model_dir, make_tiny_model, random_weights
 from weightsync.runtime.trainer import WeightSync
 
-pytestmark = pytest.mark.slow
+# Engine starts took up to 4 minutes on a loaded 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = [5, 77, 300, 12, 900, 41]
 NUM_TOKENS = 6
@@ -49,7 +51,9 @@ def _run_recipe(line: str, tmp: Path, model_dir: Path, address: str, port: int) 
         env[key] = value
     assert words[0] == "weightsync", line
     exe = str(Path(sys.executable).parent / "weightsync")
-    return subprocess.Popen([exe, *words[1:]], cwd=ROOT, env=env, stdout=open(tmp / f"serve-{port}.log", "w"), stderr=subprocess.STDOUT)
+    # Its own process group, so that teardown also reaches vLLM's EngineCore processes.
+    return subprocess.Popen([exe, *words[1:]], cwd=ROOT, env=env, stdout=open(tmp / f"serve-{port}.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def _tokens(port: int, model_dir: Path) -> list[int]:
@@ -99,7 +103,4 @@ def test_readme_cpu_serve_recipes_start_register_and_apply_a_round(tmp_path):
     finally:
         if client is not None:
             client.close()
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(60)
+        stop_gracefully(procs)

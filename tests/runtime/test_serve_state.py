@@ -21,13 +21,15 @@ import pytest
 import torch
 
 from tests.conftest import free_port
+from tests.runtime.helpers import stop_gracefully
 from weightsync.control.trainer_client import SyncTrainerClient
 from weightsync.core import WeightsyncError
 from weightsync.dataplane import DeferredTensor
 from weightsync.engine import inventory_from_model_dir, make_tiny_model, random_weights
 from weightsync.runtime.trainer import WeightSync
 
-pytestmark = pytest.mark.slow
+# Engine starts took up to 4 minutes on a loaded 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parents[2]
 HOST_NAME = "serve-host"
 
@@ -86,7 +88,8 @@ class ServeFleet:
             _cli("serve", str(self.model_dir), "--coordinator", coordinator, "--host-name", HOST_NAME, "--served-version", "0",
                  *extra, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
                  "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20)),
-            cwd=ROOT, env=self.env, stdout=open(self.tmp / f"{name}.log", "a"), stderr=subprocess.STDOUT)
+            cwd=ROOT, env=self.env, stdout=open(self.tmp / f"{name}.log", "a"), stderr=subprocess.STDOUT,
+            start_new_session=True)  # its own group, so that teardown also reaches vLLM's EngineCore
         self.procs[name] = p
         return p
 
@@ -129,10 +132,7 @@ class ServeFleet:
 
     def close(self) -> None:
         self.client.close()
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.kill()
-            p.wait(30)
+        stop_gracefully(self.procs.values())
 
 
 @pytest.fixture(scope="module")

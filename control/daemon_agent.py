@@ -22,11 +22,29 @@ from weightsync.core import Assignment, TensorSpec, is_full_round
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
-__all__ = ["DaemonAgent", "DaemonIdentity", "HandlerResult", "ProgressFn", "UpdateHandler"]
+__all__ = ["DaemonAgent", "DaemonIdentity", "HandlerResult", "ProgressFn", "UpdateHandler", "failure_reason"]
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
+
+
+def failure_reason(error: BaseException, max_chars: int = 2000) -> str:
+    """The error and its causes in one line: the round's reason must name what went wrong.
+
+    A wrapper's message alone ("staging failed", "engine died") hides the cause that an
+    operator reading `weightsync status` needs; the chain of `raise ... from` causes has it.
+    """
+    parts = [f"{type(error).__name__}: {error}"]
+    seen = {id(error)}
+    cause = error.__cause__
+    while cause is not None and id(cause) not in seen and len(parts) < 5:
+        seen.add(id(cause))
+        text = f"{type(cause).__name__}: {cause}"
+        if text not in parts[-1]:
+            parts.append(text)
+        cause = cause.__cause__
+    return " <- caused by ".join(parts)[:max_chars]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +88,12 @@ class _Session:
 class DaemonAgent:
     """Registers, keeps a session open (reconnecting with backoff) and runs the handler.
 
-    `served_version` and `dirty` survive reconnects and coordinator restarts: they are
-    re-registered so that the coordinator recovers what each engine holds.
+    The agent is the one owner, on the daemon side, of what its engine serves:
+    `served_version` and `dirty` change only here, by the same rule the coordinator
+    applies (core.is_full_round), and every other daemon-side view (the HTTP endpoint
+    of `weightsync serve`, logs) reads `status()`. Both survive reconnects and
+    coordinator restarts: they are re-registered so that the coordinator recovers what
+    each engine holds.
     """
 
     def __init__(
@@ -87,6 +109,7 @@ class DaemonAgent:
         rpc_timeout_s: float = 10.0,
         reconnect_min_s: float = 0.2,
         reconnect_max_s: float = 5.0,
+        warn_interval_s: float = 30.0,
         on_verdict: Callable[[pb.UpdateVerdict], None] | None = None,
     ) -> None:
         self.identity = identity
@@ -101,6 +124,10 @@ class DaemonAgent:
         self._reconnect_min_s = reconnect_min_s
         self._reconnect_max_s = reconnect_max_s
         self._on_verdict = on_verdict
+        self._warn_interval_s = warn_interval_s
+        self._last_warning_mono = float("-inf")
+        self._failures_since_warning = 0
+        self.failed_attempts = 0
         self.served_version = served_version
         self.dirty = dirty
         self.stale = False
@@ -115,7 +142,8 @@ class DaemonAgent:
         self._work_update_id = ""
         self._closing = False
         self._session: _Session | None = None
-        self._full_rounds: dict[str, bool] = {}
+        # update_id -> (covers the whole inventory, dirty before the round began)
+        self._rounds: dict[str, tuple[bool, bool]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -150,6 +178,24 @@ class DaemonAgent:
     def busy(self) -> bool:
         return self._work is not None and not self._work.done()
 
+    @property
+    def coordinator(self) -> str:
+        return self._target
+
+    def status(self) -> dict[str, object]:
+        """What this engine serves and how the agent stands with the coordinator, for every daemon-side view."""
+        return {
+            "daemon_id": self.identity.daemon_id,
+            "version": self.served_version,
+            "dirty": self.dirty,
+            "stale": self.stale,
+            "update_id": self._work_update_id if self.busy else "",
+            "connected": self.connected.is_set(),
+            "coordinator": self._target,
+            "last_error": self.last_error,
+            "failed_attempts": self.failed_attempts,
+        }
+
     # ------------------------------------------------------------------ session
 
     async def _run(self) -> None:
@@ -158,15 +204,13 @@ class DaemonAgent:
             opened_before = self.sessions_opened
             try:
                 await self._session_once()
-                self.last_error = "session closed by coordinator"
+                self._note_failure("session closed by coordinator", exc=None)
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as e:
-                self.last_error = f"{e.code().name}: {e.details()}"
-                log.warning("session lost daemon_id=%s error=%s", self.identity.daemon_id, self.last_error)
+                self._note_failure(f"{e.code().name}: {e.details()}", exc=None)
             except Exception as e:  # process boundary of the reconnect loop: log and retry
-                self.last_error = f"{type(e).__name__}: {e}"
-                log.error("session failed daemon_id=%s", self.identity.daemon_id, exc_info=True)
+                self._note_failure(f"{type(e).__name__}: {e}", exc=e)
             self.connected.clear()
             if self._closing:
                 break
@@ -174,6 +218,23 @@ class DaemonAgent:
                 backoff_s = self._reconnect_min_s
             await asyncio.sleep(backoff_s * random.uniform(0.5, 1.0))
             backoff_s = min(backoff_s * 2, self._reconnect_max_s)
+
+    def _note_failure(self, error: str, *, exc: Exception | None) -> None:
+        """Records a failed attempt and warns, rate-limited: a wrong address must never be silent."""
+        self.last_error = error
+        self.failed_attempts += 1
+        self._failures_since_warning += 1
+        now = time.monotonic()
+        if now - self._last_warning_mono < self._warn_interval_s:
+            log.debug("coordinator %s: attempt failed daemon_id=%s error=%s", self._target, self.identity.daemon_id, error)
+            return
+        more = f" ({self._failures_since_warning} failed attempts since the last warning)" if self._failures_since_warning > 1 else ""
+        log.warning(
+            "cannot reach the coordinator at %s daemon_id=%s error=%s; retrying with backoff%s",
+            self._target, self.identity.daemon_id, error, more, exc_info=exc,
+        )
+        self._last_warning_mono = now
+        self._failures_since_warning = 0
 
     async def _session_once(self) -> None:
         if self._channel is None:
@@ -232,6 +293,10 @@ class DaemonAgent:
             raise
         beats = asyncio.get_running_loop().create_task(self._heartbeats(session, reg.heartbeat_interval_s), name="heartbeats")
         self.sessions_opened += 1
+        self.last_error = ""
+        # The first failure after a good session always warns.
+        self._last_warning_mono = float("-inf")
+        self._failures_since_warning = 0
         self.connected.set()
         log.info("session open daemon_id=%s served_version=%d dirty=%s stale=%s", ident.daemon_id, self.served_version, self.dirty, reg.stale)
         try:
@@ -283,9 +348,8 @@ class DaemonAgent:
             why = "draining" if self.draining else f"busy with update {self._work_update_id}"
             session.outbox.put_nowait(pb.DaemonMessage(result=pb.UpdateResult(update_id=msg.update_id, ok=False, error=why)))
             return
-        self._full_rounds[assignment.update_id] = is_full_round(
-            (s.name for s in self.identity.inventory), {e.name for _, e in assignment.plan.entries()}
-        )
+        full = is_full_round((s.name for s in self.identity.inventory), {e.name for _, e in assignment.plan.entries()})
+        self._rounds[assignment.update_id] = (full, self.dirty)
         self._work_update_id = assignment.update_id
         self._work = asyncio.get_running_loop().create_task(self._handle(assignment, ranks, session), name=f"update-{assignment.update_id}")
 
@@ -309,7 +373,7 @@ class DaemonAgent:
         except Exception as e:  # RPC-facing boundary: report the failure to the coordinator
             log.error("update failed update_id=%s daemon_id=%s", assignment.update_id, daemon_id, exc_info=True)
             session.outbox.put_nowait(
-                pb.DaemonMessage(result=pb.UpdateResult(update_id=assignment.update_id, ok=False, error=f"{type(e).__name__}: {e}"))
+                pb.DaemonMessage(result=pb.UpdateResult(update_id=assignment.update_id, ok=False, error=failure_reason(e)))
             )
             return
         self.served_version = assignment.version
@@ -346,14 +410,17 @@ class DaemonAgent:
 
     def _on_verdict_msg(self, v: pb.UpdateVerdict) -> None:
         self.verdicts.append(v)
+        full, dirty_before = self._rounds.pop(v.update_id, (False, True))
+        # The coordinator's rule, so that ListDaemons and every daemon-side view agree:
+        # OK on a full round cleans the engine; OK on a partial round leaves it as it
+        # was before the round (it verified only its own tensors); anything else may
+        # have left a mix behind.
         if v.status == pb.RESULT_STATUS_OK:
             self.served_version = v.version
-            # A partial round verifies only its own tensors; a dirty engine needs a full one.
-            if self._full_rounds.pop(v.update_id, False):
-                self.dirty = False
+            self.dirty = dirty_before and not full
+            if full:
                 self.stale = False
         else:
-            self._full_rounds.pop(v.update_id, None)
             self.dirty = True
         if self._on_verdict is not None:
             self._on_verdict(v)

@@ -142,14 +142,16 @@ class CoordinatorServer:
         await self._server.wait_for_termination()
 
 
-async def run_coordinator(server: CoordinatorServer, grace_s: float = 10.0) -> None:
-    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+async def run_coordinator(server: CoordinatorServer, grace_s: float = 10.0) -> int:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully; returns the signal's number."""
     await server.start()
     stop = asyncio.Event()
+    received: list[int] = []
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda sig=sig: (received.append(sig), stop.set()))
     print(f"weightsync coordinator listening on {server.address}", flush=True)
     await stop.wait()
     log.info("signal received: draining for up to %.1f s", grace_s)
     await server.stop(grace_s)
+    return received[0]

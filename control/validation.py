@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from weightsync.core import InvalidArgument, TensorSpec, apply_unit
+from weightsync.core.problems import Problems, dtype_fix, examples, group_by_subject
 from weightsync.v1 import weightsync_pb2 as pb
 
 __all__ = ["MAX_MANIFEST_TENSORS", "MAX_LISTED_PROBLEMS", "parse_manifest", "check_against_inventory"]
@@ -56,38 +57,45 @@ def check_against_inventory(
     one apply unit (a module; q/k/v and gate/up fused, weights with their biases) travel
     together, since vLLM rebuilds a partly-updated module from uninitialised memory.
     """
-    problems: list[str] = []
     manifest_names = {s.name for s in manifest}
+    per_daemon: dict[str, list[str]] = {}
     for daemon_id, inventory in inventories.items():
+        found = Problems()
+        wanted_dtypes: set[str] = set()
         for spec in manifest:
             have = inventory.get(spec.name)
             if have is None:
-                problems.append(f"daemon {daemon_id!r}: unknown tensor {spec.name!r} (its engine has no such parameter)")
+                found.add("unknown tensors", f"unknown tensor {spec.name!r} (its engine has no such parameter)", spec.name)
             elif have.shape != spec.shape:
-                problems.append(
-                    f"daemon {daemon_id!r}: tensor {spec.name!r} shape: expected {list(have.shape)}, got {list(spec.shape)}"
-                )
+                found.add("shape mismatches", f"tensor {spec.name!r} shape: expected {list(have.shape)}, got {list(spec.shape)}",
+                          f"{spec.name} {list(spec.shape)} instead of {list(have.shape)}")
             elif have.dtype != spec.dtype:
-                problems.append(
-                    f"daemon {daemon_id!r}: tensor {spec.name!r} dtype: expected {have.dtype} (the engine's dtype; "
-                    f"cast before sending), got {spec.dtype}"
-                )
-        problems.extend(_incomplete_fusion_groups(daemon_id, manifest_names, inventory.keys()))
-    if problems:
-        raise InvalidArgument("manifest does not match the engines", _capped(problems))
+                wanted_dtypes.add(have.dtype)
+                found.add("dtype mismatches", f"tensor {spec.name!r} dtype: expected {have.dtype} (the engine's dtype; "
+                          f"{dtype_fix(have.dtype)}), got {spec.dtype}", f"{spec.name} {spec.dtype}")
+        if found.count("unknown tensors"):
+            absent = [n for n in inventory if n not in manifest_names]
+            found.hint("unknown tensors", f"the engine's inventory has e.g. {examples(absent)} instead" if absent
+                       else "the engine accepts none of them")
+        if found.count("dtype mismatches"):
+            found.hint("dtype mismatches", dtype_fix(wanted_dtypes.pop()) if len(wanted_dtypes) == 1 else
+                       "send each tensor in the engine's dtype: WeightSync(dtype={name: dtype, ...})")
+        _incomplete_fusion_groups(found, manifest_names, inventory.keys())
+        if found:
+            per_daemon[daemon_id] = found.render()
+    if per_daemon:
+        raise InvalidArgument("manifest does not match the engines", _capped(group_by_subject(per_daemon, "daemon")))
 
 
-def _incomplete_fusion_groups(daemon_id: str, manifest_names: set[str], inventory_names: Iterable[str]) -> list[str]:
+def _incomplete_fusion_groups(found: Problems, manifest_names: set[str], inventory_names: Iterable[str]) -> None:
     groups: dict[str, list[str]] = {}
     for name in inventory_names:
         groups.setdefault(apply_unit(name), []).append(name)
-    problems = []
-    for members in groups.values():
+    for unit, members in groups.items():
         present = [m for m in members if m in manifest_names]
         if present and len(present) != len(members):
             missing = sorted(set(members) - set(present))
-            problems.append(
-                f"daemon {daemon_id!r}: tensors of one module travel together: manifest has {sorted(present)} "
-                f"but not {missing}"
-            )
-    return problems
+            found.add("modules sent in part", f"tensors of one module travel together: manifest has {sorted(present)} "
+                      f"but not {missing}", unit)
+    if found.count("modules sent in part"):
+        found.hint("modules sent in part", "tensors of one module (q/k/v, gate/up, a weight and its bias) travel together")

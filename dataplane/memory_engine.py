@@ -49,6 +49,8 @@ def _load_dir(directory: Path, device: str) -> dict[str, torch.Tensor]:
 def load_named_tensors(path: str | os.PathLike, *, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Tensors by checkpoint name from a .safetensors file or a Hugging Face model directory (sharded or not)."""
     p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or directory (expected a .safetensors file or a Hugging Face model directory)")
     if p.is_dir():
         return _load_dir(p, device)
     if p.is_file() and p.suffix == ".safetensors":

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from weightsync.core import InvalidArgument, TensorSpec, apply_unit
 from weightsync.core.dtypes import DTYPE_ITEMSIZE
+from weightsync.core.problems import Problems, dtype_fix, examples
 
 if TYPE_CHECKING:
     import torch
@@ -101,22 +102,23 @@ def check_update(
     apply_unit) that the update covers only in part. With require_full, every
     inventory tensor must be present.
     """
-    problems: list[str] = []
+    found = Problems()
     seen: set[str] = set()
     for spec in update:
         have = inventory.get(spec.name)
         if spec.name in seen:
-            problems.append(f"tensor {spec.name!r} appears twice")
+            found.add("duplicate tensors", f"tensor {spec.name!r} appears twice", spec.name)
         elif have is None:
-            problems.append(f"unknown tensor {spec.name!r}: the engine has no such checkpoint tensor")
+            found.add("unknown tensors", f"unknown tensor {spec.name!r}: the engine has no such checkpoint tensor", spec.name)
         elif have.shape != spec.shape:
-            problems.append(f"tensor {spec.name!r} shape: expected {list(have.shape)}, got {list(spec.shape)}")
+            found.add("shape mismatches", f"tensor {spec.name!r} shape: expected {list(have.shape)}, got {list(spec.shape)}",
+                      f"{spec.name} {list(spec.shape)} instead of {list(have.shape)}")
         elif have.dtype != spec.dtype:
-            problems.append(
-                f"tensor {spec.name!r} dtype: expected {have.dtype} (the serving dtype; cast before sending), "
-                f"got {spec.dtype}"
-            )
+            found.add("dtype mismatches", f"tensor {spec.name!r} dtype: expected {have.dtype} (the serving dtype; "
+                      f"{dtype_fix(have.dtype)}), got {spec.dtype}", f"{spec.name} {spec.dtype}")
         seen.add(spec.name)
+    found.hint("unknown tensors", f"the engine's inventory has e.g. {examples(n for n in inventory if n not in seen)} instead")
+    problems = found.render()
     if require_full:
         missing = [name for name in inventory if name not in seen]
         if missing:

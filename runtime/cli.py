@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 
 __all__ = ["main"]
@@ -38,8 +39,9 @@ def _coordinator(args: argparse.Namespace) -> int:
         interceptors=server_interceptors_from_args(args),
         allow_insecure_tokens=args.allow_insecure_tokens,
     )
-    asyncio.run(run_coordinator(server, grace_s=args.grace_s))
-    return 0
+    received = asyncio.run(run_coordinator(server, grace_s=args.grace_s))
+    # SIGTERM is how orchestrators stop it (status 0); SIGINT is an interruption (128 + 2).
+    return 130 if received == signal.SIGINT else 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -78,18 +80,24 @@ def _add_security(p: argparse.ArgumentParser, server: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="weightsync", description="Verified, bucketed weight sync from RL trainers into live vLLM engines.")
-    p.add_argument("--log-level", default="INFO")
+    from weightsync.runtime import commands
+    from weightsync.runtime.commands import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="weightsync", description="Verified, bucketed weight sync from RL trainers into live vLLM engines.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error (and DEBUG logs)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("coordinator", help="run the coordinator (gRPC control plane)")
-    c.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to serve gRPC on")
-    c.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
-    c.add_argument("--metrics-addr", default="127.0.0.1")
-    c.add_argument("--heartbeat-interval-s", type=float, default=1.0)
-    c.add_argument("--heartbeat-timeout-s", type=float, default=10.0)
-    c.add_argument("--deadline-s", type=float, default=600.0, help="default round deadline")
-    c.add_argument("--grace-s", type=float, default=10.0, help="on SIGTERM, wait this long for the open round")
+    c = sub.add_parser("coordinator", help="run the coordinator (gRPC control plane)", formatter_class=HelpFormatter)
+    c.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to serve gRPC on (0.0.0.0:PORT for every interface)")
+    c.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (default: off)")
+    c.add_argument("--metrics-addr", default="127.0.0.1", help="address the metrics port listens on")
+    c.add_argument("--heartbeat-interval-s", type=float, default=1.0, metavar="SECONDS", help="how often daemons send heartbeats")
+    c.add_argument("--heartbeat-timeout-s", type=float, default=10.0, metavar="SECONDS",
+                   help="a daemon silent this long is marked LOST and fails its round")
+    c.add_argument("--deadline-s", type=float, default=600.0, metavar="SECONDS", help="default round deadline")
+    c.add_argument("--grace-s", type=float, default=10.0, metavar="SECONDS", help="on SIGTERM, wait this long for the open round")
     lim = c.add_argument_group("state and limits")
     lim.add_argument(
         "--state-file",
@@ -114,39 +122,65 @@ def build_parser() -> argparse.ArgumentParser:
     _add_security(c, server=True)
     c.set_defaults(func=_coordinator)
 
-    s = sub.add_parser("status", help="show daemons and recent rounds")
-    s.add_argument("--coordinator", required=True, help="HOST:PORT")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--rounds", type=int, default=10)
-    s.add_argument("--timeout-s", type=float, default=10.0)
+    s = sub.add_parser("status", help="show daemons and recent rounds", formatter_class=HelpFormatter)
+    s.add_argument("--coordinator", required=True, help="HOST:PORT of the weightsync coordinator")
+    s.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    s.add_argument("--rounds", type=int, default=10, help="how many recent rounds to show")
+    s.add_argument("--timeout-s", type=float, default=10.0, metavar="SECONDS", help="deadline of each call to the coordinator")
     _add_security(s, server=False)
     s.set_defaults(func=_status)
-
-    from weightsync.runtime import commands
 
     commands.add_subcommands(sub, _add_security)
     return p
 
 
+def _user_error(e: BaseException) -> bool:
+    """Mistakes a user can fix from a one-line message: bad input, a missing file, an unreachable peer."""
+    from weightsync.core import WeightsyncError
+
+    if isinstance(e, (WeightsyncError, OSError, ValueError)):
+        return True
+    # safetensors raises its own class for unreadable or truncated files.
+    return type(e).__name__ == "SafetensorError"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is accepted after the subcommand too, where a user types it.
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     args, extra = parser.parse_known_args(argv)
+    args.debug = debug
     if extra and not getattr(args, "_takes_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.vllm_args = extra
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = "DEBUG" if args.debug else args.log_level.upper()
+    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=log_format)
+    # Our own level and handler on our own logger: `weightsync serve` imports vLLM's SageMaker
+    # routes, whose package (model_hosting_container_standards) raises the root logger and its
+    # handlers to ERROR at import, which silenced every weightsync warning (a wrong coordinator
+    # address logged nothing, even at DEBUG).
+    ours = logging.getLogger("weightsync")
+    ours.setLevel(level)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(log_format))
+    ours.addHandler(handler)
+    ours.propagate = False
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
+        print(f"weightsync {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # process boundary: one clear line, details at DEBUG
-        from weightsync.core import WeightsyncError
-
-        if isinstance(e, WeightsyncError):
-            logging.getLogger("weightsync").debug("command failed", exc_info=True)
-            print(f"weightsync {args.command}: error: {e}", file=sys.stderr)
-            return 1
+    except SystemExit:
         raise
+    except Exception as e:  # process boundary: one clear line for a user's mistake, the traceback with --debug
+        if args.debug or not _user_error(e):
+            raise
+        print(f"weightsync {args.command}: error: {e}", file=sys.stderr)
+        print("(run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,13 +11,71 @@ import signal
 import socket
 import sys
 
-__all__ = ["add_subcommands"]
+__all__ = ["HelpFormatter", "add_subcommands", "default_daemon_id", "require_registration"]
 
 log = logging.getLogger(__name__)
 
 
-def _default_daemon_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+# Open lock files of the ids this process holds: closing one would free its id.
+_held_ids: list = []
+
+
+def default_daemon_id(host: str, key: str) -> str:
+    """`HOST-KEY`, the same for every restart of one engine, so that it re-registers as itself.
+
+    Two live processes with the same key on one host (e.g. two memory daemons of one
+    checkpoint) must not share an id: the coordinator would take each registration for
+    a restart of the other. Each id is held with an exclusive lock on a file under
+    $WEIGHTSYNC_STATE_DIR (default: the system temp dir); a second process takes
+    `HOST-KEY-2`, and so on. The kernel drops a lock when its process dies.
+    """
+    import fcntl
+    import re
+    import tempfile
+
+    base = f"{host}-{key}"
+    lock_dir = os.path.join(os.environ.get("WEIGHTSYNC_STATE_DIR") or tempfile.gettempdir(), "weightsync-daemon-ids")
+    os.makedirs(lock_dir, exist_ok=True)
+    for n in range(1, 1000):
+        candidate = base if n == 1 else f"{base}-{n}"
+        f = open(os.path.join(lock_dir, re.sub(r"[^A-Za-z0-9_.-]", "_", candidate) + ".lock"), "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            continue
+        _held_ids.append(f)
+        return candidate
+    raise RuntimeError(f"no free daemon id of the form {base}-N in {lock_dir}: pass --daemon-id")
+
+
+async def require_registration(agent, timeout_s: float) -> bool:
+    """True once the agent holds a session; False (after an ERROR naming address and error) past timeout_s."""
+    try:
+        await agent.wait_connected(timeout_s)
+        return True
+    except TimeoutError:
+        log.error(
+            "not registered with the coordinator at %s within --require-coordinator-s %g s (last error: %s): exiting",
+            agent.coordinator, timeout_s, agent.last_error or "none yet",
+        )
+        return False
+
+
+def _memory_daemon_key(weights: str) -> str:
+    import hashlib
+
+    return "memory-" + hashlib.sha256(os.path.abspath(weights).encode()).hexdigest()[:8]
 
 
 async def _run_memory_daemon(args: argparse.Namespace) -> int:
@@ -32,7 +90,7 @@ async def _run_memory_daemon(args: argparse.Namespace) -> int:
     engine = MemoryEngine.from_path(args.weights)
     transports = ("gloo", "nccl") if torch.cuda.is_available() else ("gloo",)
     ident = DaemonIdentity(
-        daemon_id=args.daemon_id or _default_daemon_id(),
+        daemon_id=args.daemon_id or default_daemon_id(args.host, _memory_daemon_key(args.weights)),
         engine="memory",
         model=os.path.abspath(args.weights),
         host=args.host,
@@ -55,17 +113,31 @@ async def _run_memory_daemon(args: argparse.Namespace) -> int:
         on_verdict=on_verdict,
     )
     stop = asyncio.Event()
+    stopped_by: list[int] = []
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda sig=sig: (stopped_by.append(sig), stop.set()))
     agent.start()
     print(f"weightsync daemon {ident.daemon_id}: {len(ident.inventory)} tensors, coordinator {args.coordinator}", flush=True)
     writer = asyncio.create_task(_write_state_forever(agent, args.state_file)) if args.state_file else None
-    await stop.wait()
-    await agent.close(drain_timeout_s=args.drain_s)
-    if writer is not None:
-        writer.cancel()
-    return 0
+    status = 0
+    try:
+        if args.require_coordinator_s is not None:
+            waiter = loop.create_task(require_registration(agent, args.require_coordinator_s))
+            stopping = loop.create_task(stop.wait())
+            await asyncio.wait({waiter, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if waiter.done() and not waiter.result():
+                return 3
+            waiter.cancel()
+        await stop.wait()
+        # SIGTERM is how orchestrators stop a daemon (status 0); SIGINT is an interruption (128 + 2).
+        status = 130 if stopped_by and stopped_by[0] == signal.SIGINT else 0
+    finally:
+        await agent.close(drain_timeout_s=args.drain_s)
+        if writer is not None:
+            writer.cancel()
+    return status
 
 
 async def _write_state_forever(agent, path: str, interval_s: float = 0.1) -> None:
@@ -124,33 +196,42 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def add_subcommands(sub, add_security) -> None:
-    d = sub.add_parser("daemon", help="run an inference daemon (in-memory engine)")
-    d.add_argument("--coordinator", required=True, help="HOST:PORT")
-    d.add_argument("--engine", default="memory", choices=["memory"])
+    fmt = HelpFormatter
+    d = sub.add_parser("daemon", help="run an inference daemon (in-memory engine)", formatter_class=fmt)
+    d.add_argument("--coordinator", required=True, help="HOST:PORT of the weightsync coordinator")
+    d.add_argument("--engine", default="memory", choices=["memory"], help="engine kind (for vLLM use `weightsync serve`)")
     d.add_argument("--weights", required=True, help="safetensors file or Hugging Face model directory")
-    d.add_argument("--daemon-id", default=None)
+    d.add_argument("--daemon-id", default=None,
+                   help="this daemon's name in the fleet (default: HOST-memory-HASH of the weights path, stable across restarts)")
     d.add_argument("--host", default=socket.gethostname(), help="this host, as shown by status")
-    d.add_argument("--served-version", type=int, default=-1, help="the version the weights on disk are")
-    d.add_argument("--save-on-commit", default=None, help="write the engine's tensors (safetensors) after each OK verdict")
-    d.add_argument("--drain-s", type=float, default=30.0, help="on SIGTERM, wait this long for the current round")
-    d.add_argument("--state-file", default=None, help="keep the daemon's own view (served version, dirty, busy) in this JSON file")
+    d.add_argument("--served-version", type=int, default=-1, help="the version the weights on disk are (-1: unversioned)")
+    d.add_argument("--save-on-commit", default=None, help="write the engine's tensors (safetensors) to this path after each OK verdict")
+    d.add_argument("--require-coordinator-s", type=float, default=None, metavar="SECONDS",
+                   help="exit non-zero (status 3) unless registered with the coordinator within this many seconds "
+                        "(default: keep retrying forever)")
+    d.add_argument("--drain-s", type=float, default=30.0, metavar="SECONDS", help="on SIGTERM, wait this long for the current round")
+    d.add_argument("--state-file", default=None, help="keep the daemon's own view (served version, dirty, busy) in this JSON file (default: none)")
     add_security(d, server=False)
     d.set_defaults(func=_daemon)
 
-    p = sub.add_parser("push", help="push a checkpoint from disk as one round (initial sync, rollback, test)")
-    p.add_argument("--coordinator", required=True, help="HOST:PORT")
+    p = sub.add_parser("push", help="push a checkpoint from disk as one round (initial sync, rollback, test)", formatter_class=fmt)
+    p.add_argument("--coordinator", required=True, help="HOST:PORT of the weightsync coordinator")
     p.add_argument("--weights", required=True, help="safetensors file or Hugging Face model directory")
-    p.add_argument("--version", type=int, required=True)
-    p.add_argument("--dtype", default=None, help="wire dtype (the engines' dtype); default: each tensor's own")
-    p.add_argument("--transport", default="gloo", choices=["gloo", "nccl", "cuda_ipc"])
+    p.add_argument("--version", type=int, required=True,
+                   help="version of these weights; must be greater than every version begun or served (engines "
+                        "started by `weightsync serve` serve 0)")
+    p.add_argument("--dtype", default=None,
+                   help="wire dtype, the engines' dtype (e.g. bfloat16); default: each tensor's own dtype")
+    p.add_argument("--transport", default="gloo", choices=["gloo", "nccl", "cuda_ipc"], help="data-plane transport")
     p.add_argument("--rendezvous-host", default="127.0.0.1", help="address the daemons dial to reach this trainer")
-    p.add_argument("--rendezvous-port", type=int, default=0, help="0: a free port")
+    p.add_argument("--rendezvous-port", type=int, default=0, help="port of this trainer's data-plane store (0: a free port)")
     p.add_argument("--bind-host", default=None, help="interface the data-plane store listens on (default: --rendezvous-host)")
-    p.add_argument("--bucket-size-bytes", type=int, default=0)
-    p.add_argument("--deadline-s", type=float, default=600.0)
-    p.add_argument("--collective-timeout-s", type=float, default=120.0)
-    p.add_argument("--min-daemons", type=int, default=1)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--bucket-size-bytes", type=int, default=0,
+                   help="bucket size in bytes (0: by transport, 1 GiB for nccl and cuda_ipc, 256 MiB for gloo)")
+    p.add_argument("--deadline-s", type=float, default=600.0, metavar="SECONDS", help="the whole round's deadline")
+    p.add_argument("--collective-timeout-s", type=float, default=120.0, metavar="SECONDS", help="each data-plane wait")
+    p.add_argument("--min-daemons", type=int, default=1, help="refuse the round with fewer healthy daemons than this")
+    p.add_argument("--json", action="store_true", help="print the round's summary as JSON")
     add_security(p, server=False)
     p.set_defaults(func=_push)
 

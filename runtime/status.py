@@ -40,7 +40,7 @@ def format_status(daemons: pb.ListDaemonsResponse, rounds: pb.ListRoundsResponse
         [
             d.daemon_id,
             pb.DaemonState.Name(d.state).removeprefix("DAEMON_STATE_"),
-            str(d.served_version),
+            str(d.served_version) if d.served_version >= 0 else "none",
             " ".join(f for f, on in (("dirty", d.dirty), ("stale", d.stale), ("unknown-version", d.unknown_version)) if on) or "ok",
             _ago(d.last_heartbeat_unix_s, now),
             d.engine,
@@ -63,9 +63,10 @@ def format_status(daemons: pb.ListDaemonsResponse, rounds: pb.ListRoundsResponse
         ]
         for r in rounds.rounds
     ]
+    committed = daemons.committed_version if daemons.committed_version >= 0 else "none (no version committed yet)"
     return "\n".join(
         [
-            f"committed version: {daemons.committed_version}   version floor: {daemons.version_floor} (the next round's version must exceed it)",
+            f"committed version: {committed}   version floor: {daemons.version_floor} (the next round's version must exceed it)",
             "",
             _table(["DAEMON", "STATE", "VERSION", "FLAGS", "HEARTBEAT", "ENGINE", "RANKS", "HOST"], d_rows),
             "",

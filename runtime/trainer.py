@@ -155,11 +155,12 @@ class WeightSync:
         except Exception as e:
             reason = f"trainer failed to send: {_describe_failure(e, assignment)}"
             try:
-                try:
-                    report = self._client.abort_update(assignment.update_id, reason[:2000])
-                except FailedPrecondition:
-                    # The coordinator failed the round first (a participant was lost), which is why we stopped.
-                    report = self._client.get_round(assignment.update_id)
+                report = self._client.abort_update(assignment.update_id, reason[:2000])
+            except FailedPrecondition:
+                # The coordinator ended the round first (a daemon died or failed, and its
+                # verdict came in): that verdict is the round's outcome, not an error.
+                log.info("update_id=%s had already ended when the trainer aborted it; taking its verdict", assignment.update_id)
+                report = self._client.get_round(assignment.update_id)
             except WeightsyncError:
                 log.warning("abort of update_id=%s failed", assignment.update_id, exc_info=True)
                 raise e from None

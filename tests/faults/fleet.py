@@ -105,8 +105,12 @@ class Fleet:
         for i in range(num_daemons):
             self.start_daemon(f"mem{i}", served_version=0)
         self.client = SyncTrainerClient(self.address, rpc_timeout_s=10)
-        # Cold start of 4 Python+torch processes: seconds on an idle machine, a minute or more on a loaded one.
-        self.wait_daemons(list(self.daemons), timeout_s=180)
+        try:
+            # Cold start of 4 Python+torch processes: seconds on an idle machine, a minute or more on a loaded one.
+            self.wait_daemons(list(self.daemons), timeout_s=180)
+        except BaseException:
+            self.close()  # the fixture's teardown never runs when its setup raised: leave no process behind
+            raise
 
     # ---------------------------------------------------------------- processes
 

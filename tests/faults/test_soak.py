@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import socket
@@ -18,7 +17,7 @@ from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 
-# Chosen so that 20 rounds draw every fault of FAULTS (and of FAULTS + AFTER_ISSUE_10A) at least once.
+# Chosen so that 20 rounds draw every fault of FAULTS at least once.
 SEED = 20261132
 NUM_ROUNDS = 20
 IDLE = 1
@@ -32,22 +31,9 @@ FAULTS = [
     "corrupt",  # one flipped bit in an applied tensor
     "late_join",  # a new daemon registers between rounds
     "stalled_stream",  # a Connect stream that never says hello and a connection stopped mid-frame, held through the round
-]
-# Faults whose fix lands with issue 10 items 1 and 6 (branch issue-10a). The lead switches them on
-# after merging it, by moving them into FAULTS or with WEIGHTSYNC_SOAK_WITH_10A=1; on this branch
-# alone they poison every later round (a served version of 2^63-1 becomes the floor) or make two
-# processes flap under one id.
-AFTER_ISSUE_10A = [
     "absurd_registration",  # RegisterDaemon claiming served_version 2^63-1
     "duplicate_id",  # a second daemon process started with an existing daemon's id
 ]
-
-
-WITH_10A = os.environ.get("WEIGHTSYNC_SOAK_WITH_10A") == "1"
-
-
-def _faults() -> list[str]:
-    return FAULTS + (AFTER_ISSUE_10A if WITH_10A else [])
 
 
 class _StalledStreams:
@@ -93,12 +79,10 @@ def _check_views(fleet: Fleet, committed: set[int], history: list) -> None:
 
     A daemon may rightly be clean on the version of a round that failed elsewhere: its own
     verdict was OK and the round covered its whole inventory. The fleet's committed version,
-    though, must be one that committed; issue 10 item 1 (issue-10a) makes that hold across a
-    coordinator restart, so the check is on with it.
+    though, must be one that committed, also across a coordinator restart (the state file).
     """
     listed = fleet.client.list_daemons()
-    if WITH_10A:
-        assert listed.committed_version in committed, (history, listed.committed_version)
+    assert listed.committed_version in committed, (history, listed.committed_version)
     for d in listed.daemons:
         if d.daemon_id not in fleet.daemons:
             continue  # a registration without an engine (absurd_registration): no bytes to compare
@@ -123,7 +107,7 @@ def fleet(tmp_path):
 def test_soak_twenty_seeded_rounds_of_mixed_faults(fleet):
     """20 rounds, each with one seeded fault (daemon/trainer/coordinator killed, stopped daemon, corrupt byte, late join, stalled streams, trainer killed before commit); every view stays truthful and a final round re-syncs every engine."""
     rng = random.Random(SEED)
-    faults = _faults()
+    faults = FAULTS
     committed = {-1, 0}
     history = []
     version = 0

@@ -35,6 +35,7 @@ GRPC_OPTIONS: tuple[tuple[str, int], ...] = (
     # Sessions live for days: let clients keep idle connections alive through NATs.
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    # Overridden per coordinator by _server_options: pings at the heartbeat interval.
     ("grpc.keepalive_time_ms", 30000),
     ("grpc.keepalive_timeout_ms", 10000),
     # No bandwidth-delay probing: it grows every stream's flow-control window (up to MiBs)
@@ -44,6 +45,22 @@ GRPC_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http2.bdp_probe", 0),
     ("grpc.max_concurrent_streams", 1024),
 )
+
+
+def _server_options(config: CoordinatorConfig) -> tuple[tuple[str, int], ...]:
+    """GRPC_OPTIONS with HTTP/2 keepalive pings at the heartbeat interval, answered within the heartbeat timeout.
+
+    A trainer's WatchUpdate stream carries no data while the trainer sends, so a trainer cut
+    off by the network (no FIN, no RST) would keep its round open until the round's deadline.
+    The server's own pings close such a connection, and with it the stream, as fast as a
+    silent daemon is marked LOST. Pings without data must be allowed for that (default: 2).
+    """
+    overrides = {
+        "grpc.keepalive_time_ms": max(100, int(config.heartbeat_interval_s * 1000)),
+        "grpc.keepalive_timeout_ms": max(1000, int(config.heartbeat_timeout_s * 1000)),
+        "grpc.http2.max_pings_without_data": 0,
+    }
+    return tuple((k, v) for k, v in GRPC_OPTIONS if k not in overrides) + tuple(overrides.items())
 
 
 class CoordinatorServer:
@@ -98,7 +115,7 @@ class CoordinatorServer:
         )
         server = grpc.aio.server(
             interceptors=(*self._interceptors, limits, ErrorMappingInterceptor()),
-            options=GRPC_OPTIONS,
+            options=_server_options(cfg),
             # Sessions hold one call each for their lifetime: room for every daemon, plus calls.
             maximum_concurrent_rpcs=cfg.max_daemons + 1024,
         )

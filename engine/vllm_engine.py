@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from weightsync.core import Assignment, DeadlineExceeded, FailedPrecondition, InvalidArgument, TensorSpec, TransferError
 from weightsync.engine.extension import EXTENSION_CLS
-from weightsync.engine.inventory import dtype_name, inventory_from_config
+from weightsync.engine.inventory import dtype_name, inventory_for_engine
 from weightsync.engine.payload import assignment_to_dict, encode_tensors
 
 if TYPE_CHECKING:
@@ -149,7 +149,9 @@ class VllmEngine:
         self._update_lock = asyncio.Lock()
         self._request_ids = itertools.count()
         model_config = engine.llm_engine.model_config if config.mode == "llm" else engine.model_config
-        self._inventory = inventory_from_config(model_config.hf_config, dtype_name(model_config.dtype))
+        # The checkpoint's view until the workers answer: create() replaces it with
+        # what their loaders accept (the extension's dry run).
+        self._inventory = inventory_for_engine(model_config.model, model_config.hf_config, dtype_name(model_config.dtype))
         self._num_workers = engine_world_size(engine, config.mode)
         self._served_version: int | None = None
         self._dirty = False
@@ -184,6 +186,7 @@ class VllmEngine:
         except BaseException:
             await engine.close()
             raise
+        engine._inventory = tuple(TensorSpec(n, tuple(shape), dtype) for n, shape, dtype in infos[0]["inventory"])
         problems = sorted({p for info in infos for p in info["inventory_problems"]})
         if problems:
             log.warning("inventory and vLLM parameters disagree (updates may be refused): %s", problems)

@@ -22,6 +22,7 @@ Contract:
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -125,6 +126,7 @@ class WeightsyncWorkerExtension:
         state = self._weightsync()
         return {
             "rank": self.rank,
+            "pid": os.getpid(),
             "served_version": state.version,
             "dirty": state.dirty,
             "broken": state.broken,

@@ -136,6 +136,8 @@ class ApplyReport:
     apply_s: float  # writing the model, slowest worker
     paused_s: float  # how long the engine could not step for this update
     seconds: float  # the whole call
+    # Each worker's own checksums, in worker order (all equal to `checksums`, or the update raised).
+    worker_checksums: tuple[dict[str, int], ...] = ()
 
 
 class VllmEngine:
@@ -156,7 +158,13 @@ class VllmEngine:
         self._served_version: int | None = None
         self._dirty = False
         self._closed = False
-        self._inprocess = config.mode == "llm" and type(engine.llm_engine.engine_core).__name__ == "InprocClient"
+        # With tensor parallelism the workers are processes of their own even when
+        # the engine core runs here, so tensors must travel as bytes.
+        self._inprocess = (
+            config.mode == "llm"
+            and self._num_workers == 1
+            and type(engine.llm_engine.engine_core).__name__ == "InprocClient"
+        )
 
     @classmethod
     async def create(cls, config: VllmEngineConfig) -> "VllmEngine":
@@ -462,6 +470,7 @@ class VllmEngine:
             apply_s=max(float(r["apply_s"]) for r in results),
             paused_s=paused_s,
             seconds=time.monotonic() - started,
+            worker_checksums=tuple(dict(r["checksums"]) for r in results),
         )
 
     # ------------------------------------------------------------------ generation

@@ -64,12 +64,24 @@ def make_assignment(
     version: int,
     bucket_size_bytes: int = 256 << 10,
     group_id: str = "engine-tests",
+    num_workers: int = 1,
 ) -> Assignment:
+    """One round from rank 0 to one engine whose `num_workers` workers are ranks 1..num_workers."""
     # Short: closing a group broken by a failed round waits up to this long (gloo
     # shutdown with a receive still posted), and the failure tests break two.
-    rendezvous = Rendezvous("gloo", HOST, port, 2, group_id, timeout_s=5.0)
+    rendezvous = Rendezvous("gloo", HOST, port, 1 + num_workers, group_id, timeout_s=5.0)
     plan = BucketPlan.build(list(specs), bucket_size_bytes)
-    return Assignment(update_id, version, rendezvous, (Participant("engine", (1,)),), plan, deadline_s=120.0)
+    ranks = tuple(range(1, 1 + num_workers))
+    return Assignment(update_id, version, rendezvous, (Participant("engine", ranks),), plan, deadline_s=120.0)
+
+
+def perturbed(checkpoint: Mapping[str, torch.Tensor], seed: int, std: float = 0.05) -> dict[str, torch.Tensor]:
+    """The checkpoint plus seeded Gaussian noise: the "next checkpoint" a trainer would push."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: (t.float() + std * torch.randn(t.shape, generator=generator)).to(t.dtype)
+        for name, t in checkpoint.items()
+    }
 
 
 class Trainer:

@@ -306,9 +306,10 @@ def _partial_units(inventory: Mapping[str, TensorSpec], present: set[str]) -> li
         sent = [m for m in members if m in present]
         if sent and len(sent) != len(members):
             absent = [m for m in members if m not in present]
+            # A MoE layer is one unit of hundreds of tensors: name what is missing, count the rest.
             problems.append(
-                f"module {unit!r} is loaded as one unit: the update has {sent} but not {absent}; "
-                "send all of them or none"
+                f"module {unit!r} is loaded as one unit of {len(members)} tensors: the update has "
+                f"{_preview(sent, 3)} but not {_preview(absent, 10)}; send all of them or none"
             )
     return problems
 

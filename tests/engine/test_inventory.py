@@ -146,7 +146,19 @@ def test_moe_manifest_missing_an_expert_or_with_a_wrong_shape_is_refused():
     problems = info.value.problems
     assert len(problems) == 2, problems
     assert any(f"tensor {wrong!r} shape: expected [128, 64], got [64, 128]" in p for p in problems)
-    assert any("'model.layers.1.mlp.experts' is loaded as one unit" in p and missing in p for p in problems)
+    assert any("'model.layers.1.mlp.experts' is loaded as one unit of 12 tensors" in p and missing in p for p in problems)
+
+
+def test_coordinator_refuses_a_moe_manifest_missing_an_expert_before_bytes_move():
+    """The coordinator's manifest check (BeginUpdate) groups a MoE layer's experts the same way."""
+    from weightsync.control.validation import check_against_inventory
+
+    specs = inventory_from_config(tiny_config("mixtral"))
+    missing = "model.layers.0.block_sparse_moe.experts.3.w2.weight"
+    with pytest.raises(InvalidArgument) as info:
+        check_against_inventory([s for s in specs if s.name != missing], {"d1": {s.name: s for s in specs}})
+    (problem,) = info.value.problems
+    assert "daemon 'd1'" in problem and missing in problem
 
 
 def test_check_update_lists_every_problem():

@@ -156,7 +156,7 @@ def make_tiny_model(
     """
     _check_arch_dtype(arch, dtype)
     target = Path(model_dir)
-    wanted = {"arch": arch, "seed": int(seed), "dtype": dtype, "format": 2}
+    wanted = {"arch": arch, "seed": int(seed), "dtype": dtype, "format": 1}
     if _matches(target, wanted):
         return target
     if target.exists() and any(target.iterdir()):

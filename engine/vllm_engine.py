@@ -37,7 +37,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from weightsync.core import Assignment, DeadlineExceeded, FailedPrecondition, InvalidArgument, TensorSpec, TransferError
+from weightsync.core import (
+    Assignment,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    TensorSpec,
+    TransferError,
+    WeightsyncError,
+)
 from weightsync.engine.extension import EXTENSION_CLS
 from weightsync.engine.inventory import dtype_name, inventory_for_engine
 from weightsync.engine.payload import assignment_to_dict, encode_tensors
@@ -350,6 +358,15 @@ class VllmEngine:
             except TimeoutError as e:
                 raise DeadlineExceeded(
                     f"update {assignment.update_id} did not finish within its deadline of {assignment.deadline_s:g} s"
+                ) from e
+            except WeightsyncError:
+                raise
+            except Exception as e:
+                # vLLM's own failures (a TP worker died: its executor cancels the call
+                # with RuntimeError("cancelled")) end the round like a transfer failure.
+                raise TransferError(
+                    f"update {assignment.update_id}: the engine failed during the round "
+                    f"({type(e).__name__}: {e}); check its workers, restart it if one died"
                 ) from e
             finally:
                 await self._refresh_state()

@@ -85,7 +85,7 @@ class WeightsyncWorkerExtension:
             refused = {name: "the model's loader skips it" for name in check.skipped}
             refused.update(check.rejected)
             state = _WorkerState(
-                inventory={s.name: s for s in specs if s.name in check.accepted},
+                inventory={s.name: s for s in check.accepted(specs)},
                 apply_path=select_apply_path(self),
                 refused=refused,
                 inventory_problems=check.problems(),

@@ -49,13 +49,17 @@ class LoaderCheck:
     rejected: dict[str, str] = field(default_factory=dict)
     unfilled: list[str] = field(default_factory=list)
     split_modules: dict[str, list[str]] = field(default_factory=dict)
+    # Set when the dry run itself failed outside any one tensor: nothing above is known.
+    failed: str = ""
 
-    @property
-    def accepted(self) -> set[str]:
-        return set(self.targets)
+    def accepted(self, specs: Sequence[TensorSpec]) -> list[TensorSpec]:
+        """The specs the loader takes; all of them when the dry run could not tell."""
+        return list(specs) if self.failed else [s for s in specs if s.name in self.targets]
 
     def problems(self) -> list[str]:
         """One message per problem, naming the tensor and what vLLM does with it."""
+        if self.failed:
+            return [f"the dry run of vLLM's loader failed, so the checkpoint's names are unchecked: {self.failed}"]
         out = [f"checkpoint tensor {n!r}: vLLM's loader skips it (no parameter receives it)" for n in self.skipped]
         out += [f"checkpoint tensor {n!r}: vLLM's loader rejects it: {why}" for n, why in self.rejected.items()]
         out += [f"vLLM parameter {p!r}: no checkpoint tensor fills it" for p in self.unfilled]
@@ -115,6 +119,9 @@ def dry_run_loader(model: Any, specs: Sequence[TensorSpec], vllm_config: Any = N
                 name, error = failed
                 check.rejected[name] = f"{type(error).__name__}: {error}"
                 remaining = [s for s in remaining if s.name != name]
+    except _DryRunFailed as e:
+        log.warning("dry run of vLLM's loader failed: %s", e, exc_info=True)
+        return LoaderCheck(failed=str(e))
     finally:
         for restore in restores:
             restore()
@@ -160,9 +167,13 @@ def _one_pass(model: Any, specs: Sequence[TensorSpec], recorder: _Recorder) -> t
         name = recorder.current
         recorder.current = None
         if name is None:
-            raise
+            raise _DryRunFailed(f"{type(e).__name__}: {e}") from e
         return name, e
     return None
+
+
+class _DryRunFailed(Exception):
+    """The loader failed after (or before) it pulled the checkpoint names."""
 
 
 def _split_modules(targets: Mapping[str, list[str]]) -> dict[str, list[str]]:

@@ -159,8 +159,8 @@ class VllmEngine:
         self._update_lock = asyncio.Lock()
         self._request_ids = itertools.count()
         model_config = engine.llm_engine.model_config if config.mode == "llm" else engine.model_config
-        # The checkpoint's view until the workers answer: create() replaces it with
-        # what their loaders accept (the extension's dry run).
+        # The checkpoint's view until the workers answer: weight_info() and
+        # set_version() replace it with what their loaders accept (the extension's dry run).
         self._inventory = inventory_for_engine(model_config.model, model_config.hf_config, dtype_name(model_config.dtype))
         self._num_workers = engine_world_size(engine, config.mode)
         self._served_version: int | None = None
@@ -202,7 +202,6 @@ class VllmEngine:
         except BaseException:
             await engine.close()
             raise
-        engine._inventory = tuple(TensorSpec(n, tuple(shape), dtype) for n, shape, dtype in infos[0]["inventory"])
         problems = sorted({p for info in infos for p in info["inventory_problems"]})
         if problems:
             log.warning("inventory and vLLM parameters disagree (updates may be refused): %s", problems)
@@ -264,8 +263,10 @@ class VllmEngine:
     async def set_version(self, version: int | None, *, dirty: bool = False) -> None:
         """Declares the version of the weights the engine holds now (e.g. the checkpoint it loaded)."""
         async with self._update_lock:
-            infos = await self._rpc("weightsync_set_version", version, dirty)
-            self._note_worker_state(infos)
+            await self._rpc("weightsync_set_version", version, dirty)
+            # weight_info also carries the workers' inventory: an engine wrapped
+            # without create() (weightsync serve) registers what its loader accepts.
+            self._note_worker_state(await self._rpc("weightsync_weight_info"))
             await self._set_version_label(version)
 
     def _note_worker_state(self, infos: Sequence[Mapping[str, Any]]) -> None:
@@ -273,6 +274,8 @@ class VllmEngine:
         uniform = len(versions) == 1
         self._served_version = next(iter(versions)) if uniform else None
         self._dirty = not uniform or any(info.get("dirty") or info.get("broken") for info in infos)
+        if infos and "inventory" in infos[0]:
+            self._inventory = tuple(TensorSpec(n, tuple(shape), dtype) for n, shape, dtype in infos[0]["inventory"])
 
     async def _set_version_label(self, version: int | None) -> None:
         # vLLM stamps this label on every RequestOutput (weight_version).

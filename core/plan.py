@@ -49,10 +49,19 @@ _FUSION_PATTERNS = (
     (re.compile(r"\.(gate_proj|up_proj)\."), ".gate_up_proj."),
     (re.compile(r"\.(w1|w3)\."), ".w13."),
 )
+# Per-expert checkpoint names (Hugging Face: experts.{e}.gate_proj/up_proj/down_proj,
+# Mixtral: experts.{e}.w1/w3/w2) land in one FusedMoE module per layer, whose
+# parameters stack every expert: w13_<param> (gate and up) and w2_<param> (down).
+_EXPERT = re.compile(r"^(?P<layer>.+\.experts)\.\d+\.(?P<proj>[^.]+)\.(?P<param>[^.]+)$")
+_EXPERT_PARAM = {"gate_proj": "w13", "up_proj": "w13", "w1": "w13", "w3": "w13", "down_proj": "w2", "w2": "w2"}
 
 
 def fusion_key(name: str) -> str:
     """Tensors with equal keys are fused by vLLM into one parameter."""
+    expert = _EXPERT.match(name)
+    if expert is not None:
+        fused = _EXPERT_PARAM.get(expert["proj"], expert["proj"])
+        return f"{expert['layer']}.{fused}_{expert['param']}"
     for pattern, replacement in _FUSION_PATTERNS:
         if pattern.search(name):
             return pattern.sub(replacement, name)
@@ -64,8 +73,11 @@ def apply_unit(name: str) -> str:
 
     vLLM rebuilds a module only once all of its tensors have arrived; a module that got
     part of them is rebuilt from uninitialised memory for the rest. So q/k/v weights and
-    biases form one unit (qkv_proj), gate/up another, and every module's weight and bias
-    go together.
+    biases form one unit (qkv_proj), gate/up another, every module's weight and bias
+    go together, and a MoE layer's experts (every expert's gate, up and down) form one
+    unit: vLLM's FusedMoE holds them all in two parameters of one module, and a partial
+    expert set corrupts the experts left out (tests/engine/test_moe.py shows it).
+    engine/loader_check.py checks this rule against each served model's real loader.
     """
     return fusion_key(name).rpartition(".")[0] or name
 

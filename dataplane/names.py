@@ -6,9 +6,19 @@ projections (weights and biases) are therefore permuted, as transformers'
 convert_llama_weights_to_hf does: w.view(heads, dim1 // heads // 2, 2, ...)
 .transpose(1, 2).reshape(w.shape), with num_kv_heads for k.
 
-MoE experts live stacked in torchtitan as layers.N.moe.experts.w{1,2,3} with shape
-[num_experts, out, in] (the per-expert nn.Linear layout); expert e becomes
-model.layers.N.mlp.experts.e.{gate,down,up}_proj.weight.
+MoE experts live stacked in torchtitan as [num_experts, out, in] (the per-expert
+nn.Linear layout) under layers.N.moe.experts.w{1,2,3} (torchtitan before 0.3) or
+layers.N.moe.routed_experts.inner_experts.w1_EFD / w3_EFD / w2_EDF (0.3); expert
+e becomes model.layers.N.mlp.experts.e.{gate,down,up}_proj.weight. Shared
+experts, the router and the router's expert bias follow the names torchtitan
+0.3's own DeepSeek-V3 and Qwen3 state-dict adapters use (their `from_hf_map`).
+
+Why not call torchtitan's adapters (`StateDictAdapter.to_hf`) directly: torchtitan
+is not a dependency of the trainer side, its adapters need the torchtitan model
+config, and `to_hf` splits a sharded (DTensor) expert weight into this rank's
+local experts only, at once. weightsync needs every expert of the full tensor
+and gathers lazily (one source tensor at a time, as the sender packs it), so it
+keeps the name tables here, checked against torchtitan's in tests/dataplane/test_names.py.
 """
 
 from __future__ import annotations
@@ -45,8 +55,14 @@ _LAYER_PARTS = {
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "moe.router.gate.weight": "mlp.gate.weight",
+    "moe.expert_bias_E": "mlp.gate.e_score_correction_bias",
+    "moe.shared_experts.w1.weight": "mlp.shared_experts.gate_proj.weight",
+    "moe.shared_experts.w2.weight": "mlp.shared_experts.down_proj.weight",
+    "moe.shared_experts.w3.weight": "mlp.shared_experts.up_proj.weight",
 }
-_EXPERTS = re.compile(r"^moe\.experts\.(w1|w2|w3)(?:\.weight)?$")
+_EXPERTS = re.compile(
+    r"^moe\.(?:experts\.(w1|w2|w3)(?:\.weight)?|routed_experts\.inner_experts\.(w1|w3)_EFD|routed_experts\.inner_experts\.(w2)_EDF)$"
+)
 _EXPERT_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 
 
@@ -115,7 +131,7 @@ class TitanToHF:
         if e is not None:
             if len(shape) != 3:
                 raise ValueError(f"{name}: stacked expert weights must be [num_experts, out, in], got {list(shape)}")
-            proj = _EXPERT_PROJ[e.group(1)]
+            proj = _EXPERT_PROJ[next(g for g in e.groups() if g)]
             return [
                 (f"{prefix}mlp.experts.{i}.{proj}.weight", shape[1:], lambda t, i=i: t[i])
                 for i in range(shape[0])

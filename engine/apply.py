@@ -18,10 +18,18 @@ does, and what this module adds (NOTES.md has the measurements):
 * A tied lm_head shares its weight with the embedding but keeps a packed copy
   for the CPU GEMM; vLLM never rebuilds it on reload (no tensor names it), so
   logits would come from the old embedding. `apply_weights` repacks it.
+* A FusedMoE layer on CPU is prepacked into the grouped-GEMM layout (and its
+  intermediate dimension padded) by the CPU experts' own
+  process_weights_after_loading, which vLLM 0.32 runs on the first load only:
+  on a reload (`moe_kernel` already set) it skips it and copies the plain
+  layout into the prepacked storage, so the kernel then reads garbage (every
+  token changed even when the reloaded values were the old ones).
+  `apply_weights` makes the reload process such a layer as a first load.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -152,7 +160,8 @@ def apply_weights(worker: Any, weights: Iterable[tuple[str, Any]], *, path: str)
     model = worker.model_runner.get_model()
     try:
         if path == "reload_weights":
-            worker.reload_weights(weights_iterator=iter(counted), is_checkpoint_format=True)
+            with _moe_processed_as_first_load(model):
+                worker.reload_weights(weights_iterator=iter(counted), is_checkpoint_format=True)
         else:
             with set_current_vllm_config(worker.vllm_config):
                 model.load_weights(iter(counted))
@@ -173,6 +182,35 @@ def apply_weights(worker: Any, weights: Iterable[tuple[str, Any]], *, path: str)
         ) from error
     _refresh_tied_modules(model)
     return AppliedWeights(counted.num_tensors, counted.num_bytes, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _moe_processed_as_first_load(model: Any) -> Iterator[None]:
+    """During a reload, CPU FusedMoE layers are processed as on their first load (see the module docstring).
+
+    Clearing `moe_kernel` is what makes vLLM's UnquantizedFusedMoEMethod take the
+    first-load path: rebuild the kernel, then pad and prepack the new weights, so
+    the values copied back into the live storage are in the layout the kernel
+    reads. Layers the update did not reach get their old kernel back.
+    """
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+    saved = []
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        kernel = getattr(method, "moe_kernel", None)
+        if isinstance(method, UnquantizedFusedMoEMethod) and isinstance(
+            getattr(kernel, "fused_experts", None), CPUUnquantizedExperts
+        ):
+            saved.append((method, kernel))
+            method.moe_kernel = None
+    try:
+        yield
+    finally:
+        for method, kernel in saved:
+            if method.moe_kernel is None:
+                method.moe_kernel = kernel
 
 
 def _recover_reload(worker: Any, model: Any, error: BaseException) -> None:

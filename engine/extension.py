@@ -22,12 +22,13 @@ Contract:
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from weightsync.core import FailedPrecondition, InvalidArgument, NotFound, TensorSpec, fusion_key, is_full_round
-from weightsync.engine.inventory import check_update, dtype_name, inventory_from_config
+from weightsync.core import FailedPrecondition, InvalidArgument, NotFound, TensorSpec, is_full_round
+from weightsync.engine.inventory import check_update, dtype_name, inventory_for_engine
 from weightsync.engine.payload import assignment_from_dict, decode_tensors
 
 if TYPE_CHECKING:
@@ -59,7 +60,9 @@ class _WorkerState:
     staged: "StagedUpdate | None" = None
     num_applies: int = 0
     last_apply_s: float = 0.0
-    inventory_problems: list[str] | None = None
+    # Checkpoint names the model's loader skips or rejects, with the reason.
+    refused: dict[str, str] = field(default_factory=dict)
+    inventory_problems: list[str] = field(default_factory=list)
 
 
 class WeightsyncWorkerExtension:
@@ -71,13 +74,24 @@ class WeightsyncWorkerExtension:
         state = getattr(self, "_weightsync_state", None)
         if state is None:
             from weightsync.engine.apply import select_apply_path
+            from weightsync.engine.loader_check import dry_run_loader
 
             model_config = self.model_config
-            specs = inventory_from_config(model_config.hf_config, dtype_name(model_config.dtype))
+            specs = inventory_for_engine(model_config.model, model_config.hf_config, dtype_name(model_config.dtype))
+            # What the checkpoint holds is not necessarily what the loader takes:
+            # the dry run drops what it would skip or reject, so an update naming
+            # those is refused before any byte moves, and reports the rest.
+            check = dry_run_loader(self.model_runner.get_model(), specs, self.vllm_config)
+            refused = {name: "the model's loader skips it" for name in check.skipped}
+            refused.update(check.rejected)
             state = _WorkerState(
-                inventory={s.name: s for s in specs},
+                inventory={s.name: s for s in check.accepted(specs)},
                 apply_path=select_apply_path(self),
+                refused=refused,
+                inventory_problems=check.problems(),
             )
+            if state.inventory_problems:
+                log.warning("worker %d: checkpoint and vLLM's loader disagree: %s", self.rank, state.inventory_problems)
             self._weightsync_state = state
         return state
 
@@ -112,6 +126,7 @@ class WeightsyncWorkerExtension:
         state = self._weightsync()
         return {
             "rank": self.rank,
+            "pid": os.getpid(),
             "served_version": state.version,
             "dirty": state.dirty,
             "broken": state.broken,
@@ -134,20 +149,8 @@ class WeightsyncWorkerExtension:
         return {"rank": self.rank, "served_version": state.version, "dirty": state.dirty}
 
     def _weightsync_inventory_problems(self) -> list[str]:
-        """Where the inventory and vLLM's parameters disagree; [] when every parameter is covered.
-
-        vLLM names a fused parameter by its fusion key (q/k/v -> qkv_proj), so the
-        inventory mapped through fusion_key must name exactly vLLM's parameters.
-        """
-        state = self._weightsync()
-        if state.inventory_problems is not None:
-            return state.inventory_problems
-        expected = {fusion_key(name) for name in state.inventory}
-        actual = {name for name, _ in self.model_runner.get_model().named_parameters()}
-        problems = [f"vLLM has parameter {n!r} that no inventory tensor fills" for n in sorted(actual - expected)]
-        problems += [f"inventory tensor(s) for {n!r} have no vLLM parameter" for n in sorted(expected - actual)]
-        state.inventory_problems = problems
-        return problems
+        """Where the checkpoint and vLLM's loader disagree (loader_check.py); [] when they agree."""
+        return list(self._weightsync().inventory_problems)
 
     # ------------------------------------------------------------------ in-process apply
 
@@ -178,6 +181,7 @@ class WeightsyncWorkerExtension:
             state.inventory,
             [TensorSpec(name, tuple(t.shape), dtype_name(t.dtype)) for name, t in tensors.items()],
             require_full=require_full,
+            refused=state.refused,
         )
         checksums = {name: tensor_checksum(t) for name, t in tensors.items()}
         # Inventory order keeps each module's tensors together, so vLLM rebuilds

@@ -1,4 +1,4 @@
-"""Tiny random Llama and Qwen2 checkpoints that vLLM loads with no hub access.
+"""Tiny random checkpoints (dense and MoE) that vLLM loads with no hub access.
 
 Tests and demos need a real model directory (config, safetensors weights, a
 tokenizer) without downloading anything. The shapes are the smallest that the
@@ -32,7 +32,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = ("llama", "qwen2")
 TINY_VOCAB_SIZE = 1024
 _MARKER = "weightsync_tiny_model.json"
 _EOS_TOKEN = "<|endoftext|>"
@@ -46,11 +45,15 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 
 def tiny_config(arch: str = "llama", dtype: str = "float32") -> "PretrainedConfig":
-    """The config of the tiny model: hidden 128, 4 heads, 2 KV heads (head_dim 32), 2 layers."""
-    from transformers import LlamaConfig, Qwen2Config
+    """The config of the tiny model: hidden 128, 4 heads, 2 KV heads (head_dim 32), 2 layers.
+
+    MoE architectures get 4 experts of intermediate size 64, 2 per token.
+    """
+    import transformers
 
     _check_arch_dtype(arch, dtype)
-    common = dict(
+    class_name, extra = _ARCH_CONFIGS[arch]
+    common: dict[str, object] = dict(
         hidden_size=128,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -63,14 +66,48 @@ def tiny_config(arch: str = "llama", dtype: str = "float32") -> "PretrainedConfi
         eos_token_id=0,
         pad_token_id=1,
     )
-    if arch == "llama":
-        config = LlamaConfig(tie_word_embeddings=False, **common)
-    else:
-        # Qwen2 carries q/k/v biases and, like the small Qwen2.5 models, ties
-        # lm_head to the embedding: both are paths the engine must get right.
-        config = Qwen2Config(tie_word_embeddings=True, use_sliding_window=False, **common)
+    common.update(extra)
+    config = getattr(transformers, class_name)(**common)
     config.dtype = dtype
+    _set_architecture(config)
     return config
+
+
+def _set_architecture(config: "PretrainedConfig") -> None:
+    """Names the causal-LM class in the config, as save_pretrained of a model would: vLLM picks its model by it."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+
+
+# Test models only: which transformers config and what makes each architecture
+# itself. The engine never looks at this table; its inventory comes from the
+# checkpoint (inventory.py).
+_MOE = dict(num_experts_per_tok=2, moe_intermediate_size=64)
+_ARCH_CONFIGS: dict[str, tuple[str, dict[str, object]]] = {
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
+    # Qwen2 carries q/k/v biases and, like the small Qwen2.5 models, ties
+    # lm_head to the embedding: both are paths the engine must get right.
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, use_sliding_window=False)),
+    "qwen2_untied": ("Qwen2Config", dict(tie_word_embeddings=False, use_sliding_window=False)),
+    # Qwen3: per-head RMSNorm on q and k (q_norm, k_norm), no q/k/v biases.
+    "qwen3": ("Qwen3Config", dict(tie_word_embeddings=True)),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(tie_word_embeddings=False, num_experts=4, norm_topk_prob=True, decoder_sparse_step=1, **_MOE),
+    ),
+    "mixtral": ("MixtralConfig", dict(tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2,
+                                      intermediate_size=64)),
+    # Shared expert (always on, with its own sigmoid gate) beside the routed ones, as in DeepSeek.
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(tie_word_embeddings=False, num_experts=4, shared_expert_intermediate_size=128,
+             decoder_sparse_step=1, use_sliding_window=False, **_MOE),
+    ),
+    "gemma": ("GemmaConfig", dict(tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh")),
+    "phi3": ("Phi3Config", dict(tie_word_embeddings=False)),
+}
+ARCHITECTURES = tuple(_ARCH_CONFIGS)
 
 
 def random_weights(
@@ -155,27 +192,17 @@ def _matches(target: Path, wanted: Mapping[str, object]) -> bool:
 
 
 def _write_model(directory: Path, arch: str, seed: int, dtype: str) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM
+    from safetensors.torch import save_file
 
     from weightsync.engine.inventory import inventory_from_config
 
     config = tiny_config(arch, dtype)
-    specs = inventory_from_config(config, dtype=dtype)
-    weights = random_weights(specs, seed)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    # assign=True adopts our tensors instead of copying into meta storage;
-    # strict=False because a tied lm_head is not part of the inventory.
-    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-    if unexpected:
-        raise AssertionError(f"tiny model does not know tensors {unexpected}")
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if still_meta:
-        raise AssertionError(f"tiny model left tensors {still_meta} uninitialised (missing {missing})")
-    model.save_pretrained(directory, safe_serialization=True)
+    # The checkpoint is written from the config-derived inventory (per-expert
+    # names for MoE, no tied lm_head), as save_pretrained would write it;
+    # tests check that transformers loads it back with nothing missing.
+    weights = random_weights(inventory_from_config(config, dtype=dtype), seed)
+    config.save_pretrained(directory)
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
     _train_tokenizer(seed).save_pretrained(directory)
 
 

@@ -37,9 +37,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from weightsync.core import Assignment, DeadlineExceeded, FailedPrecondition, InvalidArgument, TensorSpec, TransferError
+from weightsync.core import (
+    Assignment,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    TensorSpec,
+    TransferError,
+    WeightsyncError,
+)
 from weightsync.engine.extension import EXTENSION_CLS
-from weightsync.engine.inventory import dtype_name, inventory_from_config
+from weightsync.engine.inventory import dtype_name, inventory_for_engine
 from weightsync.engine.payload import assignment_to_dict, encode_tensors
 
 if TYPE_CHECKING:
@@ -136,6 +144,8 @@ class ApplyReport:
     apply_s: float  # writing the model, slowest worker
     paused_s: float  # how long the engine could not step for this update
     seconds: float  # the whole call
+    # Each worker's own checksums, in worker order (all equal to `checksums`, or the update raised).
+    worker_checksums: tuple[dict[str, int], ...] = ()
 
 
 class VllmEngine:
@@ -149,12 +159,20 @@ class VllmEngine:
         self._update_lock = asyncio.Lock()
         self._request_ids = itertools.count()
         model_config = engine.llm_engine.model_config if config.mode == "llm" else engine.model_config
-        self._inventory = inventory_from_config(model_config.hf_config, dtype_name(model_config.dtype))
+        # The checkpoint's view until the workers answer: weight_info() and
+        # set_version() replace it with what their loaders accept (the extension's dry run).
+        self._inventory = inventory_for_engine(model_config.model, model_config.hf_config, dtype_name(model_config.dtype))
         self._num_workers = engine_world_size(engine, config.mode)
         self._served_version: int | None = None
         self._dirty = False
         self._closed = False
-        self._inprocess = config.mode == "llm" and type(engine.llm_engine.engine_core).__name__ == "InprocClient"
+        # With tensor parallelism the workers are processes of their own even when
+        # the engine core runs here, so tensors must travel as bytes.
+        self._inprocess = (
+            config.mode == "llm"
+            and self._num_workers == 1
+            and type(engine.llm_engine.engine_core).__name__ == "InprocClient"
+        )
 
     @classmethod
     async def create(cls, config: VllmEngineConfig) -> "VllmEngine":
@@ -245,8 +263,10 @@ class VllmEngine:
     async def set_version(self, version: int | None, *, dirty: bool = False) -> None:
         """Declares the version of the weights the engine holds now (e.g. the checkpoint it loaded)."""
         async with self._update_lock:
-            infos = await self._rpc("weightsync_set_version", version, dirty)
-            self._note_worker_state(infos)
+            await self._rpc("weightsync_set_version", version, dirty)
+            # weight_info also carries the workers' inventory: an engine wrapped
+            # without create() (weightsync serve) registers what its loader accepts.
+            self._note_worker_state(await self._rpc("weightsync_weight_info"))
             await self._set_version_label(version)
 
     def _note_worker_state(self, infos: Sequence[Mapping[str, Any]]) -> None:
@@ -254,6 +274,8 @@ class VllmEngine:
         uniform = len(versions) == 1
         self._served_version = next(iter(versions)) if uniform else None
         self._dirty = not uniform or any(info.get("dirty") or info.get("broken") for info in infos)
+        if infos and "inventory" in infos[0]:
+            self._inventory = tuple(TensorSpec(n, tuple(shape), dtype) for n, shape, dtype in infos[0]["inventory"])
 
     async def _set_version_label(self, version: int | None) -> None:
         # vLLM stamps this label on every RequestOutput (weight_version).
@@ -339,6 +361,15 @@ class VllmEngine:
             except TimeoutError as e:
                 raise DeadlineExceeded(
                     f"update {assignment.update_id} did not finish within its deadline of {assignment.deadline_s:g} s"
+                ) from e
+            except WeightsyncError:
+                raise
+            except Exception as e:
+                # vLLM's own failures (a TP worker died: its executor cancels the call
+                # with RuntimeError("cancelled")) end the round like a transfer failure.
+                raise TransferError(
+                    f"update {assignment.update_id}: the engine failed during the round "
+                    f"({type(e).__name__}: {e}); check its workers, restart it if one died"
                 ) from e
             finally:
                 await self._refresh_state()
@@ -459,6 +490,7 @@ class VllmEngine:
             apply_s=max(float(r["apply_s"]) for r in results),
             paused_s=paused_s,
             seconds=time.monotonic() - started,
+            worker_checksums=tuple(dict(r["checksums"]) for r in results),
         )
 
     # ------------------------------------------------------------------ generation

@@ -102,3 +102,32 @@ def test_unknown_names_and_bad_head_counts_are_refused():
         mapper.map("layers.0.attention.wq.weight", torch.zeros(48, 64))
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         TitanToHF(num_heads=4, num_kv_heads=3)
+
+
+# torchtitan 0.3.0's own names (models/deepseek_v3/state_dict_adapter.py and
+# models/qwen3/state_dict_adapter.py, `from_hf_map`), HF template -> torchtitan template.
+_TORCHTITAN_0_3_MOE = {
+    "model.layers.{}.mlp.experts.{}.gate_proj.weight": "layers.{}.moe.routed_experts.inner_experts.w1_EFD",
+    "model.layers.{}.mlp.experts.{}.up_proj.weight": "layers.{}.moe.routed_experts.inner_experts.w3_EFD",
+    "model.layers.{}.mlp.experts.{}.down_proj.weight": "layers.{}.moe.routed_experts.inner_experts.w2_EDF",
+    "model.layers.{}.mlp.gate.weight": "layers.{}.moe.router.gate.weight",
+    "model.layers.{}.mlp.shared_experts.gate_proj.weight": "layers.{}.moe.shared_experts.w1.weight",
+    "model.layers.{}.mlp.shared_experts.up_proj.weight": "layers.{}.moe.shared_experts.w3.weight",
+    "model.layers.{}.mlp.shared_experts.down_proj.weight": "layers.{}.moe.shared_experts.w2.weight",
+    "model.layers.{}.mlp.gate.e_score_correction_bias": "layers.{}.moe.expert_bias_E",
+}
+
+
+def test_torchtitan_0_3_moe_names_map_as_its_own_adapters_do():
+    """Grouped experts, shared experts, router and expert bias under torchtitan 0.3 names give its adapters' HF names."""
+    mapper = TitanToHF(num_heads=HEADS, num_kv_heads=KV_HEADS)
+    num_experts, layer = 3, 2
+    for hf, titan in _TORCHTITAN_0_3_MOE.items():
+        source = titan.format(layer)
+        if "inner_experts" in source:
+            stacked = torch.randn(num_experts, 8, 4)
+            pairs = mapper.map(source, stacked)
+            assert [n for n, _ in pairs] == [hf.format(layer, e) for e in range(num_experts)], source
+            assert all(torch.equal(t, stacked[e]) for e, (_, t) in enumerate(pairs))
+        else:
+            assert [n for n, _ in mapper.map(source, torch.randn(8, 4))] == [hf.format(layer)], source

@@ -22,14 +22,29 @@ def hf_greedy(
     prompts: Sequence[Sequence[int]],
     num_tokens: int,
 ) -> list[list[int]]:
-    """Greedy continuations from transformers, optionally with other weights loaded (float32)."""
+    """Greedy continuations from transformers, optionally with other weights (checkpoint names) loaded, in float32.
+
+    The weights go through a checkpoint file and from_pretrained, so transformers
+    does its own name conversion (per-expert names into its fused MoE experts).
+    """
+    import shutil
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    if weights is not None:
-        # A tied lm_head shares the embedding Parameter, so it follows the copy.
-        missing, unexpected = model.load_state_dict(dict(weights), strict=False)
-        assert not unexpected, unexpected
+    with tempfile.TemporaryDirectory(prefix="hf-greedy-") as tmp:
+        source = str(model_dir)
+        if weights is not None:
+            tensors = load_file(str(Path(model_dir) / "model.safetensors"))
+            unexpected = sorted(set(weights) - set(tensors))
+            assert not unexpected, unexpected
+            tensors.update({n: t.detach().to("cpu").contiguous() for n, t in weights.items()})
+            save_file(tensors, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+            shutil.copy(Path(model_dir) / "config.json", Path(tmp) / "config.json")
+            source = tmp
+        model, info = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
     model.eval()
     out = []
     with torch.no_grad():
@@ -49,12 +64,24 @@ def make_assignment(
     version: int,
     bucket_size_bytes: int = 256 << 10,
     group_id: str = "engine-tests",
+    num_workers: int = 1,
 ) -> Assignment:
+    """One round from rank 0 to one engine whose `num_workers` workers are ranks 1..num_workers."""
     # Short: closing a group broken by a failed round waits up to this long (gloo
     # shutdown with a receive still posted), and the failure tests break two.
-    rendezvous = Rendezvous("gloo", HOST, port, 2, group_id, timeout_s=5.0)
+    rendezvous = Rendezvous("gloo", HOST, port, 1 + num_workers, group_id, timeout_s=5.0)
     plan = BucketPlan.build(list(specs), bucket_size_bytes)
-    return Assignment(update_id, version, rendezvous, (Participant("engine", (1,)),), plan, deadline_s=120.0)
+    ranks = tuple(range(1, 1 + num_workers))
+    return Assignment(update_id, version, rendezvous, (Participant("engine", ranks),), plan, deadline_s=120.0)
+
+
+def perturbed(checkpoint: Mapping[str, torch.Tensor], seed: int, std: float = 0.05) -> dict[str, torch.Tensor]:
+    """The checkpoint plus seeded Gaussian noise: the "next checkpoint" a trainer would push."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: (t.float() + std * torch.randn(t.shape, generator=generator)).to(t.dtype)
+        for name, t in checkpoint.items()
+    }
 
 
 class Trainer:

@@ -459,7 +459,9 @@ class Coordinator:
             d.state = DaemonState.UPDATING
             d.reason = ""
             # Dirty from its first new byte, which may land any moment now; only an OK verdict
-            # of a round that covers its whole inventory clears it (in _finish).
+            # of a round that covers its whole inventory clears it (in _finish); an OK partial
+            # round restores what it was, as the daemon agent does.
+            rnd.outcomes[d.daemon_id].dirty_before = d.dirty
             d.dirty = True
             d.outbox.put_nowait(SessionEvent("assignment", assignment=assignment))
         self._update_gauges()
@@ -678,6 +680,8 @@ class Coordinator:
                 if is_full_round(rec.inventory, rnd.manifest_covers):
                     rec.dirty = False
                     rec.stale = False
+                else:
+                    rec.dirty = out.dirty_before
             else:
                 # Its engine may hold some of the new bytes: flag it until a full round re-syncs it.
                 rec.dirty = True

@@ -84,6 +84,8 @@ class DaemonOutcome:
     bytes_received: int = 0
     # The daemon itself sent a result: its handler has ended (unlike a failure the coordinator declared).
     reported: bool = False
+    # Its dirty flag when the round began: an OK partial round leaves it as it was.
+    dirty_before: bool = True
 
 
 @dataclass(slots=True)

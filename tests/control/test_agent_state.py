@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from tests.control.helpers import FAST, INVENTORY, ScriptedHandler, start_agent, start_coordinator, trainer_checksums, wait_until
 from weightsync.control.trainer_client import TrainerClient
@@ -32,14 +33,16 @@ async def _agree(client, agent, version: int, dirty: bool) -> None:
     assert (status["version"], status["dirty"], status["connected"]) == (version, dirty, True)
 
 
-async def test_agent_and_coordinator_agree_after_each_kind_of_round_and_a_restart():
+async def test_agent_and_coordinator_agree_after_each_kind_of_round_and_a_restart(tmp_path):
     """Full, partial-on-clean, failed, partial-on-dirty, full: agent and ListDaemons agree; after a coordinator restart the agent re-registers clean."""
-    server = await start_coordinator()
+    config = dataclasses.replace(FAST, state_file=str(tmp_path / "coordinator-state.json"))
+    server = await start_coordinator(config)
     handler = ScriptedHandler()
     agent = await start_agent(server.address, "d0", handler, served_version=0)
     client = TrainerClient(server.address)
     try:
-        await _agree(client, agent, 0, False)
+        # Version 0 was never committed by this coordinator: the claim is unknown, so dirty, until a full round.
+        await _agree(client, agent, 0, True)
         assert (await _round(client, 1)).committed
         await _agree(client, agent, 1, False)
         # Partial on a clean engine: still clean (the agent stayed dirty here before).
@@ -62,7 +65,7 @@ async def test_agent_and_coordinator_agree_after_each_kind_of_round_and_a_restar
         await server.stop(0)
         await wait_until(lambda: not agent.connected.is_set(), 10)
         assert agent.status()["last_error"]
-        server = await start_coordinator(FAST, listen=address)
+        server = await start_coordinator(config, listen=address)
         await agent.wait_connected(20)
         await client.close()
         client = TrainerClient(address)

@@ -97,12 +97,14 @@ async def test_restart_after_a_failed_round_recovers_only_what_was_committed(tmp
         agents = [await start_agent(address, d, h) for d, h in handlers.items()]
         async with TrainerClient(address, rpc_timeout_s=10) as client:
             assert (await _commit(client, 1)).committed
-            handlers["d1"].fail = "disk full"
+            # d1 fails only after d0 has reported and the trainer has committed: a failed
+            # participant ends the round at once, so d0 must be judged (OK) before that.
+            handlers["d1"].fail, handlers["d1"].delay_s = "disk full", 2.0
             report = await _commit(client, 2)
             assert report.state == "FAILED" and {v.daemon_id: v.status for v in report.results} == {"d0": "OK", "d1": "FAILED"}
             await wait_until(lambda: all(len(ag.verdicts) == 2 for ag in agents))
             assert agents[0].served_version == 2 and not agents[0].dirty  # d0 holds verified version-2 bytes
-            handlers["d1"].fail = ""
+            handlers["d1"].fail, handlers["d1"].delay_s = "", 0.0
             proc.kill()
             proc.wait(10)
             proc = spawn_coordinator(port, "--state-file", str(state))

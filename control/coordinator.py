@@ -107,6 +107,8 @@ class UpdateOptions:
     rendezvous_host: str = ""
     rendezvous_port: int = 0
     collective_timeout_s: float = 0.0
+    # The version the trainer encodes a delta against; None: a dense round.
+    delta_base_version: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -416,6 +418,11 @@ class Coordinator:
                 f"version {version} is stale: expected a version greater than {self.max_version}, "
                 "the highest version already begun or served"
             )
+        if options.delta_base_version is not None and options.delta_base_version >= version:
+            raise InvalidArgument(
+                "update options are invalid",
+                [f"options.delta_base_version: expected a version below the new version {version}, got {options.delta_base_version}"],
+            )
         participants = self._select_participants(options)
         check_against_inventory(manifest, {d.daemon_id: d.inventory for d in participants})
 
@@ -424,7 +431,7 @@ class Coordinator:
         ranks: list[Participant] = []
         next_rank = 1
         for d in participants:
-            ranks.append(Participant(d.daemon_id, tuple(range(next_rank, next_rank + d.num_ranks))))
+            ranks.append(Participant(d.daemon_id, tuple(range(next_rank, next_rank + d.num_ranks)), self._encoding_for(d, options)))
             next_rank += d.num_ranks
         membership = repr(
             (options.transport, options.rendezvous_host, options.rendezvous_port, [(d.daemon_id, d.num_ranks, d.session_token) for d in participants])
@@ -445,6 +452,7 @@ class Coordinator:
             participants=tuple(ranks),
             plan=plan,
             deadline_s=deadline_s,
+            delta_base_version=options.delta_base_version,
         )
         rnd = RoundRecord(assignment=assignment, manifest_covers=frozenset(s.name for s in manifest), owner=owner)
         rnd.outcomes = {d.daemon_id: DaemonOutcome() for d in participants}
@@ -518,8 +526,22 @@ class Coordinator:
 
     # ------------------------------------------------------------------ internals
 
+    def _encoding_for(self, d: DaemonRecord, o: UpdateOptions) -> str:
+        """"delta" only for a daemon this coordinator knows holds exactly the base; any doubt is dense.
+
+        Dirty (a failed or interrupted round, or never verified), stale, an unproven version
+        claim, or another version: the delta would be applied to bytes it was not encoded
+        against, so that daemon gets the dense weights in the same push.
+        """
+        if o.delta_base_version is None:
+            return "dense"
+        clean = not (d.dirty or d.stale or d.unknown_version)
+        return "delta" if clean and d.served_version == o.delta_base_version else "dense"
+
     def _check_options(self, o: UpdateOptions) -> None:
         problems = []
+        if o.delta_base_version is not None and o.delta_base_version < 0:
+            problems.append(f"options.delta_base_version: expected a version >= 0 (or absent for dense), got {o.delta_base_version}")
         if o.transport not in TRANSPORTS:
             problems.append(f"options.transport: expected one of {list(TRANSPORTS)}, got {o.transport!r}")
         if o.bucket_size_bytes and not ALIGN_BYTES <= o.bucket_size_bytes <= MAX_BUCKET_SIZE_BYTES:
@@ -712,6 +734,12 @@ class Coordinator:
         rnd.done.set()
         if self.metrics is not None:
             self.metrics.round_finished(state.value, rnd.duration_s, rnd.assignment.plan.payload_bytes * len(rnd.outcomes))
+            wire: dict[str, int] = {}
+            for p in rnd.assignment.participants:
+                o = rnd.outcomes.get(p.daemon_id)
+                if o is not None:
+                    wire[p.encoding] = wire.get(p.encoding, 0) + o.bytes_received
+            self.metrics.wire_bytes(wire)
         self._update_gauges()
         log.info(
             "update ended update_id=%s version=%d state=%s duration_s=%.3f%s",

@@ -97,6 +97,10 @@ class CoordinatorConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+# Engines whose daemons apply a delta in place (runtime/daemon.py); every other engine gets dense.
+DELTA_ENGINES = frozenset({"memory"})
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UpdateOptions:
     transport: str = "gloo"
@@ -452,7 +456,7 @@ class Coordinator:
             participants=tuple(ranks),
             plan=plan,
             deadline_s=deadline_s,
-            delta_base_version=options.delta_base_version,
+            delta_base_version=options.delta_base_version if options.transport != "cuda_ipc" else None,
         )
         rnd = RoundRecord(assignment=assignment, manifest_covers=frozenset(s.name for s in manifest), owner=owner)
         rnd.outcomes = {d.daemon_id: DaemonOutcome() for d in participants}
@@ -533,8 +537,11 @@ class Coordinator:
         claim, or another version: the delta would be applied to bytes it was not encoded
         against, so that daemon gets the dense weights in the same push.
         """
-        if o.delta_base_version is None:
+        if o.delta_base_version is None or o.transport == "cuda_ipc":
+            # cuda_ipc receivers copy from the trainer's own memory: no link bytes to save.
             return "dense"
+        if d.engine not in DELTA_ENGINES:
+            return "dense"  # its receiver cannot patch in place yet
         clean = not (d.dirty or d.stale or d.unknown_version)
         return "delta" if clean and d.served_version == o.delta_base_version else "dense"
 

@@ -204,6 +204,22 @@ class DataPlaneGroup:
         except RuntimeError as e:
             raise self.fail(f"{what} could not start: {e}") from e
 
+    def send(self, tensor: torch.Tensor, dst: int, what: str):
+        """Starts a point-to-point send to rank `dst` (per-rank payloads, e.g. delta rounds); returns the work for `wait`."""
+        backend = self._require_backend(what)
+        try:
+            return backend.send([tensor], dst, 0)
+        except RuntimeError as e:
+            raise self.fail(f"{what} could not start: {e}") from e
+
+    def recv(self, tensor: torch.Tensor, src: int, what: str):
+        """Starts a point-to-point receive from rank `src` into `tensor`; returns the work for `wait`."""
+        backend = self._require_backend(what)
+        try:
+            return backend.recv([tensor], src, 0)
+        except RuntimeError as e:
+            raise self.fail(f"{what} could not start: {e}") from e
+
     def all_gather(self, tensor: torch.Tensor, what: str) -> tuple[object, list[torch.Tensor]]:
         """Starts gathering every rank's `tensor` (same shape everywhere); returns (work, one tensor per rank)."""
         backend = self._require_backend(what)

@@ -24,12 +24,12 @@ async def test_encoding_per_participant_and_in_the_round_record():
     try:
         async with TrainerClient(server.address) as client:
             for d in ("clean", "other"):
-                agents.append(await start_agent(server.address, d))
+                agents.append(await start_agent(server.address, d, engine="memory"))
             _, report = await _round(client, 1)
             assert report.committed
             _, report = await _round(client, 2)
             assert report.committed
-            agents.append(await start_agent(server.address, "late"))
+            agents.append(await start_agent(server.address, "late", engine="memory"))
             daemons = {d.daemon_id: d for d in (await client.list_daemons()).daemons}
             assert daemons["late"].stale or daemons["late"].dirty
             # Round 3 is dense; round 4 asks for a delta against 3.
@@ -61,7 +61,7 @@ async def test_dirty_daemon_gets_dense():
     try:
         async with TrainerClient(server.address) as client:
             for d in ("a", "b"):
-                agents.append(await start_agent(server.address, d))
+                agents.append(await start_agent(server.address, d, engine="memory"))
             _, report = await _round(client, 1)
             assert report.committed
             a2 = await client.begin_update(2, INVENTORY, **RDV)
@@ -73,6 +73,22 @@ async def test_dirty_daemon_gets_dense():
             a4 = await client.begin_update(4, INVENTORY, delta_base_version=3, **RDV)
             assert {p.encoding for p in a4.participants} == {"delta"}
             await client.commit_update(a4, trainer_checksums(a4))
+    finally:
+        for a in agents:
+            await a.close(1)
+        await server.stop(0.5)
+
+
+async def test_engine_without_delta_support_gets_dense():
+    """An engine that cannot patch in place yet (here "test"; vLLM too) gets dense in a delta round."""
+    server = await start_coordinator()
+    agents = [await start_agent(server.address, "mem", engine="memory"), await start_agent(server.address, "other")]
+    try:
+        async with TrainerClient(server.address) as client:
+            assert (await _round(client, 1))[1].committed
+            a2 = await client.begin_update(2, INVENTORY, delta_base_version=1, **RDV)
+            assert {p.daemon_id: p.encoding for p in a2.participants} == {"mem": "delta", "other": "dense"}
+            await client.commit_update(a2, trainer_checksums(a2))
     finally:
         for a in agents:
             await a.close(1)

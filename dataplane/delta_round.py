@@ -149,7 +149,7 @@ def send_delta_round(
                         works.append(group.send(payload, r, what))
                     sent_bytes["delta" if r in delta_ranks else "dense"] += payload.numel()
             for w in works:
-                group.wait(w, what)
+                group.wait_p2p(w, what)
             for n, t in zip(names, news):
                 checksums[n] = tensor_checksum(t)
                 if keep is not None:
@@ -246,16 +246,16 @@ def receive_delta_round(
     for k, bucket in enumerate(plan.buckets):
         what = f"delta round bucket {k + 1}/{len(plan.buckets)}"
         header = torch.zeros(2, dtype=torch.int64, device=dev)
-        group.wait(group.recv(header, 0, what), what)
+        group.wait_p2p(group.recv(header, 0, what), what)
         meta_n, payload_n = (int(x) for x in header.tolist())
         if not 0 <= meta_n <= _MAX_META_BYTES or payload_n < 0:
             # The framing itself is broken: nothing after it can be read in step.
             raise group.fail(f"rank {rank}: {what}: header says {meta_n} meta bytes, {payload_n} payload bytes")
         meta_t = torch.empty(meta_n, dtype=torch.uint8, device=dev)
-        group.wait(group.recv(meta_t, 0, what), what)
+        group.wait_p2p(group.recv(meta_t, 0, what), what)
         payload = torch.empty(payload_n, dtype=torch.uint8, device=dev)
         if payload_n:
-            group.wait(group.recv(payload, 0, what), what)
+            group.wait_p2p(group.recv(payload, 0, what), what)
         received += payload_n
         if problem is not None:
             continue

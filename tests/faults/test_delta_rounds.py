@@ -32,6 +32,12 @@ def _load(fleet: Fleet, version: int) -> dict[str, torch.Tensor]:
     return load_file(fleet.weights[version])
 
 
+def _consistent(fleet: Fleet, version: int) -> None:
+    # The engines save after their verdict, asynchronously: wait for the bytes of `version` first.
+    assert all(fleet.holds(d, version) for d in fleet.daemons), f"not every engine holds version {version}"
+    fleet.assert_consistent(version)
+
+
 def _round(fleet: Fleet):
     return {v.daemon_id: v for v in fleet.client.list_rounds(1)[0].results}
 
@@ -51,7 +57,7 @@ def test_delta_rounds_heal_wrong_base_dirty_and_late_engines(fleet):
     w = _checkpoint(fleet, 1, _step(fleet.base, seed=1))
     rc, summary = fleet.push(1, base=0)
     assert rc == 0 and summary["encodings"] == {"mem0": "dense", "mem1": "dense"}, summary
-    fleet.assert_consistent(1)
+    _consistent(fleet, 1)
     # 2-3: two delta rounds at ~2% changed: every engine takes the delta, holds the new bytes exactly,
     # and the wire carried a few % of the dense bytes.
     for v in (2, 3):
@@ -59,7 +65,7 @@ def test_delta_rounds_heal_wrong_base_dirty_and_late_engines(fleet):
         rc, summary = fleet.push(v, base=v - 1)
         assert rc == 0, summary
         assert summary["encodings"] == {"mem0": "delta", "mem1": "delta"}, summary
-        fleet.assert_consistent(v)
+        _consistent(fleet, v)
         for d, got in _round(fleet).items():
             assert got.encoding == "delta" and 0 < got.bytes_received < 0.06 * dense_bytes, (d, got.bytes_received, dense_bytes)
     # 4: a wrong base (the trainer says v2's checkpoint is version 3, which the engines serve): the delta is
@@ -72,7 +78,7 @@ def test_delta_rounds_heal_wrong_base_dirty_and_late_engines(fleet):
     w4 = _checkpoint(fleet, 5, _step(w3, seed=5))
     rc, summary = fleet.push(5, base=3)
     assert rc == 0 and summary["encodings"] == {"mem0": "dense", "mem1": "dense"}, summary
-    fleet.assert_consistent(5)
+    _consistent(fleet, 5)
     # 6: one engine corrupted while applying a delta: only it fails, flagged; the other is verified.
     fleet.set_failpoints("mem1", corrupt_applied="model.layers.1.mlp.up_proj.weight")
     w5 = _checkpoint(fleet, 6, _step(w4, seed=6))
@@ -87,13 +93,13 @@ def test_delta_rounds_heal_wrong_base_dirty_and_late_engines(fleet):
     rc, summary = fleet.push(7, base=6)
     assert rc == 0, summary
     assert summary["encodings"] == {"mem0": "delta", "mem1": "dense", "late": "dense"}, summary
-    fleet.assert_consistent(7)
+    _consistent(fleet, 7)
     wire = summary["wire_bytes"]
     assert wire["mem0"] < 0.06 * dense_bytes <= wire["mem1"] == wire["late"], wire
 
 
-def test_trainer_killed_mid_delta_leaves_engines_flagged_next_push_heals(fleet):
-    """SIGKILL of the trainer in a delta round: the round ends, every engine is flagged; the next delta push sends them dense."""
+def test_trainer_killed_mid_delta_then_weightsync_keeps_the_base(fleet):
+    """SIGKILL of the trainer in a delta round flags every engine and the next push heals them dense; WeightSync(delta=True) advances its base only on COMMIT."""
     rc, summary = fleet.push(1)
     assert rc == 0, summary
     w2 = _checkpoint(fleet, 2, _step(_load(fleet, 1), seed=2, fraction=0.05))
@@ -109,4 +115,28 @@ def test_trainer_killed_mid_delta_leaves_engines_flagged_next_push_heals(fleet):
     _checkpoint(fleet, 3, _step(w2, seed=3))
     rc, summary = fleet.push(3, base=2, base_version=1)
     assert rc == 0 and summary["encodings"] == {"mem0": "dense", "mem1": "dense"}, summary
-    fleet.assert_consistent(3)
+    _consistent(fleet, 3)
+    # WeightSync(delta=True) keeps the base itself: its first push is dense, the next a delta;
+    # a failed round does not advance the base, and the push after it is dense where needed.
+    from tests.faults.fleet import BUCKET_BYTES, COLLECTIVE_TIMEOUT_S, DEADLINE_S
+    from weightsync.runtime.trainer import WeightSync
+
+    with WeightSync(fleet.address, delta=True, bucket_size_bytes=BUCKET_BYTES, collective_timeout_s=COLLECTIVE_TIMEOUT_S,
+                    deadline_s=DEADLINE_S) as sync:
+        w = _load(fleet, 3)
+        encodings = []
+        for v in (4, 5, 6, 7):
+            w = _checkpoint(fleet, v, _step(w, seed=v))
+            if v == 6:
+                fleet.set_failpoints("mem1", corrupt_applied="model.norm.weight")
+            report = sync.push(w, version=v, raise_on_failure=False)
+            fleet.clear_failpoints()
+            encodings.append({r.daemon_id: (r.encoding, r.status) for r in report.results})
+    assert encodings == [
+        {"mem0": ("dense", "OK"), "mem1": ("dense", "OK")},  # no base yet
+        {"mem0": ("delta", "OK"), "mem1": ("delta", "OK")},
+        {"mem0": ("delta", "OK"), "mem1": ("delta", "CHECKSUM_MISMATCH")},
+        # The base stayed at 5 (round 6 failed): mem0 serves 6, mem1 is flagged: both dense.
+        {"mem0": ("dense", "OK"), "mem1": ("dense", "OK")},
+    ], encodings
+    _consistent(fleet, 7)

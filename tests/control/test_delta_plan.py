@@ -88,7 +88,13 @@ async def test_engine_without_delta_support_gets_dense():
             assert (await _round(client, 1))[1].committed
             a2 = await client.begin_update(2, INVENTORY, delta_base_version=1, **RDV)
             assert {p.daemon_id: p.encoding for p in a2.participants} == {"mem": "delta", "other": "dense"}
-            await client.commit_update(a2, trainer_checksums(a2))
+            report = await client.commit_update(a2, trainer_checksums(a2))
+            # Prometheus counts what each daemon reported receiving, by its encoding.
+            wire = {v.encoding: v.bytes_received for v in report.results}
+            registry = server.metrics.registry
+            assert registry.get_sample_value("weightsync_wire_bytes_total", {"encoding": "delta"}) == wire["delta"] > 0
+            # Round 1 (dense for both) and round 2's dense daemon.
+            assert registry.get_sample_value("weightsync_wire_bytes_total", {"encoding": "dense"}) == 3 * wire["dense"]
     finally:
         for a in agents:
             await a.close(1)

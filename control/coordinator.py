@@ -434,8 +434,16 @@ class Coordinator:
         plan = BucketPlan.build(manifest, bucket_size)
         ranks: list[Participant] = []
         next_rank = 1
+        encodings = {d.daemon_id: self._encoding_for(d, options) for d in participants}
+        delta_base = options.delta_base_version
+        if "delta" not in encodings.values() or any(d.engine not in DELTA_ENGINES for d in participants):
+            # A delta round frames every rank's payload point to point; a receiver that only
+            # takes broadcast buckets (vLLM today) would wait for bytes that never come. So
+            # the round is dense for all when one of them is in it, or when nobody takes a delta.
+            delta_base = None
+            encodings = dict.fromkeys(encodings, "dense")
         for d in participants:
-            ranks.append(Participant(d.daemon_id, tuple(range(next_rank, next_rank + d.num_ranks)), self._encoding_for(d, options)))
+            ranks.append(Participant(d.daemon_id, tuple(range(next_rank, next_rank + d.num_ranks)), encodings[d.daemon_id]))
             next_rank += d.num_ranks
         membership = repr(
             (options.transport, options.rendezvous_host, options.rendezvous_port, [(d.daemon_id, d.num_ranks, d.session_token) for d in participants])
@@ -456,7 +464,7 @@ class Coordinator:
             participants=tuple(ranks),
             plan=plan,
             deadline_s=deadline_s,
-            delta_base_version=options.delta_base_version if options.transport != "cuda_ipc" else None,
+            delta_base_version=delta_base,
         )
         rnd = RoundRecord(assignment=assignment, manifest_covers=frozenset(s.name for s in manifest), owner=owner)
         rnd.outcomes = {d.daemon_id: DaemonOutcome() for d in participants}
@@ -540,8 +548,6 @@ class Coordinator:
         if o.delta_base_version is None or o.transport == "cuda_ipc":
             # cuda_ipc receivers copy from the trainer's own memory: no link bytes to save.
             return "dense"
-        if d.engine not in DELTA_ENGINES:
-            return "dense"  # its receiver cannot patch in place yet
         clean = not (d.dirty or d.stale or d.unknown_version)
         return "delta" if clean and d.served_version == o.delta_base_version else "dense"
 

@@ -80,21 +80,26 @@ async def test_dirty_daemon_gets_dense():
 
 
 async def test_engine_without_delta_support_gets_dense():
-    """An engine that cannot patch in place yet (here "test"; vLLM too) gets dense in a delta round."""
+    """A round with an engine that cannot take a delta round yet (here "test"; vLLM too) is dense for all; without it, delta."""
     server = await start_coordinator()
     agents = [await start_agent(server.address, "mem", engine="memory"), await start_agent(server.address, "other")]
     try:
         async with TrainerClient(server.address) as client:
             assert (await _round(client, 1))[1].committed
             a2 = await client.begin_update(2, INVENTORY, delta_base_version=1, **RDV)
-            assert {p.daemon_id: p.encoding for p in a2.participants} == {"mem": "delta", "other": "dense"}
-            report = await client.commit_update(a2, trainer_checksums(a2))
+            # "other" (a vLLM engine, say) only takes broadcast buckets: the whole round is dense.
+            assert a2.delta_base_version is None
+            assert {p.daemon_id: p.encoding for p in a2.participants} == {"mem": "dense", "other": "dense"}
+            await client.commit_update(a2, trainer_checksums(a2))
+            a3 = await client.begin_update(3, INVENTORY, delta_base_version=2, daemon_ids=["mem"], **RDV)
+            assert a3.delta_base_version == 2 and {p.encoding for p in a3.participants} == {"delta"}
+            report = await client.commit_update(a3, trainer_checksums(a3))
             # Prometheus counts what each daemon reported receiving, by its encoding.
             wire = {v.encoding: v.bytes_received for v in report.results}
             registry = server.metrics.registry
             assert registry.get_sample_value("weightsync_wire_bytes_total", {"encoding": "delta"}) == wire["delta"] > 0
-            # Round 1 (dense for both) and round 2's dense daemon.
-            assert registry.get_sample_value("weightsync_wire_bytes_total", {"encoding": "dense"}) == 3 * wire["dense"]
+            # Rounds 1 and 2, dense for both daemons (the scripted daemons report the plan's bytes).
+            assert registry.get_sample_value("weightsync_wire_bytes_total", {"encoding": "dense"}) == 4 * wire["delta"]
     finally:
         for a in agents:
             await a.close(1)

@@ -77,9 +77,10 @@ def assignment_to_pb(a: Assignment) -> pb.Assignment:
         rendezvous=pb.Rendezvous(
             transport=r.transport, host=r.host, port=r.port, world_size=r.world_size, group_id=r.group_id, timeout_s=r.timeout_s
         ),
-        participants=[pb.Participant(daemon_id=p.daemon_id, ranks=list(p.ranks)) for p in a.participants],
+        participants=[pb.Participant(daemon_id=p.daemon_id, ranks=list(p.ranks), encoding=p.encoding) for p in a.participants],
         plan=_plan_to_pb(a.plan),
         deadline_s=a.deadline_s,
+        delta_base_version=a.delta_base_version,
     )
 
 
@@ -89,7 +90,8 @@ def assignment_from_pb(msg: pb.Assignment) -> Assignment:
         update_id=msg.update_id,
         version=msg.version,
         rendezvous=Rendezvous(r.transport, r.host, r.port, r.world_size, r.group_id, r.timeout_s),
-        participants=tuple(Participant(p.daemon_id, tuple(p.ranks)) for p in msg.participants),
+        participants=tuple(Participant(p.daemon_id, tuple(p.ranks), p.encoding or "dense") for p in msg.participants),
         plan=_plan_from_pb(msg.plan),
         deadline_s=msg.deadline_s,
+        delta_base_version=msg.delta_base_version if msg.HasField("delta_base_version") else None,
     )

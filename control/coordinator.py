@@ -97,6 +97,10 @@ class CoordinatorConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+# Engines whose daemons apply a delta in place (runtime/daemon.py); every other engine gets dense.
+DELTA_ENGINES = frozenset({"memory"})
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UpdateOptions:
     transport: str = "gloo"
@@ -107,6 +111,8 @@ class UpdateOptions:
     rendezvous_host: str = ""
     rendezvous_port: int = 0
     collective_timeout_s: float = 0.0
+    # The version the trainer encodes a delta against; None: a dense round.
+    delta_base_version: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -416,6 +422,11 @@ class Coordinator:
                 f"version {version} is stale: expected a version greater than {self.max_version}, "
                 "the highest version already begun or served"
             )
+        if options.delta_base_version is not None and options.delta_base_version >= version:
+            raise InvalidArgument(
+                "update options are invalid",
+                [f"options.delta_base_version: expected a version below the new version {version}, got {options.delta_base_version}"],
+            )
         participants = self._select_participants(options)
         check_against_inventory(manifest, {d.daemon_id: d.inventory for d in participants})
 
@@ -423,8 +434,16 @@ class Coordinator:
         plan = BucketPlan.build(manifest, bucket_size)
         ranks: list[Participant] = []
         next_rank = 1
+        encodings = {d.daemon_id: self._encoding_for(d, options) for d in participants}
+        delta_base = options.delta_base_version
+        if "delta" not in encodings.values() or any(d.engine not in DELTA_ENGINES for d in participants):
+            # A delta round frames every rank's payload point to point; a receiver that only
+            # takes broadcast buckets (vLLM today) would wait for bytes that never come. So
+            # the round is dense for all when one of them is in it, or when nobody takes a delta.
+            delta_base = None
+            encodings = dict.fromkeys(encodings, "dense")
         for d in participants:
-            ranks.append(Participant(d.daemon_id, tuple(range(next_rank, next_rank + d.num_ranks))))
+            ranks.append(Participant(d.daemon_id, tuple(range(next_rank, next_rank + d.num_ranks)), encodings[d.daemon_id]))
             next_rank += d.num_ranks
         membership = repr(
             (options.transport, options.rendezvous_host, options.rendezvous_port, [(d.daemon_id, d.num_ranks, d.session_token) for d in participants])
@@ -445,6 +464,7 @@ class Coordinator:
             participants=tuple(ranks),
             plan=plan,
             deadline_s=deadline_s,
+            delta_base_version=delta_base,
         )
         rnd = RoundRecord(assignment=assignment, manifest_covers=frozenset(s.name for s in manifest), owner=owner)
         rnd.outcomes = {d.daemon_id: DaemonOutcome() for d in participants}
@@ -520,8 +540,23 @@ class Coordinator:
 
     # ------------------------------------------------------------------ internals
 
+    def _encoding_for(self, d: DaemonRecord, o: UpdateOptions) -> str:
+        """"delta" only for a daemon this coordinator knows holds exactly the base; any doubt is dense.
+
+        Dirty (a failed or interrupted round, or never verified), stale, an unproven version
+        claim, or another version: the delta would be applied to bytes it was not encoded
+        against, so that daemon gets the dense weights in the same push.
+        """
+        if o.delta_base_version is None or o.transport == "cuda_ipc":
+            # cuda_ipc receivers copy from the trainer's own memory: no link bytes to save.
+            return "dense"
+        clean = not (d.dirty or d.stale or d.unknown_version)
+        return "delta" if clean and d.served_version == o.delta_base_version else "dense"
+
     def _check_options(self, o: UpdateOptions) -> None:
         problems = []
+        if o.delta_base_version is not None and o.delta_base_version < 0:
+            problems.append(f"options.delta_base_version: expected a version >= 0 (or absent for dense), got {o.delta_base_version}")
         if o.transport not in TRANSPORTS:
             problems.append(f"options.transport: expected one of {list(TRANSPORTS)}, got {o.transport!r}")
         if o.bucket_size_bytes and not ALIGN_BYTES <= o.bucket_size_bytes <= MAX_BUCKET_SIZE_BYTES:
@@ -716,6 +751,12 @@ class Coordinator:
         rnd.done.set()
         if self.metrics is not None:
             self.metrics.round_finished(state.value, rnd.duration_s, rnd.assignment.plan.payload_bytes * len(rnd.outcomes))
+            wire: dict[str, int] = {}
+            for p in rnd.assignment.participants:
+                o = rnd.outcomes.get(p.daemon_id)
+                if o is not None:
+                    wire[p.encoding] = wire.get(p.encoding, 0) + o.bytes_received
+            self.metrics.wire_bytes(wire)
         self._update_gauges()
         log.info(
             "update ended update_id=%s version=%d state=%s duration_s=%.3f%s",

@@ -18,12 +18,20 @@ class CoordinatorMetrics:
             registry=self.registry,
         )
         self._bytes = Counter("weightsync_bytes_total", "Payload bytes planned to daemons", registry=self.registry)
+        # Bytes the daemons received, by how they travelled (dense or delta): what a delta round saves.
+        self._wire = Counter(
+            "weightsync_wire_bytes_total", "Bytes received by daemons, by encoding", ["encoding"], registry=self.registry
+        )
         self._daemons = Gauge("weightsync_daemons", "Registered daemons by state", ["state"], registry=self.registry)
 
     def round_finished(self, outcome: str, duration_s: float, payload_bytes: int) -> None:
         self._rounds.labels(outcome=outcome).inc()
         self._duration.observe(duration_s)
         self._bytes.inc(payload_bytes)
+
+    def wire_bytes(self, by_encoding: dict[str, int]) -> None:
+        for encoding, n in by_encoding.items():
+            self._wire.labels(encoding=encoding).inc(n)
 
     def daemons_by_state(self, counts: dict[str, int]) -> None:
         for state, n in counts.items():

@@ -38,7 +38,7 @@ def round_to_pb(rnd: RoundRecord) -> pb.RoundInfo:
         update_id=a.update_id,
         version=a.version,
         state=pb.RoundState.Value("ROUND_STATE_" + rnd.state.value),
-        participants=[pb.Participant(daemon_id=p.daemon_id, ranks=list(p.ranks)) for p in a.participants],
+        participants=[pb.Participant(daemon_id=p.daemon_id, ranks=list(p.ranks), encoding=p.encoding) for p in a.participants],
         results=[
             pb.DaemonResult(
                 daemon_id=daemon_id,
@@ -249,6 +249,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             rendezvous_host=o.rendezvous_host,
             rendezvous_port=o.rendezvous_port,
             collective_timeout_s=o.collective_timeout_s,
+            delta_base_version=o.delta_base_version if o.HasField("delta_base_version") else None,
         ) if request.HasField("options") else UpdateOptions()
         assignment = self._c.begin_update(request.version, manifest, options, owner=self._identify(context))
         return pb.BeginUpdateResponse(assignment=assignment_to_pb(assignment))

@@ -39,6 +39,7 @@ class DaemonVerdict:
     receive_s: float
     apply_s: float
     bytes_received: int
+    encoding: str = "dense"  # how its bytes travelled: "dense" or "delta"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,7 @@ class RoundReport:
 
     @classmethod
     def from_pb(cls, r: pb.RoundInfo) -> "RoundReport":
+        encodings = {p.daemon_id: p.encoding or "dense" for p in r.participants}
         return cls(
             update_id=r.update_id,
             version=r.version,
@@ -77,6 +79,7 @@ class RoundReport:
                     receive_s=x.receive_s,
                     apply_s=x.apply_s,
                     bytes_received=x.bytes_received,
+                    encoding=encodings.get(x.daemon_id, "dense"),
                 )
                 for x in r.results
             ),
@@ -150,6 +153,7 @@ class TrainerClient:
         rendezvous_port: int = 0,
         collective_timeout_s: float = 0.0,
         on_round_end: RoundEndFn | None = None,
+        delta_base_version: int | None = None,
     ) -> Assignment:
         """Begins a round and holds its WatchUpdate stream open until the verdict (the trainer's liveness).
 
@@ -168,6 +172,7 @@ class TrainerClient:
                 rendezvous_host=rendezvous_host,
                 rendezvous_port=rendezvous_port,
                 collective_timeout_s=collective_timeout_s,
+                delta_base_version=delta_base_version,
             ),
         )
         resp = await self._call("BeginUpdate", self._trainer.BeginUpdate, req)

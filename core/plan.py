@@ -196,6 +196,38 @@ class Assignment:
     participants: tuple[Participant, ...]
     plan: BucketPlan
     deadline_s: float
+    # The version a delta is encoded against; None: every participant gets dense.
+    delta_base_version: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.delta_base_version is None and any(p.encoding != "dense" for p in self.participants):
+            raise ValueError(f"update {self.update_id}: a participant takes a delta but delta_base_version is not set")
+        if self.delta_base_version is not None and not 0 <= self.delta_base_version < self.version:
+            raise ValueError(
+                f"update {self.update_id}: delta_base_version {self.delta_base_version}: expected 0..{self.version - 1}"
+            )
+
+    @property
+    def digest(self) -> str:
+        """What every rank must agree on: the plan, and for a delta round who takes the delta against which base."""
+        if self.delta_base_version is None:
+            return self.plan.digest  # a dense round: unchanged from before deltas existed
+        canon = [self.plan.digest, self.delta_base_version, [[p.daemon_id, p.encoding] for p in self.participants]]
+        return hashlib.sha256(json.dumps(canon, separators=(",", ":")).encode()).hexdigest()[:32]
+
+    def encoding_of_rank(self, rank: int) -> str:
+        for p in self.participants:
+            if rank in p.ranks:
+                return p.encoding
+        raise KeyError(f"rank {rank} is not a receiver of update {self.update_id}")
+
+    @property
+    def delta_ranks(self) -> tuple[int, ...]:
+        return tuple(r for p in self.participants if p.encoding == "delta" for r in p.ranks)
+
+    @property
+    def dense_ranks(self) -> tuple[int, ...]:
+        return tuple(r for p in self.participants if p.encoding == "dense" for r in p.ranks)
 
     def ranks_of(self, daemon_id: str) -> tuple[int, ...]:
         for p in self.participants:

@@ -76,17 +76,25 @@ class Rendezvous:
             raise ValueError(f"collective timeout_s {self.timeout_s}: expected > 0")
 
 
+ENCODINGS = ("dense", "delta")
+
+
 @dataclass(frozen=True, slots=True)
 class Participant:
     """A daemon in a round and the data-plane ranks of its receivers."""
 
     daemon_id: str
     ranks: tuple[int, ...] = field(default_factory=tuple)
+    # How this daemon's bytes travel: "dense" (whole tensors) or "delta" (the changes against
+    # the assignment's delta_base_version, which this daemon holds exactly).
+    encoding: str = "dense"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
         if not self.daemon_id:
             raise ValueError("participant daemon_id must be non-empty")
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"participant {self.daemon_id!r}: encoding {self.encoding!r}: expected one of {ENCODINGS}")
         if any(not 0 < r < MAX_RANK for r in self.ranks):
             raise ValueError(
                 f"participant {self.daemon_id!r}: ranks {list(self.ranks)}: expected 1..{MAX_RANK - 1} "

@@ -204,6 +204,22 @@ class DataPlaneGroup:
         except RuntimeError as e:
             raise self.fail(f"{what} could not start: {e}") from e
 
+    def send(self, tensor: torch.Tensor, dst: int, what: str):
+        """Starts a point-to-point send to rank `dst` (per-rank payloads, e.g. delta rounds); returns the work for `wait`."""
+        backend = self._require_backend(what)
+        try:
+            return backend.send([tensor], dst, 0)
+        except RuntimeError as e:
+            raise self.fail(f"{what} could not start: {e}") from e
+
+    def recv(self, tensor: torch.Tensor, src: int, what: str):
+        """Starts a point-to-point receive from rank `src` into `tensor`; returns the work for `wait`."""
+        backend = self._require_backend(what)
+        try:
+            return backend.recv([tensor], src, 0)
+        except RuntimeError as e:
+            raise self.fail(f"{what} could not start: {e}") from e
+
     def all_gather(self, tensor: torch.Tensor, what: str) -> tuple[object, list[torch.Tensor]]:
         """Starts gathering every rank's `tensor` (same shape everywhere); returns (work, one tensor per rank)."""
         backend = self._require_backend(what)
@@ -260,6 +276,39 @@ class DataPlaneGroup:
             return True
 
         return poll
+
+    def wait_p2p(self, work, what: str) -> None:
+        """`wait` for a send or recv. gloo's point-to-point work has no future and reports
+        completion only from inside wait(), so a helper thread blocks in wait() while this one
+        keeps watching for aborts and the deadline (as `wait` does for collectives)."""
+        if self.transport != "gloo":
+            self.wait(work, what)
+            return
+        self._check_requested_abort(what)
+        started = time.monotonic()
+        deadline = self._deadline()
+        done = threading.Event()
+        failed: list[BaseException] = []
+
+        def block() -> None:
+            try:
+                work.wait(_timedelta(max(1.0, deadline - time.monotonic())))
+            except BaseException as e:  # handed to the waiting thread
+                failed.append(e)
+            finally:
+                done.set()
+
+        threading.Thread(target=block, name=f"p2p-wait-{self.rank}", daemon=True).start()
+        while not done.wait(min(ABORT_POLL_INTERVAL_S, max(0.0, deadline - time.monotonic()))):
+            self.check_abort(what)
+            if time.monotonic() >= deadline:
+                raise self._timed_out(what, started)
+        if failed:
+            notice = self._abort_notice()
+            if notice is not None:
+                self._mark_broken(notice)
+                raise TransferError(f"rank {self.rank}: {what} abandoned: {notice} (then: {failed[0]})") from failed[0]
+            raise self.fail(f"{what} failed: {failed[0]}") from failed[0]
 
     def wait(self, work, what: str) -> None:
         """Waits for a collective, raising TransferError on failure, timeout or a peer's abort notice."""

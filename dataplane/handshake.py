@@ -75,7 +75,7 @@ def _header(group: DataPlaneGroup, assignment: Assignment, refuses: bool) -> lis
     return [
         _PROTOCOL,
         group.round_index,
-        *_digest_words(plan.digest),
+        *_digest_words(assignment.digest),
         *_digest_words(assignment.update_id),
         assignment.version,
         plan.total_bytes,

@@ -160,12 +160,31 @@ def _daemon(args: argparse.Namespace) -> int:
     return asyncio.run(_run_memory_daemon(args))
 
 
+def _served_base_version(sync) -> int | None:
+    """The one version the clean daemons serve: what --base must be when --base-version is not given.
+
+    None when no daemon is clean: every one would get dense anyway, so the push is dense.
+    """
+    served = {d.served_version for d in sync.list_daemons() if not d.dirty and not d.stale and d.served_version >= 0}
+    if not served:
+        return None
+    if len(served) != 1:
+        raise SystemExit(
+            f"--base: cannot infer its version: clean daemons serve {sorted(served) or 'none'}; expected exactly one, "
+            "give --base-version"
+        )
+    return served.pop()
+
+
 def _push(args: argparse.Namespace) -> int:
     from weightsync.dataplane import load_named_tensors
     from weightsync.runtime.security import channel_credentials_from_args
     from weightsync.runtime.trainer import WeightSync
 
     tensors = load_named_tensors(args.weights)
+    base = load_named_tensors(args.base) if args.base else None
+    if args.base_version is not None and base is None:
+        raise SystemExit("--base-version: given without --base (the checkpoint of that version)")
     with WeightSync(
         args.coordinator,
         rendezvous_host=args.rendezvous_host,
@@ -180,7 +199,12 @@ def _push(args: argparse.Namespace) -> int:
         credentials=channel_credentials_from_args(args),
         token=args.token,
     ) as sync:
-        report = sync.push(tensors, version=args.version, raise_on_failure=False)
+        base_version = args.base_version
+        if base is not None and base_version is None:
+            base_version = _served_base_version(sync)
+            if base_version is None:
+                base = None  # no clean daemon to take a delta
+        report = sync.push(tensors, version=args.version, raise_on_failure=False, base=base, base_version=base_version)
     summary = {
         "update_id": report.update_id,
         "version": report.version,
@@ -189,6 +213,8 @@ def _push(args: argparse.Namespace) -> int:
         "tensors": report.num_tensors,
         "seconds": round(report.duration_s, 3),
         "daemons": {v.daemon_id: v.status for v in report.results},
+        "encodings": {v.daemon_id: v.encoding for v in report.results},
+        "wire_bytes": {v.daemon_id: v.bytes_received for v in report.results},
         "reason": report.reason,
     }
     print(json.dumps(summary) if args.json else " ".join(f"{k}={v}" for k, v in summary.items()))
@@ -231,6 +257,10 @@ def add_subcommands(sub, add_security) -> None:
     p.add_argument("--deadline-s", type=float, default=600.0, metavar="SECONDS", help="the whole round's deadline")
     p.add_argument("--collective-timeout-s", type=float, default=120.0, metavar="SECONDS", help="each data-plane wait")
     p.add_argument("--min-daemons", type=int, default=1, help="refuse the round with fewer healthy daemons than this")
+    p.add_argument("--base", default=None, metavar="CHECKPOINT",
+                   help="the checkpoint the engines serve: send --weights as a delta against it (default: dense)")
+    p.add_argument("--base-version", type=int, default=None,
+                   help="the version --base is (default: the one version the clean daemons serve)")
     p.add_argument("--json", action="store_true", help="print the round's summary as JSON")
     add_security(p, server=False)
     p.set_defaults(func=_push)

@@ -13,6 +13,7 @@ import torch
 from weightsync.control.daemon_agent import HandlerResult, ProgressFn
 from weightsync.core import Assignment, TransferError
 from weightsync.dataplane import GroupCache, MemoryEngine, receive_assignment, tensor_checksum
+from weightsync.dataplane.delta_round import receive_delta_round
 from weightsync.dataplane.receiver import DestinationFn
 from weightsync.runtime.failpoints import load_failpoints
 
@@ -64,9 +65,17 @@ class ReceiverHandler:
             raise TransferError(f"rank {rank}: the previous round's transfer did not end within {wait_s:g} s")
         try:
             group = self._groups.get(assignment, rank)
-            res = receive_assignment(
-                assignment, rank, group, self._apply, device=self._device, progress=progress, destination=self._destination
-            )
+            if assignment.delta_base_version is not None:
+                if self._destination is None:
+                    raise TransferError(f"rank {rank}: a delta round patches the engine's tensors in place; this engine offers none")
+                # Dense and delta ranks alike: the payload is patched into the engine's own tensors.
+                res = receive_delta_round(
+                    assignment, rank, group, self._destination, apply_fn=self._apply, progress=progress
+                )
+            else:
+                res = receive_assignment(
+                    assignment, rank, group, self._apply, device=self._device, progress=progress, destination=self._destination
+                )
         finally:
             self._lock.release()
         checksums = res.checksums

@@ -19,6 +19,7 @@ from weightsync.control.trainer_client import RoundFailed, RoundReport, SyncTrai
 from weightsync.core import FailedPrecondition, TensorSpec, WeightsyncError
 from weightsync.dataplane import GroupCache, TitanToHF, TrainerStore, send_assignment
 from weightsync.dataplane import RoundFailed as DataPlaneRoundFailed
+from weightsync.dataplane.delta_round import send_delta_round, wire_tensor
 from weightsync.dataplane.layout import dtype_name
 from weightsync.runtime.failpoints import load_failpoints
 
@@ -95,8 +96,19 @@ class WeightSync:
         device: str | torch.device | None = None,
         credentials=None,
         token: str | None = None,
+        delta: bool = False,
     ) -> None:
         self.rank, self.world_size = _trainer_world()
+        if delta and self.world_size > 1:
+            # Each sharded rank would have to encode what it holds (the many-senders design); until
+            # then rank 0 alone materialises tensors for a delta, which a DTensor gather cannot do.
+            raise ValueError(f"delta=True: expected a trainer world of 1 rank, got {self.world_size}")
+        # delta=True keeps the base: the wire-dtype bytes of the last version the fleet committed,
+        # on CPU (host memory = the model's size in the wire dtype, plus as much again while a
+        # round is in flight, for the candidate base). It advances only when a round COMMITS.
+        self._delta = delta
+        self._base: dict[str, torch.Tensor] | None = None
+        self._base_version: int | None = None
         self._options = dict(
             transport=transport,
             bucket_size_bytes=bucket_size_bytes,
@@ -121,16 +133,35 @@ class WeightSync:
             tensors = self._titan.map_state_dict(tensors)
         return tensors
 
-    def push(self, source: Source, *, version: int, raise_on_failure: bool = True) -> RoundReport | None:
-        """One round: BeginUpdate, transfer, verdict. Returns the report on trainer rank 0, None elsewhere."""
+    def push(
+        self,
+        source: Source,
+        *,
+        version: int,
+        raise_on_failure: bool = True,
+        base: Source | None = None,
+        base_version: int | None = None,
+    ) -> RoundReport | None:
+        """One round: BeginUpdate, transfer, verdict. Returns the report on trainer rank 0, None elsewhere.
+
+        With delta=True (after a committed round) or an explicit `base` (the tensors of
+        `base_version`, which the engines serve), the coordinator gives a delta against that
+        version to every daemon clean on exactly it, and dense to all others, in this one round.
+        """
         tensors = self._prepare(source)
+        if base is not None:
+            base = self._prepare(base)
         assignment = None
         error: BaseException | None = None
         if self.rank == 0:
             try:
+                if base is not None and base_version is None:
+                    raise ValueError("push(base=...): expected base_version, the version whose bytes `base` holds")
+                delta_base, delta_version = (base, base_version) if base is not None else (self._base, self._base_version)
                 assignment = self._client.begin_update(
                     version,
                     manifest_for(tensors, self._dtype),
+                    delta_base_version=delta_version if delta_base is not None else None,
                     rendezvous_host=self._store.host,
                     rendezvous_port=self._store.port,
                     on_round_end=self._on_round_end,
@@ -151,7 +182,18 @@ class WeightSync:
         t0 = time.monotonic()
         try:
             group = self._groups.get(assignment, 0)
-            sent = send_assignment(assignment, tensors, group, device=self._device)
+            keep: dict[str, torch.Tensor] | None = {} if self._delta else None
+            if assignment.delta_base_version is not None:
+                wire_base = {
+                    e.name: wire_tensor(delta_base[e.name], e.dtype, torch.device("cpu"))
+                    for _, e in assignment.plan.entries()
+                    if e.name in delta_base
+                }
+                sent = send_delta_round(assignment, tensors, group, wire_base, device=self._device, keep=keep)
+            else:
+                sent = send_assignment(assignment, tensors, group, device=self._device)
+                if keep is not None:
+                    keep.update((e.name, wire_tensor(tensors[e.name], e.dtype, torch.device("cpu"))) for _, e in assignment.plan.entries())
         except Exception as e:
             reason = f"trainer failed to send: {_describe_failure(e, assignment)}"
             try:
@@ -173,6 +215,8 @@ class WeightSync:
             time.sleep(pause_s)
         report = self._client.commit_update(assignment, sent.checksums, sender_s=time.monotonic() - t0)
         self.last_report = report
+        if keep is not None and report.committed:
+            self._base, self._base_version = keep, version
         log.info(
             "push update_id=%s version=%d state=%s bytes=%d seconds=%.3f",
             report.update_id, version, report.state, sent.bytes_sent, time.monotonic() - t0,
@@ -180,6 +224,10 @@ class WeightSync:
         if raise_on_failure:
             report.raise_if_failed()
         return report
+
+    def list_daemons(self):
+        """The coordinator's daemons (rank 0 only), e.g. to learn which version the engines serve."""
+        return self._client.list_daemons().daemons
 
     def _on_round_end(self, update_id: str, state: str, reason: str) -> None:
         """On the client's thread: a round that ended without committing is abandoned on the data plane at once."""

@@ -71,8 +71,8 @@ async def start_coordinator(config: CoordinatorConfig = FAST, listen: str = "127
     return server
 
 
-async def start_agent(address: str, daemon_id: str, handler=None, *, served_version: int = -1, inventory=INVENTORY, **kw) -> DaemonAgent:
-    ident = DaemonIdentity(daemon_id=daemon_id, engine="test", model="tiny", host="127.0.0.1", inventory=tuple(inventory))
+async def start_agent(address: str, daemon_id: str, handler=None, *, served_version: int = -1, inventory=INVENTORY, engine: str = "test", **kw) -> DaemonAgent:
+    ident = DaemonIdentity(daemon_id=daemon_id, engine=engine, model="tiny", host="127.0.0.1", inventory=tuple(inventory))
     agent = DaemonAgent(address, ident, handler or ScriptedHandler(), served_version=served_version, reconnect_max_s=0.5, **kw)
     agent.start()
     await agent.wait_connected(10)

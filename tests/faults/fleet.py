@@ -188,6 +188,8 @@ class Fleet:
         deadline_s: float = DEADLINE_S,
         failpoints: dict | None = None,
         local: bool = False,
+        base: int | None = None,
+        base_version: int | None = None,
     ):
         """Runs `weightsync push` for `version` (local: a LocalPush in this process); `failpoints` go to the trainer process."""
         if version not in self.weights:
@@ -198,6 +200,10 @@ class Fleet:
         cmd = cli("push", "--coordinator", self.address, "--weights", str(self.weights[version]), "--version", str(version),
                   "--bucket-size-bytes", str(BUCKET_BYTES), "--collective-timeout-s", str(collective_timeout_s),
                   "--deadline-s", str(deadline_s), "--json")
+        if base is not None:  # a delta against that checkpoint (see `weightsync push --base`)
+            cmd += ["--base", str(self.weights[base])]
+            if base_version is not None:
+                cmd += ["--base-version", str(base_version)]
         env = self.env
         if failpoints:
             path = self.tmp / f"push-v{version}.failpoints"

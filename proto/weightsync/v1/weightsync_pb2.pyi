@@ -111,28 +111,32 @@ class Rendezvous(_message.Message):
     def __init__(self, transport: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., world_size: _Optional[int] = ..., group_id: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class Participant(_message.Message):
-    __slots__ = ("daemon_id", "ranks")
+    __slots__ = ("daemon_id", "ranks", "encoding")
     DAEMON_ID_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
     daemon_id: str
     ranks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, daemon_id: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
+    encoding: str
+    def __init__(self, daemon_id: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ..., encoding: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("update_id", "version", "rendezvous", "participants", "plan", "deadline_s")
+    __slots__ = ("update_id", "version", "rendezvous", "participants", "plan", "deadline_s", "delta_base_version")
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    DELTA_BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     update_id: str
     version: int
     rendezvous: Rendezvous
     participants: _containers.RepeatedCompositeFieldContainer[Participant]
     plan: BucketPlan
     deadline_s: float
-    def __init__(self, update_id: _Optional[str] = ..., version: _Optional[int] = ..., rendezvous: _Optional[_Union[Rendezvous, _Mapping]] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., plan: _Optional[_Union[BucketPlan, _Mapping]] = ..., deadline_s: _Optional[float] = ...) -> None: ...
+    delta_base_version: int
+    def __init__(self, update_id: _Optional[str] = ..., version: _Optional[int] = ..., rendezvous: _Optional[_Union[Rendezvous, _Mapping]] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., plan: _Optional[_Union[BucketPlan, _Mapping]] = ..., deadline_s: _Optional[float] = ..., delta_base_version: _Optional[int] = ...) -> None: ...
 
 class TensorChecksum(_message.Message):
     __slots__ = ("name", "checksum")
@@ -291,7 +295,7 @@ class CoordinatorMessage(_message.Message):
     def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., cancel: _Optional[_Union[CancelUpdate, _Mapping]] = ..., verdict: _Optional[_Union[UpdateVerdict, _Mapping]] = ...) -> None: ...
 
 class UpdateOptions(_message.Message):
-    __slots__ = ("transport", "bucket_size_bytes", "deadline_s", "min_daemons", "daemon_ids", "rendezvous_host", "rendezvous_port", "collective_timeout_s")
+    __slots__ = ("transport", "bucket_size_bytes", "deadline_s", "min_daemons", "daemon_ids", "rendezvous_host", "rendezvous_port", "collective_timeout_s", "delta_base_version")
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     BUCKET_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
@@ -300,6 +304,7 @@ class UpdateOptions(_message.Message):
     RENDEZVOUS_HOST_FIELD_NUMBER: _ClassVar[int]
     RENDEZVOUS_PORT_FIELD_NUMBER: _ClassVar[int]
     COLLECTIVE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    DELTA_BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     transport: str
     bucket_size_bytes: int
     deadline_s: float
@@ -308,7 +313,8 @@ class UpdateOptions(_message.Message):
     rendezvous_host: str
     rendezvous_port: int
     collective_timeout_s: float
-    def __init__(self, transport: _Optional[str] = ..., bucket_size_bytes: _Optional[int] = ..., deadline_s: _Optional[float] = ..., min_daemons: _Optional[int] = ..., daemon_ids: _Optional[_Iterable[str]] = ..., rendezvous_host: _Optional[str] = ..., rendezvous_port: _Optional[int] = ..., collective_timeout_s: _Optional[float] = ...) -> None: ...
+    delta_base_version: int
+    def __init__(self, transport: _Optional[str] = ..., bucket_size_bytes: _Optional[int] = ..., deadline_s: _Optional[float] = ..., min_daemons: _Optional[int] = ..., daemon_ids: _Optional[_Iterable[str]] = ..., rendezvous_host: _Optional[str] = ..., rendezvous_port: _Optional[int] = ..., collective_timeout_s: _Optional[float] = ..., delta_base_version: _Optional[int] = ...) -> None: ...
 
 class BeginUpdateRequest(_message.Message):
     __slots__ = ("version", "manifest", "options")

@@ -1,0 +1,309 @@
+"""Delta rounds on the data plane: each receiver gets the payload its encoding says, dense or delta.
+
+The assignment says per participant whether it takes a delta against `delta_base_version`
+(the coordinator gives one only to daemons clean on exactly that version) or the dense
+weights. Design, and why: the broadcast of dense rounds sends the same bytes to every
+receiver, but a delta round has two payloads. On gloo a broadcast is rank 0 sending to each
+receiver in turn anyway, so point-to-point sends of per-rank payloads cost the same link
+bytes and keep ONE group and ONE handshake (no second sub-round, no second rendezvous,
+no second failure path). NCCL has the same send/recv; cuda_ipc rounds are never delta (the
+coordinator makes them dense: the receiver reads the trainer's memory there, nothing to save).
+
+Per plan bucket the sender encodes the bucket's tensors once (`encode_many`, against the
+base it keeps) and sends every delta rank: a header (int64 [meta bytes, payload bytes]),
+the meta (JSON: per tensor its name, `Delta.to_dict()` and segment sizes) and the payload
+(positions, escapes, values per tensor, each segment padded to 8 bytes so it can be viewed
+in its dtype). Dense ranks get the same framing with every tensor a dense "delta" (all
+its values), so both kinds of receiver run one code path.
+
+Verification: a receiver patches its engine's tensors in place (`apply_many`) and reports
+checksums of the WHOLE resulting tensors, recomputed (see `delta_checksum.py`: an update
+from the changed words would not see a wrong base). The coordinator compares them with
+the trainer's checksums of its new tensors, per daemon: an engine that held other bytes
+than the base ends CHECKSUM_MISMATCH and flagged, the others verified. The data-plane
+close therefore only agrees that every rank finished (all rows zero): comparing payload
+sums there would fail every rank for one engine's wrong base.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+
+from weightsync.core import Assignment, TransferError
+from weightsync.dataplane.checksum import tensor_checksum
+from weightsync.dataplane.deferred import materialize
+from weightsync.dataplane.delta import Delta, Encoding, apply_many, encode_many, index_width_bytes
+from weightsync.dataplane.groups import DataPlaneGroup
+from weightsync.dataplane.handshake import RoundFailed, close_round, open_round
+from weightsync.dataplane.layout import torch_dtype
+from weightsync.dataplane.receiver import ReceiveResult
+from weightsync.dataplane.sender import SendResult, SourceTensor, _validate
+
+__all__ = ["receive_delta_round", "send_delta_round", "wire_tensor"]
+
+log = logging.getLogger(__name__)
+
+_PAD = 8
+# Meta of one bucket is a few hundred bytes per tensor; a header beyond this is damage, not a plan.
+_MAX_META_BYTES = 64 << 20
+
+
+def _pad(n: int) -> int:
+    return (n + _PAD - 1) // _PAD * _PAD
+
+
+def wire_tensor(t: SourceTensor, dtype: str, device: torch.device) -> torch.Tensor:
+    """`t` as the plan sends it: materialised, the wire dtype, contiguous, on `device`."""
+    return materialize(t).detach().to(device=device, dtype=torch_dtype(dtype)).contiguous()
+
+
+def _dense(new: torch.Tensor) -> Delta:
+    empty = torch.empty(0, dtype=torch.uint8, device=new.device)
+    return Delta(Encoding.DENSE, new.numel(), new.numel(), empty, empty, new.reshape(-1))
+
+
+def _frame(names: list[str], deltas: list[Delta], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(header, meta, payload) of one bucket for one kind of receiver."""
+    meta = []
+    parts = []
+    for name, d in zip(names, deltas):
+        sizes = []
+        for t in (d.positions, d.escapes, d.values):
+            raw = t.contiguous().reshape(-1).view(torch.uint8)
+            sizes.append(raw.numel())
+            parts.append(raw)
+            if _pad(raw.numel()) != raw.numel():
+                parts.append(torch.zeros(_pad(raw.numel()) - raw.numel(), dtype=torch.uint8, device=raw.device))
+        meta.append({"name": name, **d.to_dict(), "sizes": sizes})
+    payload = torch.cat([p.to(device) for p in parts]) if parts else torch.empty(0, dtype=torch.uint8, device=device)
+    meta_t = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8).to(device)
+    header = torch.tensor([meta_t.numel(), payload.numel()], dtype=torch.int64, device=device)
+    return header, meta_t, payload
+
+
+def send_delta_round(
+    assignment: Assignment,
+    tensors: Mapping[str, SourceTensor] | Iterable[tuple[str, SourceTensor]],
+    group: DataPlaneGroup,
+    base: Mapping[str, torch.Tensor],
+    *,
+    device: torch.device | str | None = None,
+    keep: dict[str, torch.Tensor] | None = None,
+) -> SendResult:
+    """Sends a delta round: deltas against `base` to the delta ranks, dense to the others.
+
+    `base` maps names to the wire-dtype tensors of `assignment.delta_base_version` (any
+    device; they are moved to the group's device per bucket). `keep`, if given, receives a
+    CPU copy of every new wire tensor: the caller's next base once the round commits.
+    Returns the sender's checksums of the new tensors, whole, which every engine must match.
+    """
+    if assignment.delta_base_version is None:
+        raise ValueError(f"update {assignment.update_id} is a dense round: use send_assignment")
+    started = time.monotonic()
+    plan = assignment.plan
+    source = dict(tensors.items()) if isinstance(tensors, Mapping) else dict(tensors)
+    dev = torch.device(device) if device is not None else group.device
+    problems = _validate(plan, source)
+    delta_ranks, dense_ranks = assignment.delta_ranks, assignment.dense_ranks
+    if delta_ranks:
+        for _, e in plan.entries():
+            b = base.get(e.name)
+            if b is None:
+                problems.append(f"{e.name}: no base tensor of version {assignment.delta_base_version}")
+            elif tuple(b.shape) != e.shape or b.dtype != torch_dtype(e.dtype):
+                problems.append(
+                    f"{e.name}: base is {list(b.shape)} {b.dtype}, the plan sends {list(e.shape)} {e.dtype}"
+                )
+    problem_text = f"{len(problems)} tensor(s) cannot be sent: " + "; ".join(problems) if problems else None
+    try:
+        open_round(group, assignment, local_problem=problem_text)
+    except RoundFailed as e:
+        if problem_text:
+            raise ValueError(problem_text) from e
+        raise
+    opened = time.monotonic() - started
+    checksums: dict[str, int] = {}
+    sent_bytes = {"delta": 0, "dense": 0}
+    try:
+        for k, bucket in enumerate(plan.buckets):
+            names = [e.name for e in bucket.entries]
+            news = [wire_tensor(source[e.name], e.dtype, dev) for e in bucket.entries]
+            frames = []
+            if delta_ranks:
+                bases = [base[n].to(dev).contiguous() for n in names]
+                frames.append((delta_ranks, _frame(names, encode_many(bases, news), dev)))
+            if dense_ranks:
+                frames.append((dense_ranks, _frame(names, [_dense(t) for t in news], dev)))
+            works = []
+            what = f"delta round bucket {k + 1}/{len(plan.buckets)}"
+            for ranks, (header, meta, payload) in frames:
+                for r in ranks:
+                    works.append(group.send(header, r, what))
+                    works.append(group.send(meta, r, what))
+                    if payload.numel():
+                        works.append(group.send(payload, r, what))
+                    sent_bytes["delta" if r in delta_ranks else "dense"] += payload.numel()
+            for w in works:
+                group.wait_p2p(w, what)
+            for n, t in zip(names, news):
+                checksums[n] = tensor_checksum(t)
+                if keep is not None:
+                    keep[n] = t.to("cpu", copy=True)
+    except BaseException as e:
+        if not isinstance(e, TransferError):
+            group.fail(f"sender stopped: {type(e).__name__}: {e}")
+        raise
+    sent = time.monotonic() - started
+    # Every rank's row is zeros: the verdict on the engines' bytes is the coordinator's (module docstring).
+    close_round(group, assignment, [0] * plan.num_tensors)
+    seconds = time.monotonic() - started
+    log.info(
+        "update %s: delta round against version %d: %d delta ranks (%.2f MiB), %d dense ranks (%.2f MiB) in %.2f s",
+        assignment.update_id, assignment.delta_base_version, len(delta_ranks), sent_bytes["delta"] / 2**20,
+        len(dense_ranks), sent_bytes["dense"] / 2**20, seconds,
+    )
+    return SendResult(
+        update_id=assignment.update_id,
+        checksums=checksums,
+        bytes_sent=sent_bytes["delta"] + sent_bytes["dense"],
+        num_buckets=len(plan.buckets),
+        seconds=seconds,
+        pack_s=0.0,
+        checksum_s=0.0,
+        timeline={"opened": opened, "sent": sent, "closed": seconds},
+    )
+
+
+def _index_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if index_width_bytes(numel) == 4 else torch.int64
+
+
+def _segment_dtypes(encoding: str, numel: int, value_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    positions = {
+        "dense": torch.uint8,
+        "indices": _index_dtype(numel),
+        "bitmask": torch.uint8,
+        "gaps8": torch.uint8,
+        "gaps16": torch.int16,
+    }.get(encoding, torch.uint8)
+    return positions, _index_dtype(numel), value_dtype
+
+
+def _unframe(meta: list, payload: torch.Tensor, entries, targets: list[torch.Tensor]) -> list[Delta]:
+    if not isinstance(meta, list) or len(meta) != len(entries):
+        raise ValueError(f"delta meta lists {len(meta) if isinstance(meta, list) else meta!r} tensors, the bucket has {len(entries)}")
+    deltas = []
+    at = 0
+    for m, e, target in zip(meta, entries, targets):
+        if not isinstance(m, dict) or m.get("name") != e.name:
+            raise ValueError(f"delta meta names {m.get('name') if isinstance(m, dict) else m!r}, the plan has {e.name!r} here")
+        dtypes = _segment_dtypes(m.get("encoding"), target.numel(), target.dtype)
+        segs = []
+        for size, dtype in zip(m["sizes"], dtypes):
+            if not 0 <= size <= payload.numel() - at:
+                raise ValueError(f"{e.name}: a delta segment of {size} bytes at {at} lies outside the payload of {payload.numel()}")
+            segs.append(payload[at : at + size].view(dtype))
+            at += _pad(size)
+        deltas.append(Delta.from_dict(m, *segs))
+    return deltas
+
+
+def receive_delta_round(
+    assignment: Assignment,
+    rank: int,
+    group: DataPlaneGroup,
+    destination: Callable[[str], torch.Tensor | None],
+    *,
+    apply_fn: Callable[[list[tuple[str, torch.Tensor]]], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ReceiveResult:
+    """Receives this rank's payload of a delta round and patches `destination(name)` in place.
+
+    Each destination must be the engine's own contiguous tensor of the plan's shape and wire
+    dtype on the group's device; for a delta rank it must hold exactly the base version.
+    `apply_fn`, if given, is called per bucket with (name, patched tensor) pairs after the
+    patch (the tensors are already written; e.g. for fault injection or bookkeeping).
+    Returns checksums of the whole resulting tensors, recomputed. On any local problem the
+    rank still takes every message (so the sender is not left waiting) and then fails the
+    round on every rank with its reason.
+    """
+    if rank not in assignment.receiver_ranks:
+        raise ValueError(f"rank {rank} is not among the receiver ranks {list(assignment.receiver_ranks)}")
+    started = time.monotonic()
+    plan = assignment.plan
+    dev = group.device
+    open_round(group, assignment)
+    opened = time.monotonic() - started
+    problem: BaseException | None = None
+    received = 0
+    apply_s = 0.0
+    held: dict[str, torch.Tensor] = {}
+    for k, bucket in enumerate(plan.buckets):
+        what = f"delta round bucket {k + 1}/{len(plan.buckets)}"
+        header = torch.zeros(2, dtype=torch.int64, device=dev)
+        group.wait_p2p(group.recv(header, 0, what), what)
+        meta_n, payload_n = (int(x) for x in header.tolist())
+        if not 0 <= meta_n <= _MAX_META_BYTES or payload_n < 0:
+            # The framing itself is broken: nothing after it can be read in step.
+            raise group.fail(f"rank {rank}: {what}: header says {meta_n} meta bytes, {payload_n} payload bytes")
+        meta_t = torch.empty(meta_n, dtype=torch.uint8, device=dev)
+        group.wait_p2p(group.recv(meta_t, 0, what), what)
+        payload = torch.empty(payload_n, dtype=torch.uint8, device=dev)
+        if payload_n:
+            group.wait_p2p(group.recv(payload, 0, what), what)
+        received += payload_n
+        if problem is not None:
+            continue
+        t0 = time.monotonic()
+        try:
+            targets = []
+            for e in bucket.entries:
+                d = destination(e.name)
+                if (
+                    not isinstance(d, torch.Tensor)
+                    or tuple(d.shape) != e.shape
+                    or d.dtype != torch_dtype(e.dtype)
+                    or not d.is_contiguous()
+                    or d.device != dev
+                ):
+                    got = f"{list(d.shape)} {d.dtype} on {d.device}" if isinstance(d, torch.Tensor) else repr(d)
+                    raise ValueError(
+                        f"{e.name}: a delta round patches the engine's tensor in place: expected a contiguous "
+                        f"{list(e.shape)} {e.dtype} tensor on {dev}, got {got}"
+                    )
+                targets.append(d)
+            deltas = _unframe(json.loads(bytes(meta_t.cpu().numpy())), payload, bucket.entries, targets)
+            apply_many(targets, deltas)
+            held.update((e.name, t) for e, t in zip(bucket.entries, targets))
+            if apply_fn is not None:
+                apply_fn([(e.name, t) for e, t in zip(bucket.entries, targets)])
+            if progress is not None:
+                progress(k + 1, received)
+        except Exception as e:
+            problem = e
+        apply_s += time.monotonic() - t0
+    if problem is not None:
+        close_round(group, assignment, None, local_problem=f"rank {rank}: {type(problem).__name__}: {problem}")
+        raise AssertionError("close_round with a local problem raises")
+    t0 = time.monotonic()
+    # The whole resulting tensors, recomputed: proves the engine holds the trainer's bytes.
+    checksums = {n: tensor_checksum(t) for n, t in held.items()}
+    checksum_s = time.monotonic() - t0
+    close_round(group, assignment, [0] * plan.num_tensors)
+    seconds = time.monotonic() - started
+    return ReceiveResult(
+        update_id=assignment.update_id,
+        checksums=checksums,
+        bytes_received=received,
+        num_buckets=len(plan.buckets),
+        receive_s=seconds - apply_s,
+        apply_s=apply_s,
+        checksum_s=checksum_s,
+        seconds=seconds,
+        timeline={"opened": opened, "closed": seconds},
+    )

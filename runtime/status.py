@@ -64,9 +64,12 @@ def format_status(daemons: pb.ListDaemonsResponse, rounds: pb.ListRoundsResponse
         for r in rounds.rounds
     ]
     committed = daemons.committed_version if daemons.committed_version >= 0 else "none (no version committed yet)"
+    floor = (
+        f"{daemons.version_floor} (the next round's version must exceed it)" if daemons.version_floor >= 0 else "none (any version may begin)"
+    )
     return "\n".join(
         [
-            f"committed version: {committed}   version floor: {daemons.version_floor} (the next round's version must exceed it)",
+            f"committed version: {committed}   version floor: {floor}",
             "",
             _table(["DAEMON", "STATE", "VERSION", "FLAGS", "HEARTBEAT", "ENGINE", "RANKS", "HOST"], d_rows),
             "",

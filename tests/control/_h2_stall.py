@@ -132,7 +132,11 @@ def main() -> None:
     reported = False
     while True:
         select.select([c.sock for c in conns], [c.sock for c in conns if c.out], [], 0.05)
-        if any([c.pump() for c in conns]):
+        sent_before = sum(c.sent for c in conns)
+        for c in conns:
+            c.pump()
+        # Progress is body bytes taken; answering the server's keepalive pings is not.
+        if sum(c.sent for c in conns) != sent_before:
             last_progress = time.monotonic()
         if not reported and time.monotonic() - last_progress > 2.0:
             print(f"stalled {sum(c.sent for c in conns)}", flush=True)

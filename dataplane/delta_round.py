@@ -39,7 +39,7 @@ from weightsync.dataplane.checksum import tensor_checksum
 from weightsync.dataplane.deferred import materialize
 from weightsync.dataplane.delta import Delta, Encoding, apply_many, encode_many, index_width_bytes
 from weightsync.dataplane.groups import DataPlaneGroup
-from weightsync.dataplane.handshake import RoundFailed, close_round, open_round
+from weightsync.dataplane.handshake import close_round, open_round, open_round_as_sender
 from weightsync.dataplane.layout import torch_dtype
 from weightsync.dataplane.receiver import ReceiveResult
 from weightsync.dataplane.sender import SendResult, SourceTensor, _validate
@@ -120,12 +120,7 @@ def send_delta_round(
                     f"{e.name}: base is {list(b.shape)} {b.dtype}, the plan sends {list(e.shape)} {e.dtype}"
                 )
     problem_text = f"{len(problems)} tensor(s) cannot be sent: " + "; ".join(problems) if problems else None
-    try:
-        open_round(group, assignment, local_problem=problem_text)
-    except RoundFailed as e:
-        if problem_text:
-            raise ValueError(problem_text) from e
-        raise
+    open_round_as_sender(group, assignment, problem_text)
     opened = time.monotonic() - started
     checksums: dict[str, int] = {}
     sent_bytes = {"delta": 0, "dense": 0}

@@ -26,7 +26,7 @@ import torch
 from weightsync.core import Assignment, TransferError
 from weightsync.dataplane.groups import DataPlaneGroup
 
-__all__ = ["RoundFailed", "close_round", "open_round"]
+__all__ = ["RoundFailed", "close_round", "open_round", "open_round_as_sender"]
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,17 @@ def open_round(group: DataPlaneGroup, assignment: Assignment, *, local_problem: 
         if code != _OK:
             failed[r] = (code, reason if reason is not None else _reason_of(group, "open", r, own))
     _decide(group, assignment, "open", failed)
+
+
+def open_round_as_sender(group: DataPlaneGroup, assignment: Assignment, problem: str | None) -> None:
+    """open_round on the sender: a problem with its own tensors refuses the round on every rank,
+    then raises ValueError naming it (the caller's mistake, not the peers')."""
+    try:
+        open_round(group, assignment, local_problem=problem)
+    except RoundFailed as e:
+        if problem:
+            raise ValueError(problem) from e
+        raise
 
 
 def close_round(

@@ -16,7 +16,7 @@ from weightsync.dataplane.checksum import checksum_views
 from weightsync.dataplane.deferred import DeferredTensor, materialize
 from weightsync.dataplane.fused import PendingChecksums, copy_and_checksum, prepare
 from weightsync.dataplane.groups import DataPlaneGroup
-from weightsync.dataplane.handshake import RoundFailed, close_round, open_round
+from weightsync.dataplane.handshake import RoundFailed, close_round, open_round_as_sender
 from weightsync.dataplane.layout import entry_spans, entry_view, keep_bytes, known_bytes, torch_dtype
 
 __all__ = ["SendResult", "send_assignment"]
@@ -153,12 +153,7 @@ def send_assignment(
             # trainer queued, on any stream, must be done first.
             torch.cuda.synchronize(buffer_device)
             direct = (sources, _direct_checksums(group, sources))
-    try:
-        open_round(group, assignment, local_problem=problem_text)
-    except RoundFailed as e:
-        if problem_text:
-            raise ValueError(problem_text) from e
-        raise
+    open_round_as_sender(group, assignment, problem_text)
     opened = time.monotonic() - started
     try:
         return _send_buckets(assignment, source, group, buffer_device, num_buffers, started, opened, direct)

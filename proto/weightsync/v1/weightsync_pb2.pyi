@@ -164,8 +164,36 @@ class DaemonResult(_message.Message):
     bytes_received: int
     def __init__(self, daemon_id: _Optional[str] = ..., status: _Optional[_Union[ResultStatus, str]] = ..., reason: _Optional[str] = ..., mismatched_tensors: _Optional[_Iterable[str]] = ..., receive_s: _Optional[float] = ..., apply_s: _Optional[float] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
+class Region(_message.Message):
+    __slots__ = ("dim", "start", "length")
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    dim: int
+    start: int
+    length: int
+    def __init__(self, dim: _Optional[int] = ..., start: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class TensorRegion(_message.Message):
+    __slots__ = ("name", "region")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    region: Region
+    def __init__(self, name: _Optional[str] = ..., region: _Optional[_Union[Region, _Mapping]] = ...) -> None: ...
+
+class RankRegions(_message.Message):
+    __slots__ = ("rank", "regions", "whole_fallbacks")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    WHOLE_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    regions: _containers.RepeatedCompositeFieldContainer[TensorRegion]
+    whole_fallbacks: int
+    def __init__(self, rank: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[TensorRegion, _Mapping]]] = ..., whole_fallbacks: _Optional[int] = ...) -> None: ...
+
 class RegisterDaemonRequest(_message.Message):
-    __slots__ = ("daemon_id", "engine", "model", "host", "num_ranks", "inventory", "transports", "served_version", "dirty", "resume_token")
+    __slots__ = ("daemon_id", "engine", "model", "host", "num_ranks", "inventory", "transports", "served_version", "dirty", "resume_token", "needs")
     DAEMON_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +204,7 @@ class RegisterDaemonRequest(_message.Message):
     SERVED_VERSION_FIELD_NUMBER: _ClassVar[int]
     DIRTY_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_FIELD_NUMBER: _ClassVar[int]
     daemon_id: str
     engine: str
     model: str
@@ -186,7 +215,8 @@ class RegisterDaemonRequest(_message.Message):
     served_version: int
     dirty: bool
     resume_token: str
-    def __init__(self, daemon_id: _Optional[str] = ..., engine: _Optional[str] = ..., model: _Optional[str] = ..., host: _Optional[str] = ..., num_ranks: _Optional[int] = ..., inventory: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., transports: _Optional[_Iterable[str]] = ..., served_version: _Optional[int] = ..., dirty: _Optional[bool] = ..., resume_token: _Optional[str] = ...) -> None: ...
+    needs: _containers.RepeatedCompositeFieldContainer[RankRegions]
+    def __init__(self, daemon_id: _Optional[str] = ..., engine: _Optional[str] = ..., model: _Optional[str] = ..., host: _Optional[str] = ..., num_ranks: _Optional[int] = ..., inventory: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., transports: _Optional[_Iterable[str]] = ..., served_version: _Optional[int] = ..., dirty: _Optional[bool] = ..., resume_token: _Optional[str] = ..., needs: _Optional[_Iterable[_Union[RankRegions, _Mapping]]] = ...) -> None: ...
 
 class RegisterDaemonResponse(_message.Message):
     __slots__ = ("session_token", "heartbeat_interval_s", "heartbeat_timeout_s", "stale", "unknown_version")
@@ -317,14 +347,16 @@ class UpdateOptions(_message.Message):
     def __init__(self, transport: _Optional[str] = ..., bucket_size_bytes: _Optional[int] = ..., deadline_s: _Optional[float] = ..., min_daemons: _Optional[int] = ..., daemon_ids: _Optional[_Iterable[str]] = ..., rendezvous_host: _Optional[str] = ..., rendezvous_port: _Optional[int] = ..., collective_timeout_s: _Optional[float] = ..., delta_base_version: _Optional[int] = ...) -> None: ...
 
 class BeginUpdateRequest(_message.Message):
-    __slots__ = ("version", "manifest", "options")
+    __slots__ = ("version", "manifest", "options", "holds")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_FIELD_NUMBER: _ClassVar[int]
     version: int
     manifest: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     options: UpdateOptions
-    def __init__(self, version: _Optional[int] = ..., manifest: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., options: _Optional[_Union[UpdateOptions, _Mapping]] = ...) -> None: ...
+    holds: _containers.RepeatedCompositeFieldContainer[RankRegions]
+    def __init__(self, version: _Optional[int] = ..., manifest: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., options: _Optional[_Union[UpdateOptions, _Mapping]] = ..., holds: _Optional[_Iterable[_Union[RankRegions, _Mapping]]] = ...) -> None: ...
 
 class BeginUpdateResponse(_message.Message):
     __slots__ = ("assignment",)

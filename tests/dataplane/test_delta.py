@@ -161,6 +161,10 @@ def test_encode_many_equals_encode_one_by_one_across_dtypes_and_shapes():
         target = b.clone()
         apply_delta(target, d)
         assert torch.equal(_bits(target), _bits(n))
+    # The encoder builds its deltas without Delta's checks: every one must pass them.
+    for allowed in (None, [Encoding.INDICES], [Encoding.BITMASK], [Encoding.GAPS16], [Encoding.GAPS8]):
+        for d in encode_many(bases, news, allowed=allowed):
+            Delta(d.encoding, d.numel, d.num_changed, d.positions, d.escapes, d.values)
 
 
 @pytest.mark.parametrize("encoding", list(Encoding))

@@ -73,6 +73,22 @@ async def _checked_stream(request_iterator, method: str):
         yield _checked(request, method)
 
 
+def _streaming(inner, check, method: str):
+    """A response-streaming handler (unary or streamed requests, as `check` takes them) with
+    errors mapped as for unary calls."""
+
+    async def handler(request, context):
+        try:
+            async for response in inner(check(request, method), context):
+                yield response
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # RPC boundary: map, log, abort
+            await _abort_for(exc, context, method)
+
+    return handler
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -93,29 +109,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
             return handler._replace(unary_unary=unary_unary)
         if handler.stream_stream is not None:
-            inner_ss = handler.stream_stream
-
-            async def stream_stream(request_iterator, context):
-                try:
-                    async for response in inner_ss(_checked_stream(request_iterator, method), context):
-                        yield response
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
-                except Exception as exc:  # RPC boundary: map, log, abort
-                    await _abort_for(exc, context, method)
-
-            return handler._replace(stream_stream=stream_stream)
+            return handler._replace(stream_stream=_streaming(handler.stream_stream, _checked_stream, method))
         if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
-
-            async def unary_stream(request, context):
-                try:
-                    async for response in inner_us(_checked(request, method), context):
-                        yield response
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
-                except Exception as exc:  # RPC boundary: map, log, abort
-                    await _abort_for(exc, context, method)
-
-            return handler._replace(unary_stream=unary_stream)
+            return handler._replace(unary_stream=_streaming(handler.unary_stream, _checked, method))
         return handler

@@ -1,4 +1,5 @@
-"""20 seeded rounds, each with one fault, old and new; after every round no view of any engine claims a version it does not hold."""
+"""20 seeded rounds, each with one fault or hostile act; after every round no view of any engine claims a
+version it does not hold, and only rounds move the committed version and the floor."""
 
 from __future__ import annotations
 
@@ -33,7 +34,10 @@ FAULTS = [
     "stalled_stream",  # a Connect stream that never says hello and a connection stopped mid-frame, held through the round
     "absurd_registration",  # RegisterDaemon claiming served_version 2^63-1
     "duplicate_id",  # a second daemon process started with an existing daemon's id
+    "bad_registration",  # RegisterDaemon with absurd sizes under an existing daemon's id
 ]
+# Hostile input, not faults of the fleet: each such round must commit for every engine.
+HOSTILE = {"stalled_stream", "absurd_registration", "duplicate_id", "bad_registration"}
 
 
 class _StalledStreams:
@@ -61,17 +65,34 @@ class _StalledStreams:
         self._sock.close()
 
 
-def _register_absurd(address: str) -> None:
+def _register(address: str, req: pb.RegisterDaemonRequest) -> grpc.StatusCode:
     with grpc.insecure_channel(address) as ch:
-        req = pb.RegisterDaemonRequest(
-            daemon_id="absurd", engine="memory", model="x", host="h", num_ranks=1,
-            inventory=[pb.TensorSpec(name="model.norm.weight", shape=[512], dtype="bfloat16")],
-            transports=["gloo"], served_version=2**63 - 1, dirty=False,
-        )
         try:
             pb_grpc.DaemonServiceStub(ch).RegisterDaemon(req, timeout=10)
-        except grpc.RpcError:
-            pass  # refusing it is one right answer; what matters is that the fleet keeps committing
+            return grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            return e.code()
+
+
+def _register_absurd(fleet: Fleet, daemon_id: str) -> None:
+    """A registration claiming served_version 2^63-1 is taken as an unknown version: dirty in every view, the floor unmoved."""
+    req = pb.RegisterDaemonRequest(
+        daemon_id=daemon_id, engine="memory", model="x", host="h", num_ranks=1,
+        inventory=[pb.TensorSpec(name="model.norm.weight", shape=[512], dtype="bfloat16")],
+        transports=["gloo"], served_version=2**63 - 1, dirty=False,
+    )
+    assert _register(fleet.address, req) == grpc.StatusCode.OK
+    listed = {d.daemon_id: d for d in fleet.client.list_daemons().daemons}
+    assert listed[daemon_id].unknown_version and listed[daemon_id].dirty, listed[daemon_id]
+
+
+def _register_malformed(fleet: Fleet, victim: str, rng: random.Random) -> None:
+    """Absurd sizes under a live daemon's id: INVALID_ARGUMENT, and the victim keeps its session."""
+    req = pb.RegisterDaemonRequest(
+        daemon_id=victim, engine="x", num_ranks=rng.choice([0, 10**6, 1]), transports=["gloo"],
+        served_version=2**63 - 1, dirty=False, inventory=[pb.TensorSpec(name="w", shape=[2**62, 2**62], dtype="float32")],
+    )
+    assert _register(fleet.address, req) == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def _check_views(fleet: Fleet, committed: set[int], history: list) -> None:
@@ -83,6 +104,8 @@ def _check_views(fleet: Fleet, committed: set[int], history: list) -> None:
     """
     listed = fleet.client.list_daemons()
     assert listed.committed_version in committed, (history, listed.committed_version)
+    # Only rounds move the floor: no claim raises it past the newest round's version.
+    assert listed.version_floor <= history[-1][0], (history, listed.version_floor)
     for d in listed.daemons:
         if d.daemon_id not in fleet.daemons:
             continue  # a registration without an engine (absurd_registration): no bytes to compare
@@ -105,7 +128,9 @@ def fleet(tmp_path):
 
 @pytest.mark.timeout(600)  # about 2-3 min alone; a machine shared by several suites needs the margin
 def test_soak_twenty_seeded_rounds_of_mixed_faults(fleet):
-    """20 rounds, each with one seeded fault (daemon/trainer/coordinator killed, stopped daemon, corrupt byte, late join, stalled streams, trainer killed before commit); every view stays truthful and a final round re-syncs every engine."""
+    """20 rounds, each with one seeded fault (daemon/trainer/coordinator killed, stopped daemon, corrupt byte, late join,
+    trainer killed before commit) or hostile act (stalled streams, absurd claim, duplicate id, malformed registration);
+    every view stays truthful, hostile rounds commit, and a final round re-syncs every engine."""
     rng = random.Random(SEED)
     faults = FAULTS
     committed = {-1, 0}
@@ -117,7 +142,7 @@ def test_soak_twenty_seeded_rounds_of_mixed_faults(fleet):
         victim = rng.choice(sorted(fleet.daemons))
         version += 1
         rc = None
-        if fault in ("none", "corrupt", "late_join", "stalled_stream", "absurd_registration", "duplicate_id"):
+        if fault in ("none", "corrupt", "late_join", *HOSTILE):
             extra = None
             if fault == "corrupt":
                 fleet.set_failpoints(victim, corrupt_applied="model.norm.weight")
@@ -127,7 +152,9 @@ def test_soak_twenty_seeded_rounds_of_mixed_faults(fleet):
             elif fault == "stalled_stream":
                 extra = _StalledStreams(fleet.address)
             elif fault == "absurd_registration":
-                _register_absurd(fleet.address)
+                _register_absurd(fleet, f"absurd{r}")
+            elif fault == "bad_registration":
+                _register_malformed(fleet, victim, rng)
             elif fault == "duplicate_id":
                 extra = fleet.start_impostor(victim)
             try:
@@ -171,6 +198,9 @@ def test_soak_twenty_seeded_rounds_of_mixed_faults(fleet):
         if rc == 0:
             committed.add(version)
         history.append((version, fault, victim, rc))
+        if fault in HOSTILE:
+            listed = fleet.client.list_daemons()
+            assert rc == 0 and listed.committed_version == listed.version_floor == version, (history, listed)
         _check_views(fleet, committed, history)
     version += 1
     rc, summary = fleet.push(version, local=True)

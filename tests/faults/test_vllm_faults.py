@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import free_port
 from tests.engine.helpers import hf_greedy
+from tests.runtime.helpers import kill_group
 from weightsync.control.trainer_client import RoundFailed, SyncTrainerClient
 from weightsync.core import WeightsyncError
 from weightsync.dataplane import DeferredTensor
@@ -64,7 +65,8 @@ class VllmFleet:
             _cli("serve", str(self.model_dir), "--coordinator", self.address, "--daemon-id", name, "--served-version", "0",
                  "--host", "127.0.0.1", "--port", str(self.http[name]), "--dtype", "float32", "--max-model-len", "256",
                  "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20)),
-            cwd=ROOT, env=self.env, stdout=self._log(name), stderr=subprocess.STDOUT)
+            cwd=ROOT, env=self.env, stdout=self._log(name), stderr=subprocess.STDOUT,
+            start_new_session=True)  # its own group: a kill also reaches whatever vLLM started
 
     def wait_engines(self, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s
@@ -81,8 +83,10 @@ class VllmFleet:
             time.sleep(0.5)
 
     def kill(self, name: str) -> None:
-        self.procs[name].kill()
-        self.procs[name].wait(10)
+        p = self.procs[name]
+        p.kill()
+        p.wait(10)
+        kill_group(p)
 
     def tokens(self, name: str) -> list[int]:
         body = json.dumps({"model": str(self.model_dir), "prompt": PROMPT, "max_tokens": NUM_TOKENS, "temperature": 0.0,
@@ -118,6 +122,8 @@ class VllmFleet:
             if p.poll() is None:
                 p.kill()
             p.wait(30)
+            kill_group(p)
+
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,14 @@ def stop_gracefully(procs) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(30)
-        if os.getpgid(0) != p.pid:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass  # the group is empty: nothing was left behind
+        kill_group(p)
+
+
+def kill_group(p: subprocess.Popen) -> None:
+    """SIGKILL what is left in the process's own group (started with `start_new_session=True`;
+    for a process without a group of its own, nothing)."""
+    if os.getpgid(0) != p.pid:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is empty: nothing was left behind

@@ -74,6 +74,9 @@ def _push(fleet: EmulatedFleet, version: int, timeout_s: float, base_version: in
         "wire_bytes_per_host": _counters_delta(before, after),
         "encodings": answer.get("encodings", {}),
         "bytes_received": answer.get("bytes_received", {}),
+        "receive_s": answer.get("receive_s", {}),
+        "apply_s": answer.get("apply_s", {}),
+        "sender_timeline": answer.get("sender_timeline", {}),
     }
 
 
@@ -92,6 +95,8 @@ def _summary(rounds: list[dict], bound) -> dict:
         "ratio_to_gloo_bound": bound.gloo_bound_s / achieved,
         "ratio_to_gloo_model": bound.gloo_model_s / achieved,
         "wire_bytes_per_host": median["wire_bytes_per_host"],
+        "sender_timeline": median["sender_timeline"],
+        "receiver_apply_s_max": max(median["apply_s"].values(), default=0.0),
         "rounds": rounds,
         "achieved_s_all": [r["achieved_s"] for r in rounds],
         "achieved_s_stdev": statistics.pstdev(r["achieved_s"] for r in rounds),
@@ -146,7 +151,10 @@ def _delta_vs_dense(delta: dict, dense: dict, engine_hosts: list[str], link_mbit
     def rx(w: dict) -> int:
         return sum(w[h]["rx_bytes"] for h in engine_hosts)
 
-    star_s = dw["t0"]["tx_bytes"] / (link_mbit * 1e6 / 8)
+    rate = link_mbit * 1e6 / 8
+    star_s = dw["t0"]["tx_bytes"] / rate
+    one_copy_s = max(dw[h]["rx_bytes"] for h in engine_hosts) / rate
+    timeline = delta["sender_timeline"]
     return {
         "achieved_s": delta["achieved_s"] / dense["achieved_s"],
         "wire_bytes_total": total(dw) / total(nw),
@@ -159,6 +167,12 @@ def _delta_vs_dense(delta: dict, dense: dict, engine_hosts: list[str], link_mbit
         # The trainer's link carries one payload per receiver (the star): its busy time, from its counter.
         "star_s": star_s,
         "star_share_of_delta_round": star_s / delta["achieved_s"],
+        # The trainer's send (encode, the star, its checksums; serial per bucket), from its timeline.
+        "trainer_send_s": timeline.get("sent", 0.0) - timeline.get("opened", 0.0),
+        # If a relay took the payload out of the trainer once and the receivers forwarded it
+        # without delaying anything else: the star's time less one copy's. A prediction.
+        "relay_predicted_s": delta["achieved_s"] - star_s + one_copy_s,
+        "relay_predicted_over_dense": (delta["achieved_s"] - star_s + one_copy_s) / dense["achieved_s"],
     }
 
 

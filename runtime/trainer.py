@@ -22,6 +22,7 @@ from weightsync.dataplane import RoundFailed as DataPlaneRoundFailed
 from weightsync.dataplane.deferred import DeferredTensor, materialize
 from weightsync.dataplane.delta_round import send_delta_round, wire_tensor
 from weightsync.dataplane.layout import dtype_name
+from weightsync.dataplane.sender import SendResult
 from weightsync.runtime.failpoints import load_failpoints
 
 try:
@@ -170,6 +171,8 @@ class WeightSync:
         )
         self._groups = GroupCache(trainer_store=self._store, device=device) if self.rank == 0 else None
         self.last_report: RoundReport | None = None
+        # Rank 0's data-plane figures of its last round (bytes, seconds, phase timeline), for benchmarks.
+        self.last_send: SendResult | None = None
 
     def _prepare(self, source: Source) -> dict[str, Any]:
         tensors = named_tensors(source)
@@ -266,6 +269,7 @@ class WeightSync:
             if raise_on_failure:
                 raise RoundFailed(report) from e
             return report
+        self.last_send = sent
         pause_s = load_failpoints().pause_before_commit_s
         if pause_s:
             time.sleep(pause_s)

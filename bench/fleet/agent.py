@@ -49,6 +49,8 @@ def _report_dict(report) -> dict:
         "daemons": {v.daemon_id: v.status for v in report.results},
         "encodings": {v.daemon_id: v.encoding for v in report.results},
         "bytes_received": {v.daemon_id: v.bytes_received for v in report.results},
+        "receive_s": {v.daemon_id: v.receive_s for v in report.results},
+        "apply_s": {v.daemon_id: v.apply_s for v in report.results},
     }
 
 
@@ -103,7 +105,11 @@ class _Agent:
         finally:
             if req.get("hold"):
                 del sync._client.commit_update
-        return {"event": "done", "push_s": time.monotonic() - t0, **_report_dict(report)}
+        push_s = time.monotonic() - t0
+        sent = sync.last_send
+        # The trainer's data-plane phases (seconds from the start of its send): opened, sent, closed.
+        timeline = dict(sent.timeline, seconds=sent.seconds) if sent is not None and sent.update_id == report.update_id else {}
+        return {"event": "done", "push_s": push_s, "sender_timeline": timeline, **_report_dict(report)}
 
     def daemons(self) -> dict:
         from weightsync.v1 import weightsync_pb2 as pb

@@ -98,12 +98,20 @@ def _keeping_gathered(assignment, tensors: Mapping[str, Any], keep: dict[str, to
     return out
 
 
-def _gather_in_plan_order(assignment, tensors: Mapping[str, Any]) -> dict[str, Any]:
-    """The plan's tensors materialised in plan order (a collective per DTensor on every trainer rank), the rest as given."""
+def _gather_in_plan_order(assignment, tensors: Mapping[str, Any], *, keep: bool) -> dict[str, Any]:
+    """The plan's gathered or computed tensors materialised in plan order (a collective per DTensor on every trainer rank).
+
+    With keep (rank 0) they are kept in the wire dtype on CPU, the rest as given; without, each
+    is dropped once gathered, so the other ranks never hold the whole model.
+    """
     out = dict(tensors)
+    cpu = torch.device("cpu")
     for _, e in assignment.plan.entries():
         if e.name in out and _needs_gather(out[e.name]):
-            out[e.name] = materialize(out[e.name])
+            full = materialize(out[e.name])
+            if keep:
+                out[e.name] = wire_tensor(full, e.dtype, cpu)
+            del full
     return out
 
 
@@ -226,7 +234,7 @@ class WeightSync:
             raise error
         if base is not None and assignment.delta_base_version is not None:
             # An explicit base may be sharded too: gathered on every rank, in plan order, before the round.
-            base = _gather_in_plan_order(assignment, base)
+            base = _gather_in_plan_order(assignment, base, keep=self.rank == 0)
             if self.rank == 0:
                 delta_base = base
         if self.rank != 0:

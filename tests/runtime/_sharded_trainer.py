@@ -103,6 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(1)
     with WeightSync(args.coordinator, dtype="bfloat16", delta=True, bucket_size_bytes=BUCKET_BYTES, collective_timeout_s=60.0,
                     deadline_s=120.0, min_daemons=2) as sync:
+        # A push refused on rank 0 (a base without its version) must raise on every rank, not
+        # leave the others waiting for a plan.
+        try:
+            sync.push(model, version=1, base=model.state_dict())
+        except ValueError as e:
+            if args.rank == 0:
+                (workdir / "refused.txt").write_text(str(e))
+        else:
+            raise AssertionError("push(base=...) without base_version was not refused")
         previous = None
         for version in (1, 2, 3):
             tokens = torch.randint(0, 1024, (2, 16), generator=gen)

@@ -24,7 +24,7 @@ def fleet(tmp_path):
 
 
 def test_two_rank_fsdp2_trainer_pushes_dense_then_deltas_and_engines_hold_its_bytes(fleet, tmp_path):
-    """WeightSync(delta=True) on 2 FSDP2 ranks: version 1 dense, 2 a delta on its own base, 3 a delta on an explicit sharded base; engines equal the trainer's bf16 weights after each."""
+    """WeightSync(delta=True) on 2 FSDP2 ranks: a refused push raises on both, then version 1 dense, 2 a delta on its own base, 3 a delta on an explicit sharded base; engines equal the trainer's bf16 weights after each."""
     workdir = tmp_path / "trainer"
     workdir.mkdir()
     init_file = tmp_path / "trainer-init"
@@ -54,7 +54,8 @@ def test_two_rank_fsdp2_trainer_pushes_dense_then_deltas_and_engines_hold_its_by
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
-    assert codes == [0, 0], _logs(fleet)
+    assert codes == [0, 0], _logs(fleet)  # both ranks also raised on the refused push before version 1
+    assert "expected base_version" in (workdir / "refused.txt").read_text()
     encodings = [{d: v[1] for d, v in r["daemons"].items()} for r in rounds]
     assert encodings == [{"mem0": "dense", "mem1": "dense"}, {"mem0": "delta", "mem1": "delta"}, {"mem0": "delta", "mem1": "delta"}]
     dense_bytes = rounds[0]["daemons"]["mem0"][2]

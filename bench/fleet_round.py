@@ -19,6 +19,16 @@ Top-level figures are those of the median round. Also reported: gloo_bound_s (gl
 broadcast: the root's link carries ceil(log2 N) copies), gloo_model_s (that tree as gloo runs
 it, sends sharing links fairly: a prediction) and star_bound_s (one copy per receiver).
 
+With --delta FRACTION, each measured step is a new version with about FRACTION of its elements
+changed (bench/fleet/step.py: per tensor a fraction drawn around FRACTION, positions scattered,
+one ulp each), pushed as a delta round against the committed base and then, as the next
+version with the same bytes, as a dense round. The top-level figures are the dense rounds'; the
+`delta` section has the same figures for the delta rounds (speed of light over the delta
+payload each receiver took in, bench/fleet/light.py), and `delta_vs_dense` the ratios of the
+median rounds: time, wire bytes (all hosts' tx, receivers' rx, the trainer's tx) and the
+star's share of the delta round (the trainer's tx bytes through its link / the round time:
+today the root sends each receiver its own copy of the payload).
+
 Today's data path has one sender: trainer rank 0 broadcasts everything. --trainer-ranks above
 1 is refused until the many-senders work lands.
 """
@@ -38,13 +48,132 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.fleet.fleet import EmulatedFleet, FleetSpec  # noqa: E402
-from bench.fleet.light import plan_bytes, round_bound  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from bench.fleet.light import delta_round_bound, plan_bytes, round_bound  # noqa: E402
 from bench.fleet.net import LinkSpec  # noqa: E402
+from bench.fleet.step import changed_fraction  # noqa: E402
 from weightsync.core import default_bucket_size  # noqa: E402
+from weightsync.dataplane.delta import encode_many  # noqa: E402
 
 
-def _delta(before: dict, after: dict) -> dict:
+def _counters_delta(before: dict, after: dict) -> dict:
     return {h: {k: after[h][k] - before[h][k] for k in after[h]} for h in after}
+
+
+def _push(fleet: EmulatedFleet, version: int, timeout_s: float, base_version: int | None = None) -> dict:
+    """One committed round, with every host's interface counters over it; exits naming the logs otherwise."""
+    before = fleet.counters()
+    answer = fleet.push(version, timeout_s=timeout_s, base_version=base_version)
+    after = fleet.counters()
+    if answer.get("state") != "COMMITTED":
+        raise SystemExit(f"fleet_round: round {version} did not commit: {answer}; logs in {fleet.logs}")
+    return {
+        "version": version,
+        "achieved_s": answer["push_s"],
+        "wire_bytes_per_host": _counters_delta(before, after),
+        "encodings": answer.get("encodings", {}),
+        "bytes_received": answer.get("bytes_received", {}),
+        "receive_s": answer.get("receive_s", {}),
+        "apply_s": answer.get("apply_s", {}),
+        "sender_timeline": answer.get("sender_timeline", {}),
+    }
+
+
+def _median(rounds: list[dict]) -> dict:
+    return sorted(rounds, key=lambda r: r["achieved_s"])[len(rounds) // 2]
+
+
+def _summary(rounds: list[dict], bound) -> dict:
+    """The median round's figures against `bound`, with every round's time."""
+    median = _median(rounds)
+    achieved = median["achieved_s"]
+    return {
+        "achieved_s": achieved,
+        **bound.to_dict(),
+        "ratio": bound.speed_of_light_s / achieved,
+        "ratio_to_gloo_bound": bound.gloo_bound_s / achieved,
+        "ratio_to_gloo_model": bound.gloo_model_s / achieved,
+        "wire_bytes_per_host": median["wire_bytes_per_host"],
+        "sender_timeline": median["sender_timeline"],
+        "receiver_apply_s_max": max(median["apply_s"].values(), default=0.0),
+        "rounds": rounds,
+        "achieved_s_all": [r["achieved_s"] for r in rounds],
+        "achieved_s_stdev": statistics.pstdev(r["achieved_s"] for r in rounds),
+    }
+
+
+def _delta_steps(fleet: EmulatedFleet, args: argparse.Namespace, first_version: int) -> tuple[list[dict], list[dict], dict]:
+    """Per step: the new version as a delta against the committed base, then the same bytes as a dense round.
+
+    Versions strictly increase, so the dense round of the same step is the next version with the
+    same weights; the next step's delta is against it (it holds the same bytes).
+    """
+    delta_rounds, dense_rounds = [], []
+    base = first_version
+    for _ in range(args.rounds):
+        new = base + 1
+        t0 = time.monotonic()
+        fleet.step_checkpoint(new, base_version=base, fraction=args.delta)
+        step_s = time.monotonic() - t0
+        d = _push(fleet, new, args.timeout_s + 60, base_version=base)
+        wrong = {h: e for h, e in d["encodings"].items() if e != "delta"}
+        if wrong:
+            raise SystemExit(f"fleet_round: round {new} was meant as a delta against {base}, but {wrong} took dense")
+        d["base_version"] = base
+        d["changed_fraction"] = changed_fraction(load_file(fleet.checkpoint(base)), load_file(fleet.checkpoint(new)))
+        d["step_generation_s"] = step_s
+        delta_rounds.append(d)
+        fleet.same_checkpoint(new + 1, new)
+        dense_rounds.append(_push(fleet, new + 1, args.timeout_s + 60))
+        base = new + 1
+    last = base
+    # Encoding the model on this machine, alone: the trainer's CPU share of a delta round.
+    b, n = load_file(fleet.checkpoint(delta_rounds[-1]["base_version"])), load_file(fleet.checkpoint(last))
+    t0 = time.monotonic()
+    deltas = encode_many(list(b.values()), [n[k] for k in b])
+    encode = {
+        "encode_s": time.monotonic() - t0,
+        "payload_bytes": sum(x.nbytes for x in deltas),
+        "tensors_by_encoding": {e: sum(1 for x in deltas if x.encoding.value == e) for e in sorted({x.encoding.value for x in deltas})},
+    }
+    return delta_rounds, dense_rounds, encode
+
+
+def _delta_vs_dense(delta: dict, dense: dict, engine_hosts: list[str], link_mbit: float) -> dict:
+    """Ratios of the median delta round to the median dense round, and the star's share of the delta round."""
+    dw, nw = delta["wire_bytes_per_host"], dense["wire_bytes_per_host"]
+    hosts = ["t0", *engine_hosts]
+
+    def total(w: dict) -> int:  # every byte any host put on its link
+        return sum(w[h]["tx_bytes"] for h in hosts)
+
+    def rx(w: dict) -> int:
+        return sum(w[h]["rx_bytes"] for h in engine_hosts)
+
+    rate = link_mbit * 1e6 / 8
+    star_s = dw["t0"]["tx_bytes"] / rate
+    one_copy_s = max(dw[h]["rx_bytes"] for h in engine_hosts) / rate
+    timeline = delta["sender_timeline"]
+    return {
+        "achieved_s": delta["achieved_s"] / dense["achieved_s"],
+        "wire_bytes_total": total(dw) / total(nw),
+        "receivers_rx_bytes": rx(dw) / rx(nw),
+        "receiver_rx_bytes_max": max(dw[h]["rx_bytes"] for h in engine_hosts) / max(nw[h]["rx_bytes"] for h in engine_hosts),
+        "trainer_tx_bytes": dw["t0"]["tx_bytes"] / nw["t0"]["tx_bytes"],
+        "per_host_tx_plus_rx": {
+            h: (dw[h]["tx_bytes"] + dw[h]["rx_bytes"]) / max(1, nw[h]["tx_bytes"] + nw[h]["rx_bytes"]) for h in hosts
+        },
+        # The trainer's link carries one payload per receiver (the star): its busy time, from its counter.
+        "star_s": star_s,
+        "star_share_of_delta_round": star_s / delta["achieved_s"],
+        # The trainer's send (encode, the star, its checksums; serial per bucket), from its timeline.
+        "trainer_send_s": timeline.get("sent", 0.0) - timeline.get("opened", 0.0),
+        # If a relay took the payload out of the trainer once and the receivers forwarded it
+        # without delaying anything else: the star's time less one copy's. A prediction.
+        "relay_predicted_s": delta["achieved_s"] - star_s + one_copy_s,
+        "relay_predicted_over_dense": (delta["achieved_s"] - star_s + one_copy_s) / dense["achieved_s"],
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -62,37 +191,25 @@ def run(args: argparse.Namespace) -> dict:
         fleet.install_signal_handlers()
         fleet.wait_daemons()
         setup_s = time.monotonic() - t_start
-        rounds = []
-        for version in range(1, 2 + args.rounds):
-            before = fleet.counters()
-            answer = fleet.push(version, timeout_s=args.timeout_s + 60)
-            after = fleet.counters()
-            if answer.get("state") != "COMMITTED":
-                raise SystemExit(f"fleet_round: round {version} did not commit: {answer}; logs in {fleet.logs}")
-            rounds.append({"version": version, "achieved_s": answer["push_s"], "wire_bytes_per_host": _delta(before, after)})
-        last = rounds[-1]["version"]
+        warmup = _push(fleet, 1, args.timeout_s + 60)  # forms the data-plane group, and the committed base
+        if args.delta is None:
+            dense_rounds = [_push(fleet, v, args.timeout_s + 60) for v in range(2, 2 + args.rounds)]
+            delta_rounds, encode = [], {}
+        else:
+            delta_rounds, dense_rounds, encode = _delta_steps(fleet, args, first_version=1)
+        last = max(r["version"] for r in (*dense_rounds, *delta_rounds))
         not_held = [h for h in fleet.daemons if not fleet.holds(h, last)]
         if not_held:
             raise SystemExit(f"fleet_round: engines {not_held} do not hold version {last} after it committed")
         manifest = fleet.manifest
         prefix = fleet.prefix
-    measured = rounds[1:]  # the first round formed the group
-    median = sorted(measured, key=lambda r: r["achieved_s"])[len(measured) // 2]
     bucket = args.bucket_size_bytes or default_bucket_size("gloo")
     needed = plan_bytes(manifest, bucket)
-    bound = round_bound(
-        needed_bytes={h: needed for h in spec.engine_hosts},
-        ingress_mbit={h: args.link_mbit for h in spec.engine_hosts},
-        sender_egress_mbit=[args.link_mbit] * args.trainer_ranks,
-    )
-    achieved = median["achieved_s"]
-    return {
-        "achieved_s": achieved,
-        **bound.to_dict(),
-        "ratio": bound.speed_of_light_s / achieved,
-        "ratio_to_gloo_bound": bound.gloo_bound_s / achieved,
-        "ratio_to_gloo_model": bound.gloo_model_s / achieved,
-        "wire_bytes_per_host": median["wire_bytes_per_host"],
+    ingress = {h: args.link_mbit for h in spec.engine_hosts}
+    egress = [args.link_mbit] * args.trainer_ranks
+    bound = round_bound(needed_bytes={h: needed for h in spec.engine_hosts}, ingress_mbit=ingress, sender_egress_mbit=egress)
+    result = {
+        **_summary(dense_rounds, bound),
         "needed_bytes_per_receiver": needed,
         "hosts": 1 + len(spec.engine_hosts),
         "trainer_ranks": args.trainer_ranks,
@@ -102,16 +219,27 @@ def run(args: argparse.Namespace) -> dict:
         "model_mib": args.model_mib,
         "bucket_size_bytes": bucket,
         "transport": "gloo",
-        "rounds": measured,
-        "warmup_round": rounds[0],
-        "achieved_s_all": [r["achieved_s"] for r in measured],
-        "achieved_s_stdev": statistics.pstdev(r["achieved_s"] for r in measured),
+        "warmup_round": warmup,
         "setup_s": setup_s,
         "prefix": prefix,
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
     }
+    if delta_rounds:
+        median = _median(delta_rounds)
+        payload = {h: median["bytes_received"][h] for h in spec.engine_hosts}
+        delta_bound = delta_round_bound(payload_bytes=payload, ingress_mbit=ingress, sender_egress_mbit=egress)
+        result["delta_fraction"] = args.delta
+        result["delta"] = {
+            **_summary(delta_rounds, delta_bound),
+            "ratio_to_star_bound": delta_bound.star_bound_s / median["achieved_s"],
+            "payload_bytes_per_receiver": payload,
+            "changed_fraction": median["changed_fraction"],
+            "trainer_encode": encode,
+        }
+        result["delta_vs_dense"] = _delta_vs_dense(result["delta"], result, spec.engine_hosts, args.link_mbit)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="measured rounds after the warm-up round")
     p.add_argument("--bucket-size-bytes", type=int, default=0, help="0: the gloo default")
     p.add_argument("--timeout-s", type=float, default=300.0, help="round deadline and collective timeout")
+    p.add_argument(
+        "--delta", type=float, default=None, metavar="FRACTION",
+        help="each measured step changes FRACTION of the elements and goes as a delta round against the committed "
+        "base, then as a dense round of the same bytes (both reported)",
+    )
     args = p.parse_args(argv)
     if args.trainer_ranks != 1:
         p.error(
@@ -134,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("engines", "tp", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name}: expected >= 1, got {getattr(args, name)}")
+    if args.delta is not None and not 0 < args.delta <= 1:
+        p.error(f"--delta: expected a fraction in (0, 1], got {args.delta}")
     if os.geteuid() != 0:
         p.error("an emulated fleet needs root (network namespaces, veth links, tc)")
     result = run(args)
@@ -144,6 +279,14 @@ def main(argv: list[str] | None = None) -> int:
         f"ratio={result['ratio']:.3f} gloo_bound={result['gloo_bound_s']:.3f}s gloo_model={result['gloo_model_s']:.3f}s "
         f"trainer_tx={result['wire_bytes_per_host']['t0']['tx_bytes']}"
     )
+    if "delta" in result:
+        d, r = result["delta"], result["delta_vs_dense"]
+        print(
+            f"delta {args.delta:g}: achieved={d['achieved_s']:.3f}s speed_of_light={d['speed_of_light_s']:.3f}s "
+            f"ratio={d['ratio']:.3f} star_bound={d['star_bound_s']:.3f}s delta/dense time={r['achieved_s']:.3f} "
+            f"wire total={r['wire_bytes_total']:.4f} trainer_tx={r['trainer_tx_bytes']:.4f} "
+            f"receiver_rx={r['receivers_rx_bytes']:.4f} star share={r['star_share_of_delta_round']:.3f}"
+        )
     return 0
 
 

@@ -19,9 +19,16 @@ from weightsync.control.trainer_client import RoundFailed, RoundReport, SyncTrai
 from weightsync.core import FailedPrecondition, TensorSpec, WeightsyncError
 from weightsync.dataplane import GroupCache, TitanToHF, TrainerStore, send_assignment
 from weightsync.dataplane import RoundFailed as DataPlaneRoundFailed
+from weightsync.dataplane.deferred import DeferredTensor, materialize
 from weightsync.dataplane.delta_round import send_delta_round, wire_tensor
 from weightsync.dataplane.layout import dtype_name
+from weightsync.dataplane.sender import SendResult
 from weightsync.runtime.failpoints import load_failpoints
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed: no DTensors to gather
+    DTensor = None
 
 __all__ = ["WeightSync", "named_tensors", "manifest_for"]
 
@@ -64,6 +71,50 @@ def _describe_failure(error: Exception, assignment) -> str:
     return f"{error.phase} failed: " + "; ".join(parts)
 
 
+def _needs_gather(t: Any) -> bool:
+    """Whether materialising `t` runs a computation or a collective (a DeferredTensor, a DTensor)."""
+    return isinstance(t, DeferredTensor) or (DTensor is not None and isinstance(t, DTensor))
+
+
+def _keeping_gathered(assignment, tensors: Mapping[str, Any], keep: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """`tensors`, with every gathered or computed one copied into `keep` (wire dtype, CPU) as the sender materialises it.
+
+    Materialising such a tensor again after the round would be a second gather on rank 0
+    alone, which the other trainer ranks never join.
+    """
+    out = dict(tensors)
+    cpu = torch.device("cpu")
+    for _, e in assignment.plan.entries():
+        t = tensors.get(e.name)
+        if t is None or not _needs_gather(t):
+            continue
+
+        def compute(t=t, name=e.name, dtype=e.dtype) -> torch.Tensor:
+            full = materialize(t)
+            keep[name] = wire_tensor(full, dtype, cpu)
+            return full
+
+        out[e.name] = DeferredTensor(tuple(t.shape), t.dtype, compute, t.device)
+    return out
+
+
+def _gather_in_plan_order(assignment, tensors: Mapping[str, Any], *, keep: bool) -> dict[str, Any]:
+    """The plan's gathered or computed tensors materialised in plan order (a collective per DTensor on every trainer rank).
+
+    With keep (rank 0) they are kept in the wire dtype on CPU, the rest as given; without, each
+    is dropped once gathered, so the other ranks never hold the whole model.
+    """
+    out = dict(tensors)
+    cpu = torch.device("cpu")
+    for _, e in assignment.plan.entries():
+        if e.name in out and _needs_gather(out[e.name]):
+            full = materialize(out[e.name])
+            if keep:
+                out[e.name] = wire_tensor(full, e.dtype, cpu)
+            del full
+    return out
+
+
 def _trainer_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -99,13 +150,15 @@ class WeightSync:
         delta: bool = False,
     ) -> None:
         self.rank, self.world_size = _trainer_world()
-        if delta and self.world_size > 1:
-            # Each sharded rank would have to encode what it holds (the many-senders design); until
-            # then rank 0 alone materialises tensors for a delta, which a DTensor gather cannot do.
-            raise ValueError(f"delta=True: expected a trainer world of 1 rank, got {self.world_size}")
         # delta=True keeps the base: the wire-dtype bytes of the last version the fleet committed,
         # on CPU (host memory = the model's size in the wire dtype, plus as much again while a
         # round is in flight, for the candidate base). It advances only when a round COMMITS.
+        # With a sharded trainer only rank 0 keeps it, whole: rank 0 encodes whole tensors from
+        # the gathers every rank takes part in anyway (as in dense rounds), so the other ranks
+        # keep nothing and no extra byte is gathered. Keeping each rank's own shard instead would
+        # need either a second gather per round (the base's, to encode on rank 0) or every rank
+        # encoding its shard with positions in the whole tensor (a sender per shard: the
+        # many-senders design); neither is cheap today.
         self._delta = delta
         self._base: dict[str, torch.Tensor] | None = None
         self._base_version: int | None = None
@@ -126,6 +179,8 @@ class WeightSync:
         )
         self._groups = GroupCache(trainer_store=self._store, device=device) if self.rank == 0 else None
         self.last_report: RoundReport | None = None
+        # Rank 0's data-plane figures of its last round (bytes, seconds, phase timeline), for benchmarks.
+        self.last_send: SendResult | None = None
 
     def _prepare(self, source: Source) -> dict[str, Any]:
         tensors = named_tensors(source)
@@ -167,7 +222,8 @@ class WeightSync:
                     on_round_end=self._on_round_end,
                     **self._options,
                 )
-            except WeightsyncError as e:
+            except (WeightsyncError, ValueError) as e:
+                # Raised below on every rank (after the broadcast), so no rank waits in a collective.
                 error = e
         if self.world_size > 1:
             # Every trainer rank needs the plan to gather in lockstep (or to learn that there is none).
@@ -176,7 +232,13 @@ class WeightSync:
             assignment, error = (box[0], None) if not isinstance(box[0], BaseException) else (None, box[0])
         if error is not None:
             raise error
+        if base is not None and assignment.delta_base_version is not None:
+            # An explicit base may be sharded too: gathered on every rank, in plan order, before the round.
+            base = _gather_in_plan_order(assignment, base, keep=self.rank == 0)
+            if self.rank == 0:
+                delta_base = base
         if self.rank != 0:
+            # The sender materialises (gathers) the plan's tensors in plan order, dense or delta alike.
             send_assignment(assignment, tensors, None)
             return None
         t0 = time.monotonic()
@@ -191,9 +253,14 @@ class WeightSync:
                 }
                 sent = send_delta_round(assignment, tensors, group, wire_base, device=self._device, keep=keep)
             else:
-                sent = send_assignment(assignment, tensors, group, device=self._device)
+                source = _keeping_gathered(assignment, tensors, keep) if keep is not None else tensors
+                sent = send_assignment(assignment, source, group, device=self._device)
                 if keep is not None:
-                    keep.update((e.name, wire_tensor(tensors[e.name], e.dtype, torch.device("cpu"))) for _, e in assignment.plan.entries())
+                    keep.update(
+                        (e.name, wire_tensor(tensors[e.name], e.dtype, torch.device("cpu")))
+                        for _, e in assignment.plan.entries()
+                        if e.name not in keep
+                    )
         except Exception as e:
             reason = f"trainer failed to send: {_describe_failure(e, assignment)}"
             try:
@@ -210,6 +277,7 @@ class WeightSync:
             if raise_on_failure:
                 raise RoundFailed(report) from e
             return report
+        self.last_send = sent
         pause_s = load_failpoints().pause_before_commit_s
         if pause_s:
             time.sleep(pause_s)

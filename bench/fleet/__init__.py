@@ -16,6 +16,7 @@ _EXPORTS = {
     "FleetSpec": "bench.fleet.fleet",
     "fleet_manifest": "bench.fleet.fleet",
     "RoundBound": "bench.fleet.light",
+    "delta_round_bound": "bench.fleet.light",
     "gloo_broadcast_model_s": "bench.fleet.light",
     "plan_bytes": "bench.fleet.light",
     "round_bound": "bench.fleet.light",

@@ -7,7 +7,7 @@ The orchestrator lives in the root namespace, from which no emulated host can be
 state run inside hosts and answer over their stdin/stdout pipes. One request per line, one
 answer per line:
 
-    {"op": "push", "version": 3, "weights": PATH, "hold": false}
+    {"op": "push", "version": 3, "weights": PATH, "hold": false}   (+ "base": PATH, "base_version": 2: a delta round)
         -> {"event": "sent"} first when hold is true (then send {"op": "go"} to commit)
         -> {"event": "done", "state": ..., "daemons": {...}, "push_s": ..., ...} or {"event": "error", ...}
     {"op": "daemons"}          -> {"event": "daemons", "committed_version": N, "daemons": {...}}
@@ -47,6 +47,10 @@ def _report_dict(report) -> dict:
         "duration_s": report.duration_s,
         "total_bytes": report.total_bytes,
         "daemons": {v.daemon_id: v.status for v in report.results},
+        "encodings": {v.daemon_id: v.encoding for v in report.results},
+        "bytes_received": {v.daemon_id: v.bytes_received for v in report.results},
+        "receive_s": {v.daemon_id: v.receive_s for v in report.results},
+        "apply_s": {v.daemon_id: v.apply_s for v in report.results},
     }
 
 
@@ -81,6 +85,7 @@ class _Agent:
         from weightsync.dataplane import load_named_tensors
 
         tensors = load_named_tensors(req["weights"])
+        base = load_named_tensors(req["base"]) if req.get("base") else None
         sync = self.sync()
         if req.get("hold"):
             # A test hook, not product: the fault "trainer's link cut after sending, before commit"
@@ -96,11 +101,15 @@ class _Agent:
             client.commit_update = held_commit
         t0 = time.monotonic()
         try:
-            report = sync.push(tensors, version=req["version"], raise_on_failure=False)
+            report = sync.push(tensors, version=req["version"], raise_on_failure=False, base=base, base_version=req.get("base_version"))
         finally:
             if req.get("hold"):
                 del sync._client.commit_update
-        return {"event": "done", "push_s": time.monotonic() - t0, **_report_dict(report)}
+        push_s = time.monotonic() - t0
+        sent = sync.last_send
+        # The trainer's data-plane phases (seconds from the start of its send): opened, sent, closed.
+        timeline = dict(sent.timeline, seconds=sent.seconds) if sent is not None and sent.update_id == report.update_id else {}
+        return {"event": "done", "push_s": push_s, "sender_timeline": timeline, **_report_dict(report)}
 
     def daemons(self) -> dict:
         from weightsync.v1 import weightsync_pb2 as pb

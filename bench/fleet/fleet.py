@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.fleet.net import LinkSpec, Network
+from bench.fleet.step import step_like
 from weightsync.core import TensorSpec
 from weightsync.dataplane.synthetic import random_tensors
 
@@ -289,11 +290,35 @@ class EmulatedFleet:
             self._weights[version] = path
         return self._weights[version]
 
-    def start_push(self, version: int, *, hold: bool = False) -> None:
-        """Asks the trainer for a round; `finish_push` (and, with hold, `release_commit`) follow."""
+    def step_checkpoint(self, version: int, *, base_version: int, fraction: float) -> Path:
+        """The weights of `version`: `base_version`'s after a synthetic optimizer step (bench/fleet/step.py)."""
+        if version in self._weights:
+            raise ValueError(f"version {version}: its weights are already written ({self._weights[version]})")
+        new = step_like(load_file(self.checkpoint(base_version)), fraction=fraction, seed=version)
+        path = self.workdir / f"v{version}.safetensors"
+        save_file(new, path)
+        self._weights[version] = path
+        return path
+
+    def same_checkpoint(self, version: int, as_version: int) -> Path:
+        """Declares `version` to carry exactly `as_version`'s weights (a dense round of the same step)."""
+        if version in self._weights:
+            raise ValueError(f"version {version}: its weights are already written ({self._weights[version]})")
+        self._weights[version] = self.checkpoint(as_version)
+        return self._weights[version]
+
+    def start_push(self, version: int, *, hold: bool = False, base_version: int | None = None) -> None:
+        """Asks the trainer for a round; `finish_push` (and, with hold, `release_commit`) follow.
+
+        With base_version, the round is a delta against that version's weights (the coordinator
+        sends it to daemons clean on exactly that version, dense to the others).
+        """
         if self._push_pending:
             raise RuntimeError("a push is already pending: call finish_push first")
-        self.trainer.send({"op": "push", "version": version, "weights": str(self.checkpoint(version)), "hold": hold})
+        req = {"op": "push", "version": version, "weights": str(self.checkpoint(version)), "hold": hold}
+        if base_version is not None:
+            req.update(base=str(self.checkpoint(base_version)), base_version=base_version)
+        self.trainer.send(req)
         self._push_pending = True
 
     def wait_sent(self, timeout_s: float) -> None:
@@ -312,8 +337,8 @@ class EmulatedFleet:
         finally:
             self._push_pending = False
 
-    def push(self, version: int, timeout_s: float | None = None) -> dict:
-        self.start_push(version)
+    def push(self, version: int, timeout_s: float | None = None, *, base_version: int | None = None) -> dict:
+        self.start_push(version, base_version=base_version)
         return self.finish_push(timeout_s or self.spec.deadline_s + 60)
 
     # ------------------------------------------------------------------ observation

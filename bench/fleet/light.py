@@ -20,6 +20,12 @@ Three more figures say what today's data path can reach:
 
 Needed bytes come from the bucket plan the coordinator computes (core/plan.py): today every
 receiver rank needs every bucket, TP ranks included, because the data path sends whole tensors.
+
+A delta round (`delta_round_bound`) needs only the delta payload: each delta receiver's needed
+bytes are what it must take in (positions and values of the changed elements, per tensor).
+The speed of light is the same formula over those bytes. Today's data path sends the payload
+point to point from the root to every receiver (dataplane/delta_round.py), a star, so for a
+delta round `gloo_bound_s` and `gloo_model_s` are the star: N copies through the root's link.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from dataclasses import dataclass
 
 from weightsync.core import BucketPlan, TensorSpec
 
-__all__ = ["RoundBound", "gloo_broadcast_model_s", "gloo_broadcast_tree", "plan_bytes", "round_bound"]
+__all__ = ["RoundBound", "delta_round_bound", "gloo_broadcast_model_s", "gloo_broadcast_tree", "plan_bytes", "round_bound"]
 
 
 def plan_bytes(manifest: Sequence[TensorSpec], bucket_size_bytes: int) -> int:
@@ -96,6 +102,21 @@ def round_bound(
     gloo_bound_s = root_copies * emit_bytes / _bytes_per_s(sender_egress_mbit[0])
     gloo_model_s = gloo_broadcast_model_s(num_ranks, emit_bytes, slowest_mbit)
     return RoundBound(receiver_bound_s, sender_bound_s, star_bound_s, gloo_bound_s, gloo_model_s)
+
+
+def delta_round_bound(
+    *,
+    payload_bytes: Mapping[str, int],
+    ingress_mbit: Mapping[str, float],
+    sender_egress_mbit: Sequence[float],
+) -> RoundBound:
+    """Bounds of a delta round whose receivers need `payload_bytes` each (by host).
+
+    The speed of light is `round_bound`'s over the payload. The root sends every receiver its
+    payload point to point (no broadcast tree), so today's path is bound by the star.
+    """
+    b = round_bound(needed_bytes=payload_bytes, ingress_mbit=ingress_mbit, sender_egress_mbit=sender_egress_mbit)
+    return RoundBound(b.receiver_bound_s, b.sender_bound_s, b.star_bound_s, b.star_bound_s, b.star_bound_s)
 
 
 def gloo_broadcast_tree(num_ranks: int) -> dict[int, list[int]]:

@@ -28,6 +28,11 @@ class VllmHandler:
     def __init__(self, engine) -> None:
         self._engine = engine
 
+    @property
+    def holds_delta_base(self) -> bool:
+        """Every worker holds a shadow of the served weights: the coordinator may send a delta."""
+        return self._engine.holds_delta_base
+
     async def __call__(self, assignment, ranks, progress) -> HandlerResult:
         try:
             report = await self._engine.apply_assignment(assignment, ranks, progress=progress)

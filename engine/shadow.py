@@ -1,12 +1,13 @@
 """A vLLM worker's host-memory shadow of the weights it serves, in checkpoint format: the base of a delta round.
 
-Why a shadow, not vLLM's own sparse patch path (measured with vLLM 0.32 CPU, see NOTES.md):
+Why a shadow, not vLLM's own sparse patch path (vLLM 0.32 CPU, measured 2026-11-29, NOTES.md):
 `model_executor/model_loader/checkpoint_weight_patch.py` (what `sparse_nccl` uses) writes a
-NaN-masked full tensor through `model.load_weights` with `Tensor.copy_` patched. On CPU that
-loader writes into parameters that repacking emptied ("Attempted to load weight ... into
-parameter (torch.Size([0]))"), the fused MoE experts are prepacked into the grouped-GEMM layout
-(apply.py), its contract excludes composed and custom loaders, a changed element that becomes
-NaN cannot be sent, and nothing can read back what a repacked parameter holds in checkpoint
+NaN-masked full tensor through `model.load_weights` with `Tensor.copy_` patched. On CPU most
+linear weights are repacked after loading, and the patch fails there: a fused q_proj ("'Parameter'
+object has no attribute 'weight_loader'"), down_proj and the MoE router ("Attempted to load
+weight ... into parameter (torch.Size([0]))"); it is not atomic either (earlier tensors are
+written). Its contract excludes composed and custom loaders, a changed element that becomes NaN
+cannot be sent, and nothing reads back what a repacked parameter holds in checkpoint
 coordinates, so no checksum could prove the result. The shadow keeps, per worker, the served
 weights as the trainer sent them (checkpoint names, the manifest's wire dtype, CPU): a delta is
 applied to it with the codec's own `apply_many`, its checksums are of the whole resulting

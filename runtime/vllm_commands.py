@@ -183,7 +183,8 @@ def add_subcommands(sub, add_security) -> None:
                    help="in-flight requests during an update: finish them first, abort them, or keep them running across it")
     s.add_argument("--staging", default="staged", choices=["staged", "stream"],
                    help="staged: receive and verify while serving, then swap in one short pause (one extra model copy); "
-                        "stream: apply as buckets arrive, paused throughout, two buckets of memory")
+                        "stream: apply as buckets arrive, paused throughout, no staging copy "
+                        "(either way each worker keeps a host copy of the served weights, the base of delta rounds)")
     s.add_argument("--require-coordinator-s", type=float, default=None, metavar="SECONDS",
                    help="exit non-zero (status 3) unless registered with the coordinator within this many seconds "
                         "of the engine's start (default: keep retrying forever; /weightsync/ready answers 503 meanwhile)")

@@ -66,6 +66,8 @@ class _WorkerState:
     inventory_problems: list[str] = field(default_factory=list)
     # The served weights in checkpoint format: the base of a delta round (shadow.py).
     shadow: Shadow = field(default_factory=Shadow)
+    # False: no shadow (its host memory matters more than delta rounds): every round is dense here.
+    keep_shadow: bool = True
 
 
 class WeightsyncWorkerExtension:
@@ -146,15 +148,22 @@ class WeightsyncWorkerExtension:
             "shadow_bytes": state.shadow.nbytes,
         }
 
-    def weightsync_set_version(self, version: int | None, dirty: bool = False) -> dict[str, Any]:
-        """Declares which version the weights are (e.g. the checkpoint the engine started from)."""
+    def weightsync_set_version(
+        self, version: int | None, dirty: bool = False, keep_shadow: bool | None = None
+    ) -> dict[str, Any]:
+        """Declares which version the weights are (e.g. the checkpoint the engine started from).
+
+        `keep_shadow` (None: unchanged) turns the delta shadow on or off for later rounds.
+        """
         state = self._weightsync()
         if version is not None and int(version) < 0:
             raise InvalidArgument(f"version {version}: expected >= 0, or None for unversioned weights")
         state.version = None if version is None else int(version)
         state.dirty = bool(dirty)
-        if state.dirty:
-            state.shadow.drop("the weights were declared dirty")
+        if keep_shadow is not None:
+            state.keep_shadow = bool(keep_shadow)
+        if state.dirty or not state.keep_shadow:
+            state.shadow.drop("the weights were declared dirty" if state.dirty else "the shadow is turned off")
         return {"rank": self.rank, "served_version": state.version, "dirty": state.dirty}
 
     def _weightsync_inventory_problems(self) -> list[str]:
@@ -227,8 +236,9 @@ class WeightsyncWorkerExtension:
             raise
         self._weightsync_note_applied(applied, version, [name for name, _ in items])
         state = self._weightsync()
-        kept = items if owned else [(n, t.detach().to("cpu", copy=True)) for n, t in items]
-        state.shadow.install(((n, t.to("cpu")) for n, t in kept), state.inventory, previous)
+        if state.keep_shadow:
+            kept = items if owned else [(n, t.detach().to("cpu", copy=True)) for n, t in items]
+            state.shadow.install(((n, t.to("cpu")) for n, t in kept), state.inventory, previous)
         return applied
 
     def _weightsync_check_usable(self) -> None:
@@ -328,7 +338,8 @@ class WeightsyncWorkerExtension:
         kept: list[tuple[str, torch.Tensor]] = []
         try:
             applied, result = receive_and_apply(
-                self, a, rank, self._weightsync_seat(), state.inventory, path=state.apply_path, base=base, keep=kept
+                self, a, rank, self._weightsync_seat(), state.inventory, path=state.apply_path, base=base,
+                keep=kept if state.keep_shadow else None,
             )
         except BaseException as e:
             self._weightsync_note_failure(e)

@@ -83,6 +83,9 @@ class VllmEngineConfig:
     staging: str = "staged"
     # The version of the weights the engine starts with; None: unversioned.
     initial_version: int | None = None
+    # Each worker keeps the served weights in host memory in checkpoint format (the model's size
+    # in the wire dtype, per worker), the base of delta rounds; False: every round is dense here.
+    delta_shadow: bool = True
     # Staging progress is polled over collective_rpc; each poll is one short
     # utility call between engine steps.
     stage_poll_interval_s: float = 0.02
@@ -269,7 +272,7 @@ class VllmEngine:
     async def set_version(self, version: int | None, *, dirty: bool = False) -> None:
         """Declares the version of the weights the engine holds now (e.g. the checkpoint it loaded)."""
         async with self._update_lock:
-            await self._rpc("weightsync_set_version", version, dirty)
+            await self._rpc("weightsync_set_version", version, dirty, self._config.delta_shadow)
             # weight_info also carries the workers' inventory: an engine wrapped
             # without create() (weightsync serve) registers what its loader accepts.
             self._note_worker_state(await self._rpc("weightsync_weight_info"))

@@ -66,6 +66,7 @@ async def _serve(args: argparse.Namespace, vargs: argparse.Namespace) -> int:
             config = VllmEngineConfig(
                 model=vargs.model, mode="async", inflight_policy=args.inflight_policy, staging=args.staging,
                 initial_version=args.served_version if args.served_version >= 0 else None,
+                delta_shadow=not args.no_delta_shadow,
             )
             engine = VllmEngine(client, config)
             await engine.set_version(config.initial_version)
@@ -185,6 +186,9 @@ def add_subcommands(sub, add_security) -> None:
                    help="staged: receive and verify while serving, then swap in one short pause (one extra model copy); "
                         "stream: apply as buckets arrive, paused throughout, no staging copy "
                         "(either way each worker keeps a host copy of the served weights, the base of delta rounds)")
+    s.add_argument("--no-delta-shadow", action="store_true",
+                   help="keep no host copy of the served weights (the model's size in the wire dtype, per worker): "
+                        "saves that memory; every round into this engine is then dense")
     s.add_argument("--require-coordinator-s", type=float, default=None, metavar="SECONDS",
                    help="exit non-zero (status 3) unless registered with the coordinator within this many seconds "
                         "of the engine's start (default: keep retrying forever; /weightsync/ready answers 503 meanwhile)")

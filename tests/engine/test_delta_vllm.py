@@ -153,12 +153,25 @@ async def test_dense_then_delta_rounds_into_a_streamed_tp1_dense_engine(dense):
     assert report.committed and [v.encoding for v in report.results] == ["dense"], report
     await s.assert_tokens(w)
     assert s.engines["qwen2"].holds_delta_base
+    assert [i["shadow_bytes"] for i in await s.engines["qwen2"].weight_info()] == [s.dense_bytes]
     for v in (2, 3):
         prev, w = w, _step(w, seed=10 + v)
         report = await s.push(w, v, base=prev, base_version=v - 1)
         assert report.committed, report
         s.assert_delta_bytes(report)
         await s.assert_tokens(w)
+    # The shadow turned off (VllmEngineConfig(delta_shadow=False), serve --no-delta-shadow): its
+    # memory is freed and the engine gets dense weights, still verified.
+    engine = s.engines["qwen2"]
+    await engine._rpc("weightsync_set_version", 3, False, False)
+    assert [i["shadow_bytes"] for i in await engine.weight_info()] == [0] and not engine.holds_delta_base
+    # The coordinator learns it from the next heartbeat (a delta sent before that is refused by the worker).
+    await wait_until(lambda: not s.server.coordinator.daemons["qwen2"].holds_delta_base, timeout_s=10)
+    prev, w = w, _step(w, seed=14)
+    report = await s.push(w, 4, base=prev, base_version=3)
+    assert report.committed and [v.encoding for v in report.results] == ["dense"], report
+    await s.assert_tokens(w)
+    assert [i["shadow_bytes"] for i in await engine.weight_info()] == [0]
 
 
 async def test_delta_rounds_into_tp1_and_tp2_moe_engines_heal_wrong_base_late_dirty_and_killed_trainer(moe, tmp_path):

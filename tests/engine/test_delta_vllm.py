@@ -9,7 +9,6 @@ transformers' with the trainer's tensors after every round.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -191,9 +190,10 @@ async def test_delta_rounds_into_tp1_and_tp2_moe_engines_heal_wrong_base_late_di
     s.assert_delta_bytes(report)
     await s.assert_tokens(w2)
     # 3: a wrong base (other tensors called version 2): the patched shadow is not the trainer's
-    # tensors; the whole-tensor checksums catch it and the engine is flagged. (An ANCESTOR of the
-    # served version would not do: a delta carries new values, not differences, so it then yields
-    # exactly the new tensors, and the checksums prove that too.)
+    # tensors; the whole-tensor checksums catch it and the engine is flagged. (Not an ANCESTOR of
+    # the served version: a delta carries new values, not differences, so from an ancestor it yields
+    # the new tensors wherever the served version's changes carried on into them, here everywhere,
+    # and the checksums then rightly prove the result.)
     w3 = _step(w2, seed=3)
     report = await s.push(w3, 3, base=_step(w3, seed=33), base_version=2)
     assert report.state == "FAILED" and [(v.encoding, v.status) for v in report.results] == [("delta", "CHECKSUM_MISMATCH")]

@@ -235,6 +235,9 @@ async def test_delta_rounds_into_tp1_and_tp2_moe_engines_heal_wrong_base_late_di
         assert rnd.version == 7 and rnd.state == "FAILED" and {v.encoding for v in rnd.results} == {"delta"}, rnd
         daemons = {d.daemon_id: d for d in (await client.list_daemons()).daemons}
         assert daemons["tp1"].dirty and daemons["tp2"].dirty, daemons
+    # The round had patched part of each worker's shadow: none is left to patch again.
+    await wait_until(lambda: not (s.engines["tp1"].holds_delta_base or s.engines["tp2"].holds_delta_base), timeout_s=60)
+    assert [i["shadow_bytes"] for i in await s.engines["tp2"].weight_info()] == [0, 0]
     # 8: the next push (from a new trainer, as after a crash) heals both with dense weights; 9: and deltas resume.
     s.sync.close()
     s.sync = s.new_trainer()

@@ -97,8 +97,13 @@ class CoordinatorConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-# Engines whose daemons apply a delta in place (runtime/daemon.py); every other engine gets dense.
-DELTA_ENGINES = frozenset({"memory"})
+# Engines whose receivers read a delta round's per-rank framing (a dense rank of a delta round
+# gets every tensor as a dense "delta"); a round with any other engine is dense for all.
+DELTA_ENGINES = frozenset({"memory", "vllm"})
+# Engines that patch the tensors they serve in place (runtime/daemon.py): clean means they hold
+# the base. Others (vLLM: a host shadow per worker, engine/shadow.py) take a delta only while
+# their daemon says its receivers hold the base (Heartbeat/UpdateResult.holds_delta_base).
+IN_PLACE_DELTA_ENGINES = frozenset({"memory"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -354,9 +359,20 @@ class Coordinator:
         self._fail_in_open_round(daemon_id, f"session closed: {reason}")
         self._update_gauges()
 
-    def heartbeat(self, daemon_id: str, *, served_version: int, dirty: bool, draining: bool, busy_update_id: str = "") -> None:
+    def heartbeat(
+        self,
+        daemon_id: str,
+        *,
+        served_version: int,
+        dirty: bool,
+        draining: bool,
+        busy_update_id: str = "",
+        holds_delta_base: bool = False,
+    ) -> None:
         rec = self._live(daemon_id)
         rec.beat()
+        # A capability, not a claim about versions: it only ever narrows a delta to dense.
+        rec.holds_delta_base = holds_delta_base
         # During a session the coordinator's own verdicts decide `served_version` and `dirty`:
         # a heartbeat sent before the daemon heard its verdict must not re-flag it, and a
         # heartbeat may not claim a version no round gave it. The daemon's own claims count
@@ -381,9 +397,11 @@ class Coordinator:
         receive_s: float,
         apply_s: float,
         bytes_received: int,
+        holds_delta_base: bool = False,
     ) -> None:
         rec = self._live(daemon_id)
         rec.beat()
+        rec.holds_delta_base = holds_delta_base
         rnd = self.rounds.get(update_id)
         if rnd is None or daemon_id not in rnd.outcomes:
             log.warning("result for unknown round ignored update_id=%s daemon_id=%s", update_id, daemon_id)
@@ -438,8 +456,8 @@ class Coordinator:
         delta_base = options.delta_base_version
         if "delta" not in encodings.values() or any(d.engine not in DELTA_ENGINES for d in participants):
             # A delta round frames every rank's payload point to point; a receiver that only
-            # takes broadcast buckets (vLLM today) would wait for bytes that never come. So
-            # the round is dense for all when one of them is in it, or when nobody takes a delta.
+            # takes broadcast buckets would wait for bytes that never come. So the round is
+            # dense for all when one of them is in it, or when nobody takes a delta.
             delta_base = None
             encodings = dict.fromkeys(encodings, "dense")
         for d in participants:
@@ -544,14 +562,16 @@ class Coordinator:
         """"delta" only for a daemon this coordinator knows holds exactly the base; any doubt is dense.
 
         Dirty (a failed or interrupted round, or never verified), stale, an unproven version
-        claim, or another version: the delta would be applied to bytes it was not encoded
-        against, so that daemon gets the dense weights in the same push.
+        claim, another version, or a vLLM engine without a shadow of its weights (just
+        started, or its last apply failed): the delta would be applied to bytes it was not
+        encoded against, or to none, so that daemon gets the dense weights in the same push.
         """
         if o.delta_base_version is None or o.transport == "cuda_ipc":
             # cuda_ipc receivers copy from the trainer's own memory: no link bytes to save.
             return "dense"
         clean = not (d.dirty or d.stale or d.unknown_version)
-        return "delta" if clean and d.served_version == o.delta_base_version else "dense"
+        holds = d.engine in IN_PLACE_DELTA_ENGINES or d.holds_delta_base
+        return "delta" if clean and holds and d.served_version == o.delta_base_version else "dense"
 
     def _check_options(self, o: UpdateOptions) -> None:
         problems = []

@@ -60,6 +60,8 @@ class HandlerResult:
 # A handler whose work runs in threads should also have `abort(update_id, reason)`: the
 # agent calls it when the coordinator cancels the round (instead of cancelling the task,
 # which would leave the thread running unseen), and stays busy until the handler returns.
+# A handler whose engine keeps a delta base apart from the model (vLLM's shadow) has a
+# `holds_delta_base` attribute, read for every heartbeat and result (so it must be cheap).
 UpdateHandler = Callable[[Assignment, tuple[int, ...], ProgressFn], Awaitable[HandlerResult]]
 
 
@@ -326,8 +328,12 @@ class DaemonAgent:
                 dirty=self.dirty,
                 busy_update_id=self._work_update_id if self.busy else "",
                 draining=self.draining,
+                holds_delta_base=self._holds_delta_base(),
             )
         )
+
+    def _holds_delta_base(self) -> bool:
+        return bool(getattr(self._handler, "holds_delta_base", False))
 
     async def _heartbeats(self, session: _Session, interval_s: float) -> None:
         # Its own task, and tensor work runs in threads: heartbeats never wait on tensors.
@@ -390,6 +396,7 @@ class DaemonAgent:
                     receive_s=res.receive_s,
                     apply_s=res.apply_s,
                     bytes_received=res.bytes_received,
+                    holds_delta_base=self._holds_delta_base(),
                 )
             )
         )

@@ -56,6 +56,9 @@ class DaemonRecord:
     owner: str = ""
     # served_version is a claim above every version this coordinator began: not trusted.
     unknown_version: bool = False
+    # Its receivers say they hold the bytes of served_version apart from the model (a vLLM
+    # worker's shadow), as of its last heartbeat or result: a delta can be applied there.
+    holds_delta_base: bool = False
     state: DaemonState = DaemonState.LOST
     reason: str = "registered; session not open yet"
     last_heartbeat_mono: float = field(default_factory=time.monotonic)

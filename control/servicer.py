@@ -206,7 +206,8 @@ class DaemonServicer(pb_grpc.DaemonServiceServicer):
             if kind == "heartbeat":
                 hb = msg.heartbeat
                 self._c.heartbeat(
-                    daemon_id, served_version=hb.served_version, dirty=hb.dirty, draining=hb.draining, busy_update_id=hb.busy_update_id
+                    daemon_id, served_version=hb.served_version, dirty=hb.dirty, draining=hb.draining, busy_update_id=hb.busy_update_id,
+                    holds_delta_base=hb.holds_delta_base,
                 )
             elif kind == "progress":
                 p = msg.progress
@@ -227,6 +228,7 @@ class DaemonServicer(pb_grpc.DaemonServiceServicer):
                     receive_s=r.receive_s,
                     apply_s=r.apply_s,
                     bytes_received=r.bytes_received,
+                    holds_delta_base=r.holds_delta_base,
                 )
             else:
                 raise InvalidArgument(f"session message: expected heartbeat, progress or result, got {kind}")

@@ -216,6 +216,7 @@ def receive_delta_round(
     *,
     apply_fn: Callable[[list[tuple[str, torch.Tensor]]], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    refuse: str | None = None,
 ) -> ReceiveResult:
     """Receives this rank's payload of a delta round and patches `destination(name)` in place.
 
@@ -225,14 +226,15 @@ def receive_delta_round(
     patch (the tensors are already written; e.g. for fault injection or bookkeeping).
     Returns checksums of the whole resulting tensors, recomputed. On any local problem the
     rank still takes every message (so the sender is not left waiting) and then fails the
-    round on every rank with its reason.
+    round on every rank with its reason. `refuse` (a reason) refuses the round at its open
+    handshake, on every rank, before any byte moves (e.g. a vLLM worker without its base).
     """
     if rank not in assignment.receiver_ranks:
         raise ValueError(f"rank {rank} is not among the receiver ranks {list(assignment.receiver_ranks)}")
     started = time.monotonic()
     plan = assignment.plan
     dev = group.device
-    open_round(group, assignment)
+    open_round(group, assignment, local_problem=refuse)
     opened = time.monotonic() - started
     problem: BaseException | None = None
     received = 0

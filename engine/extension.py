@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from weightsync.core import FailedPrecondition, InvalidArgument, NotFound, TensorSpec, is_full_round
 from weightsync.engine.inventory import check_update, dtype_name, inventory_for_engine
 from weightsync.engine.payload import assignment_from_dict, decode_tensors
+from weightsync.engine.shadow import Shadow
 
 if TYPE_CHECKING:
     import torch
@@ -63,6 +64,10 @@ class _WorkerState:
     # Checkpoint names the model's loader skips or rejects, with the reason.
     refused: dict[str, str] = field(default_factory=dict)
     inventory_problems: list[str] = field(default_factory=list)
+    # The served weights in checkpoint format: the base of a delta round (shadow.py).
+    shadow: Shadow = field(default_factory=Shadow)
+    # False: no shadow (its host memory matters more than delta rounds): every round is dense here.
+    keep_shadow: bool = True
 
 
 class WeightsyncWorkerExtension:
@@ -137,15 +142,28 @@ class WeightsyncWorkerExtension:
             "inventory": [[s.name, list(s.shape), s.dtype] for s in state.inventory.values()],
             "inventory_problems": self._weightsync_inventory_problems(),
             "staged": None if state.staged is None else state.staged.status(),
+            # Whether a delta against served_version can be applied here: the coordinator
+            # gives a delta only to an engine whose every worker says so.
+            "holds_delta_base": state.shadow.held and not (state.dirty or state.broken),
+            "shadow_bytes": state.shadow.nbytes,
         }
 
-    def weightsync_set_version(self, version: int | None, dirty: bool = False) -> dict[str, Any]:
-        """Declares which version the weights are (e.g. the checkpoint the engine started from)."""
+    def weightsync_set_version(
+        self, version: int | None, dirty: bool = False, keep_shadow: bool | None = None
+    ) -> dict[str, Any]:
+        """Declares which version the weights are (e.g. the checkpoint the engine started from).
+
+        `keep_shadow` (None: unchanged) turns the delta shadow on or off for later rounds.
+        """
         state = self._weightsync()
         if version is not None and int(version) < 0:
             raise InvalidArgument(f"version {version}: expected >= 0, or None for unversioned weights")
         state.version = None if version is None else int(version)
         state.dirty = bool(dirty)
+        if keep_shadow is not None:
+            state.keep_shadow = bool(keep_shadow)
+        if state.dirty or not state.keep_shadow:
+            state.shadow.drop("the weights were declared dirty" if state.dirty else "the shadow is turned off")
         return {"rank": self.rank, "served_version": state.version, "dirty": state.dirty}
 
     def _weightsync_inventory_problems(self) -> list[str]:
@@ -187,7 +205,9 @@ class WeightsyncWorkerExtension:
         # Inventory order keeps each module's tensors together, so vLLM rebuilds
         # every module as soon as it can and buffers little.
         ordered = [(name, tensors[name]) for name in state.inventory if name in tensors]
-        applied = self._weightsync_write(ordered, version)
+        # Decoded bytes belong to this call; a caller's own tensors may change after it.
+        owned = isinstance(payload, (bytes, bytearray, memoryview))
+        applied = self._weightsync_write(ordered, version, owned=owned)
         return {
             "rank": self.rank,
             "served_version": state.version,
@@ -197,7 +217,15 @@ class WeightsyncWorkerExtension:
             "apply_s": applied.apply_s,
         }
 
-    def _weightsync_write(self, items: list[tuple[str, "torch.Tensor"]], version: int | None) -> "AppliedWeights":
+    def _weightsync_write(
+        self,
+        items: list[tuple[str, "torch.Tensor"]],
+        version: int | None,
+        *,
+        owned: bool = True,
+        previous: "Mapping[str, torch.Tensor] | None" = None,
+    ) -> "AppliedWeights":
+        """Applies whole checkpoint tensors; on success they become the shadow (`previous`: a shadow a delta round took)."""
         from weightsync.engine.apply import apply_weights
 
         self._weightsync_check_usable()
@@ -207,6 +235,10 @@ class WeightsyncWorkerExtension:
             self._weightsync_note_failure(e)
             raise
         self._weightsync_note_applied(applied, version, [name for name, _ in items])
+        state = self._weightsync()
+        if state.keep_shadow:
+            kept = items if owned else [(n, t.detach().to("cpu", copy=True)) for n, t in items]
+            state.shadow.install(((n, t.to("cpu")) for n, t in kept), state.inventory, previous)
         return applied
 
     def _weightsync_check_usable(self) -> None:
@@ -222,6 +254,8 @@ class WeightsyncWorkerExtension:
         state.broken = state.broken or broken_reason(error)
         if model_touched(error):
             state.dirty = True
+        # Whatever the model holds now, a delta must not be applied on top of it.
+        state.shadow.drop(f"an apply failed: {type(error).__name__}")
 
     def _weightsync_note_applied(self, applied: "AppliedWeights", version: int | None, names: list[str]) -> None:
         state = self._weightsync()
@@ -254,7 +288,9 @@ class WeightsyncWorkerExtension:
             log.warning("worker %d: update %s supersedes staged update %s", self.rank, a.update_id, current.update_id)
             current.discard()
             state.staged = None
-        staged = StagedUpdate(a, rank, self._weightsync_seat(), state.inventory, staging_device="cpu")
+        # A delta rank patches the shadow itself: it is out of the shadow until the commit applied it.
+        base = state.shadow.take() if rank in a.delta_ranks else None
+        staged = StagedUpdate(a, rank, self._weightsync_seat(), state.inventory, staging_device="cpu", base=base)
         state.staged = staged
         staged.start()
         return staged.status()
@@ -268,7 +304,7 @@ class WeightsyncWorkerExtension:
         staged = self._weightsync_staged(update_id)
         tensors, result = staged.take()
         self._weightsync().staged = None
-        applied = self._weightsync_write(tensors, staged.assignment.version)
+        applied = self._weightsync_write(tensors, staged.assignment.version, previous=staged.base)
         return self._weightsync_result(staged.assignment, staged.rank, applied, result)
 
     def weightsync_discard(self, update_id: str) -> dict[str, Any]:
@@ -298,14 +334,18 @@ class WeightsyncWorkerExtension:
         rank = self._weightsync_rank(ranks, a)
         self._weightsync_check_usable()
         state = self._weightsync()
+        base = state.shadow.take() if rank in a.delta_ranks else None
+        kept: list[tuple[str, torch.Tensor]] = []
         try:
             applied, result = receive_and_apply(
-                self, a, rank, self._weightsync_seat(), state.inventory, path=state.apply_path
+                self, a, rank, self._weightsync_seat(), state.inventory, path=state.apply_path, base=base,
+                keep=kept if state.keep_shadow else None,
             )
         except BaseException as e:
             self._weightsync_note_failure(e)
             raise
         self._weightsync_note_applied(applied, a.version, [e.name for _, e in a.plan.entries()])
+        state.shadow.install(((n, t.to("cpu")) for n, t in kept), state.inventory, base)
         return self._weightsync_result(a, rank, applied, result)
 
     def _weightsync_result(self, a: "Assignment", rank: int, applied: "AppliedWeights", result: Any) -> dict[str, Any]:

@@ -32,7 +32,10 @@ def assignment_to_dict(a: Assignment) -> dict[str, Any]:
             "group_id": r.group_id,
             "timeout_s": r.timeout_s,
         },
-        "participants": [{"daemon_id": p.daemon_id, "ranks": list(p.ranks)} for p in a.participants],
+        "participants": [
+            {"daemon_id": p.daemon_id, "ranks": list(p.ranks), "encoding": p.encoding} for p in a.participants
+        ],
+        "delta_base_version": a.delta_base_version,
         "plan": {
             "digest": a.plan.digest,
             "buckets": [
@@ -74,9 +77,13 @@ def assignment_from_dict(d: Mapping[str, Any]) -> Assignment:
                 group_id=str(r["group_id"]),
                 timeout_s=float(r["timeout_s"]),
             ),
-            participants=tuple(Participant(str(p["daemon_id"]), tuple(p["ranks"])) for p in d["participants"]),
+            participants=tuple(
+                Participant(str(p["daemon_id"]), tuple(p["ranks"]), str(p.get("encoding", "dense")))
+                for p in d["participants"]
+            ),
             plan=BucketPlan.from_buckets(buckets, str(d["plan"]["digest"])),
             deadline_s=float(d["deadline_s"]),
+            delta_base_version=None if d.get("delta_base_version") is None else int(d["delta_base_version"]),
         )
     except (KeyError, TypeError) as e:
         raise ValueError(f"malformed assignment dict: {type(e).__name__}: {e}") from e

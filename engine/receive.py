@@ -12,6 +12,13 @@
 
 Either way the plan is checked against the inventory before any byte moves,
 and a refusal reaches every rank (the data plane's open handshake).
+
+A delta round (`assignment.delta_base_version` set) arrives framed per rank
+(`dataplane/delta_round.py`): a delta rank patches the worker's shadow of the
+served weights (`shadow.py`), taken out of the shadow for the round; a dense rank
+gets every tensor whole. Either way the result is whole checkpoint tensors, applied
+by the same path as a dense round; in streamed mode they are applied once the round
+has arrived (a delta's tensors are complete only then), still inside the pause.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ if TYPE_CHECKING:
     from weightsync.dataplane import GroupCache, ReceiveResult, ReceiveStream
     from weightsync.engine.apply import AppliedWeights
 
-__all__ = ["DataPlaneSeat", "StagedUpdate", "receive_and_apply"]
+__all__ = ["DataPlaneSeat", "StagedUpdate", "receive_and_apply", "receive_delta"]
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +126,11 @@ class StagedUpdate:
         inventory: Mapping[str, TensorSpec],
         *,
         staging_device: "str | torch.device" = "cpu",
+        base: "dict[str, torch.Tensor] | None" = None,
     ) -> None:
         self.assignment = assignment
+        # A delta rank's base (the shadow it took), patched in place by the round.
+        self.base = base
         self.rank = rank
         self._seat = seat
         self._inventory = inventory
@@ -181,20 +191,16 @@ class StagedUpdate:
             self._buckets_done, self._bytes_done = buckets_done, bytes_done
 
     def _run(self) -> None:
-        staged: list[tuple[str, torch.Tensor]] = []
         try:
             with self._seat.claim(self.assignment, self.rank) as groups:
-                stream = _open_stream(self.assignment, self.rank, groups, self._inventory, self._on_progress)
-                if self._discard.is_set():
-                    # Refused at the open handshake, so the peers learn at once.
-                    stream.close(_Discarded(f"update {self.update_id} was discarded before it started"))
-                with stream:
-                    for batch in iter(stream.next_bucket, None):
-                        if self._discard.is_set():
-                            raise _Discarded(f"update {self.update_id} was discarded while receiving")
-                        # Views point into the receiver's reused ring buffers.
-                        staged.extend((name, view.to(self._staging_device, copy=True)) for name, view in batch)
-                result = stream.result
+                if self.assignment.delta_base_version is not None:
+                    staged, result = receive_delta(
+                        self.assignment, self.rank, groups, self._inventory, self.base,
+                        progress=self._on_progress, stop=self._discard,
+                    )
+                    staged = [(name, t.to(self._staging_device)) for name, t in staged]
+                else:
+                    staged, result = self._receive_dense(groups)
         except Exception as e:  # thread boundary: kept for status() and take(), and logged
             log.warning("rank %d: staging update %s failed: %s", self.rank, self.update_id, e, exc_info=True)
             with self._lock:
@@ -210,6 +216,20 @@ class StagedUpdate:
             self._state = STAGED
         log.debug("rank %d: update %s staged (%d tensors)", self.rank, self.update_id, len(staged))
 
+    def _receive_dense(self, groups: "GroupCache") -> tuple[list[tuple[str, "torch.Tensor"]], "ReceiveResult"]:
+        staged: list[tuple[str, torch.Tensor]] = []
+        stream = _open_stream(self.assignment, self.rank, groups, self._inventory, self._on_progress)
+        if self._discard.is_set():
+            # Refused at the open handshake, so the peers learn at once.
+            stream.close(_Discarded(f"update {self.update_id} was discarded before it started"))
+        with stream:
+            for batch in iter(stream.next_bucket, None):
+                if self._discard.is_set():
+                    raise _Discarded(f"update {self.update_id} was discarded while receiving")
+                # Views point into the receiver's reused ring buffers.
+                staged.extend((name, view.to(self._staging_device, copy=True)) for name, view in batch)
+        return staged, stream.result
+
 
 def receive_and_apply(
     worker: Any,
@@ -219,15 +239,25 @@ def receive_and_apply(
     inventory: Mapping[str, TensorSpec],
     *,
     path: str,
+    base: "dict[str, torch.Tensor] | None" = None,
+    keep: "list[tuple[str, torch.Tensor]] | None" = None,
 ) -> tuple["AppliedWeights", "ReceiveResult"]:
-    """Streams the round straight into the model; see the module docstring for the trade-off."""
+    """Streams the round straight into the model; see the module docstring for the trade-off.
+
+    `keep`, if given, receives the whole tensors applied (the worker's next shadow).
+    """
     from weightsync.engine.apply import ApplyFailed, apply_weights
 
     try:
         with seat.claim(assignment, rank) as groups:
+            if assignment.delta_base_version is not None:
+                items, result = receive_delta(assignment, rank, groups, inventory, base)
+                if keep is not None:
+                    keep.extend(items)
+                return apply_weights(worker, items, path=path), result
             stream = _open_stream(assignment, rank, groups, inventory)
             with stream:  # an apply error ends the round on every rank, naming this one
-                applied = apply_weights(worker, _copies(stream), path=path)
+                applied = apply_weights(worker, _copies(stream, keep), path=path)
     except ApplyFailed as e:
         if isinstance(e.__cause__, TransferError):
             # The round failed under the loader: report it as the transfer error it is
@@ -237,8 +267,75 @@ def receive_and_apply(
     return applied, stream.result
 
 
-def _copies(stream: "ReceiveStream") -> Iterator[tuple[str, "torch.Tensor"]]:
+def _copies(
+    stream: "ReceiveStream", keep: "list[tuple[str, torch.Tensor]] | None" = None
+) -> Iterator[tuple[str, "torch.Tensor"]]:
     # vLLM keeps a tensor until its module is complete, possibly past the point
     # where the receiver reuses the buffer the view points into.
     for name, view in stream:
-        yield name, view.clone()
+        copy = view.clone()
+        if keep is not None:
+            keep.append((name, copy))
+        yield name, copy
+
+
+def receive_delta(
+    assignment: Assignment,
+    rank: int,
+    groups: "GroupCache",
+    inventory: Mapping[str, TensorSpec],
+    base: "Mapping[str, torch.Tensor] | None",
+    *,
+    progress: Any = None,
+    stop: "threading.Event | None" = None,
+) -> tuple[list[tuple[str, "torch.Tensor"]], "ReceiveResult"]:
+    """Receives this rank's payload of a delta round; returns the whole resulting tensors (plan order) and the result.
+
+    A delta rank needs `base` (the shadow it took) holding every planned tensor; it is
+    patched in place. A dense rank writes into fresh tensors. A plan that does not fit
+    the inventory, or a delta rank without its base, refuses the round on every rank
+    before any byte moves. The checksums are of the whole resulting tensors.
+    """
+    import torch
+
+    from weightsync.dataplane.delta_round import receive_delta_round
+    from weightsync.dataplane.layout import torch_dtype
+
+    group = groups.get(assignment, rank)
+    device = group.device
+    specs = {e.name: e.spec for _, e in assignment.plan.entries()}
+    is_delta = rank in assignment.delta_ranks
+    problem = None
+    try:
+        check_update(inventory, list(specs.values()))
+    except InvalidArgument as e:
+        problem = str(e)
+    if problem is None and is_delta:
+        missing = sorted(n for n in specs if base is None or n not in base)
+        if missing:
+            problem = (
+                f"update {assignment.update_id} is a delta against version {assignment.delta_base_version}, but this "
+                f"worker holds no copy of {len(missing)} of its tensors (e.g. {missing[0]!r}): it must get dense "
+                "weights (its shadow was dropped by a failed round, or it never applied a full one)"
+            )
+    if problem is None and stop is not None and stop.is_set():
+        problem = f"update {assignment.update_id} was discarded before it started"
+
+    def destination(name: str) -> "torch.Tensor":
+        if is_delta:
+            t = base[name]
+            return t if t.device == device else t.to(device)
+        spec = specs[name]
+        return torch.empty(spec.shape, dtype=torch_dtype(spec.dtype), device=device)
+
+    items: list[tuple[str, torch.Tensor]] = []
+
+    def on_bucket(batch: list[tuple[str, "torch.Tensor"]]) -> None:
+        if stop is not None and stop.is_set():
+            raise _Discarded(f"update {assignment.update_id} was discarded while receiving")
+        items.extend(batch)
+
+    result = receive_delta_round(
+        assignment, rank, group, destination, apply_fn=on_bucket, progress=progress, refuse=problem
+    )
+    return items, result

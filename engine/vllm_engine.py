@@ -83,6 +83,9 @@ class VllmEngineConfig:
     staging: str = "staged"
     # The version of the weights the engine starts with; None: unversioned.
     initial_version: int | None = None
+    # Each worker keeps the served weights in host memory in checkpoint format (the model's size
+    # in the wire dtype, per worker), the base of delta rounds; False: every round is dense here.
+    delta_shadow: bool = True
     # Staging progress is polled over collective_rpc; each poll is one short
     # utility call between engine steps.
     stage_poll_interval_s: float = 0.02
@@ -165,6 +168,7 @@ class VllmEngine:
         self._num_workers = engine_world_size(engine, config.mode)
         self._served_version: int | None = None
         self._dirty = False
+        self._holds_delta_base = False
         self._closed = False
         # With tensor parallelism the workers are processes of their own even when
         # the engine core runs here, so tensors must travel as bytes.
@@ -236,6 +240,11 @@ class VllmEngine:
         """True when the weights may be a mix of versions (a failed apply touched them)."""
         return self._dirty
 
+    @property
+    def holds_delta_base(self) -> bool:
+        """Every worker holds a shadow of the served weights (engine/shadow.py), as of the last update or weight_info()."""
+        return self._holds_delta_base
+
     def inventory(self) -> tuple[TensorSpec, ...]:
         """Every tensor the engine accepts, by HF checkpoint name, in the serving dtype."""
         return self._inventory
@@ -263,7 +272,7 @@ class VllmEngine:
     async def set_version(self, version: int | None, *, dirty: bool = False) -> None:
         """Declares the version of the weights the engine holds now (e.g. the checkpoint it loaded)."""
         async with self._update_lock:
-            await self._rpc("weightsync_set_version", version, dirty)
+            await self._rpc("weightsync_set_version", version, dirty, self._config.delta_shadow)
             # weight_info also carries the workers' inventory: an engine wrapped
             # without create() (weightsync serve) registers what its loader accepts.
             self._note_worker_state(await self._rpc("weightsync_weight_info"))
@@ -274,6 +283,7 @@ class VllmEngine:
         uniform = len(versions) == 1
         self._served_version = next(iter(versions)) if uniform else None
         self._dirty = not uniform or any(info.get("dirty") or info.get("broken") for info in infos)
+        self._holds_delta_base = uniform and not self._dirty and all(info.get("holds_delta_base") for info in infos)
         if infos and "inventory" in infos[0]:
             self._inventory = tuple(TensorSpec(n, tuple(shape), dtype) for n, shape, dtype in infos[0]["inventory"])
 
@@ -388,6 +398,7 @@ class VllmEngine:
         except Exception:  # the update's own outcome is what the caller needs; this is bookkeeping
             log.warning("could not read the workers' weight state; marking the engine dirty", exc_info=True)
             self._dirty = True
+            self._holds_delta_base = False
 
     async def _wait_staged(self, update_id: str, progress: ProgressFn | None) -> None:
         last = (-1, -1)

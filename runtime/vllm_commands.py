@@ -28,6 +28,11 @@ class VllmHandler:
     def __init__(self, engine) -> None:
         self._engine = engine
 
+    @property
+    def holds_delta_base(self) -> bool:
+        """Every worker holds a shadow of the served weights: the coordinator may send a delta."""
+        return self._engine.holds_delta_base
+
     async def __call__(self, assignment, ranks, progress) -> HandlerResult:
         try:
             report = await self._engine.apply_assignment(assignment, ranks, progress=progress)
@@ -61,6 +66,7 @@ async def _serve(args: argparse.Namespace, vargs: argparse.Namespace) -> int:
             config = VllmEngineConfig(
                 model=vargs.model, mode="async", inflight_policy=args.inflight_policy, staging=args.staging,
                 initial_version=args.served_version if args.served_version >= 0 else None,
+                delta_shadow=not args.no_delta_shadow,
             )
             engine = VllmEngine(client, config)
             await engine.set_version(config.initial_version)
@@ -178,7 +184,11 @@ def add_subcommands(sub, add_security) -> None:
                    help="in-flight requests during an update: finish them first, abort them, or keep them running across it")
     s.add_argument("--staging", default="staged", choices=["staged", "stream"],
                    help="staged: receive and verify while serving, then swap in one short pause (one extra model copy); "
-                        "stream: apply as buckets arrive, paused throughout, two buckets of memory")
+                        "stream: apply as buckets arrive, paused throughout, no staging copy "
+                        "(either way each worker keeps a host copy of the served weights, the base of delta rounds)")
+    s.add_argument("--no-delta-shadow", action="store_true",
+                   help="keep no host copy of the served weights (the model's size in the wire dtype, per worker): "
+                        "saves that memory; every round into this engine is then dense")
     s.add_argument("--require-coordinator-s", type=float, default=None, metavar="SECONDS",
                    help="exit non-zero (status 3) unless registered with the coordinator within this many seconds "
                         "of the engine's start (default: keep retrying forever; /weightsync/ready answers 503 meanwhile)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.control.helpers import INVENTORY, start_agent, start_coordinator, trainer_checksums
+from tests.control.helpers import INVENTORY, ScriptedHandler, start_agent, start_coordinator, trainer_checksums
 from weightsync.control.convert import assignment_from_pb, assignment_to_pb
 from weightsync.control.trainer_client import TrainerClient
 from weightsync.core import InvalidArgument
@@ -80,14 +80,14 @@ async def test_dirty_daemon_gets_dense():
 
 
 async def test_engine_without_delta_support_gets_dense():
-    """A round with an engine that cannot take a delta round yet (here "test"; vLLM too) is dense for all; without it, delta."""
+    """A round with an engine that cannot take a delta round (here "test") is dense for all; without it, delta."""
     server = await start_coordinator()
     agents = [await start_agent(server.address, "mem", engine="memory"), await start_agent(server.address, "other")]
     try:
         async with TrainerClient(server.address) as client:
             assert (await _round(client, 1))[1].committed
             a2 = await client.begin_update(2, INVENTORY, delta_base_version=1, **RDV)
-            # "other" (a vLLM engine, say) only takes broadcast buckets: the whole round is dense.
+            # "other" only takes broadcast buckets: the whole round is dense.
             assert a2.delta_base_version is None
             assert {p.daemon_id: p.encoding for p in a2.participants} == {"mem": "dense", "other": "dense"}
             await client.commit_update(a2, trainer_checksums(a2))
@@ -100,6 +100,47 @@ async def test_engine_without_delta_support_gets_dense():
             assert registry.get_sample_value("weightsync_wire_bytes_total", {"encoding": "delta"}) == wire["delta"] > 0
             # Rounds 1 and 2, dense for both daemons (the scripted daemons report the plan's bytes).
             assert registry.get_sample_value("weightsync_wire_bytes_total", {"encoding": "dense"}) == 4 * wire["delta"]
+    finally:
+        for a in agents:
+            await a.close(1)
+        await server.stop(0.5)
+
+
+class _ShadowHandler(ScriptedHandler):
+    """A vLLM-like daemon: after each round it holds a delta base or not, as `after_round` says."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holds_delta_base = False
+        self.after_round = False
+
+    async def __call__(self, assignment, ranks, progress):
+        result = await super().__call__(assignment, ranks, progress)
+        self.holds_delta_base = self.after_round
+        return result
+
+
+async def test_vllm_engine_takes_a_delta_only_while_it_says_it_holds_the_base():
+    """A clean vLLM daemon on the base gets dense until its heartbeat says it holds the base, then delta; a memory daemon needs no such word."""
+    server = await start_coordinator()
+    shadow = _ShadowHandler()
+    agents = [await start_agent(server.address, "mem", engine="memory"), await start_agent(server.address, "vllm", shadow, engine="vllm")]
+    try:
+        async with TrainerClient(server.address) as client:
+            assert (await _round(client, 1))[1].committed
+            # Clean on version 1, but no shadow (just started, or its last apply failed): dense, in a delta round.
+            shadow.after_round = True  # this round fills its shadow; it says so with its result
+            a2 = await client.begin_update(2, INVENTORY, delta_base_version=1, **RDV)
+            assert a2.delta_base_version == 1
+            assert {p.daemon_id: p.encoding for p in a2.participants} == {"mem": "delta", "vllm": "dense"}
+            assert (await client.commit_update(a2, trainer_checksums(a2))).committed
+            shadow.after_round = False  # the next round loses it (say, a failed apply that the daemon survived)
+            a3 = await client.begin_update(3, INVENTORY, delta_base_version=2, **RDV)
+            assert {p.daemon_id: p.encoding for p in a3.participants} == {"mem": "delta", "vllm": "delta"}
+            assert (await client.commit_update(a3, trainer_checksums(a3))).committed
+            a4 = await client.begin_update(4, INVENTORY, delta_base_version=3, **RDV)
+            assert {p.daemon_id: p.encoding for p in a4.participants} == {"mem": "delta", "vllm": "dense"}
+            await client.commit_update(a4, trainer_checksums(a4))
     finally:
         for a in agents:
             await a.close(1)

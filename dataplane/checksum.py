@@ -30,6 +30,9 @@ from collections.abc import Sequence
 
 import torch
 
+# One definition of the integer mix, shared with the coordinator (which composes checksums from parts).
+from weightsync.core.wordsum import splitmix64 as _splitmix64
+
 __all__ = ["CHUNK_WORDS", "bytes_checksum", "checksum_views", "tensor_checksum"]
 
 # Part of the definition: changing it changes every checksum. 8 MiB chunks keep
@@ -49,13 +52,6 @@ _CHUNK_SALT = 0x5851F42D4C957F2D
 _tables_lock = threading.Lock()
 _weight_tables: dict[torch.device, torch.Tensor] = {}
 _scratch = threading.local()
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + _GOLDEN) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
 
 
 def _signed(x: int) -> int:

@@ -39,13 +39,16 @@ from dataclasses import dataclass
 from weightsync.core.dtypes import itemsize
 from weightsync.core.regions import Region
 from weightsync.core.types import TensorSpec
+from weightsync.core.wordsum import MASK64, compose_checksum
 
 __all__ = [
     "Box",
     "Piece",
     "RoutingPlan",
     "box_of",
+    "composed_checksums",
     "holds_problems",
+    "judge_pieces",
     "needs_problems",
     "plan_routes",
 ]
@@ -367,3 +370,32 @@ def plan_routes(
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
     return plan
+
+
+def judge_pieces(
+    plan: RoutingPlan, sender_sums: Mapping[int, int], receiver_sums: Mapping[int, Mapping[int, int]]
+) -> dict[int, list[str]]:
+    """Per receiver rank, the tensors with a piece whose sum differs from its sender's (or is missing).
+
+    Every (piece, receiver) pair is matched: the verdict stays per tensor and per rank, so the
+    coordinator can flag exactly the engines that hold wrong bytes.
+    """
+    bad: dict[int, set[str]] = {}
+    for p in plan.pieces:
+        want = sender_sums.get(p.index)
+        for r in p.receivers:
+            got = receiver_sums.get(r, {}).get(p.index)
+            if want is None or got is None or (got & MASK64) != (want & MASK64):
+                bad.setdefault(r, set()).add(p.name)
+    return {r: sorted(names) for r, names in sorted(bad.items())}
+
+
+def composed_checksums(plan: RoutingPlan, sums: Mapping[int, int], rank: int, manifest: Sequence[TensorSpec]) -> dict[str, int]:
+    """The whole-tensor checksum of every tensor that `rank` receives whole, composed from the pieces' sums."""
+    specs = {s.name: s for s in manifest}
+    whole = set(plan.tensors_whole_at(rank, {n: s.shape for n, s in specs.items()}))
+    parts: dict[str, list[int]] = {}
+    for p in plan.received_by(rank):
+        if p.name in whole:
+            parts.setdefault(p.name, []).append(sums[p.index])
+    return {n: compose_checksum(v, specs[n].nbytes) for n, v in parts.items()}

@@ -203,7 +203,8 @@ def receive_routed(
     `destination(name)`, if given, is the engine's full-size tensor (plan shape and wire dtype, on
     the group's device) to land pieces in; else a staging tensor is allocated per needed tensor
     (`torch.empty`: parts this rank does not need are never written) and returned in `staged`.
-    `apply_fn` gets each bucket's (name, full-size tensor) pairs after they landed. On a local
+    `apply_fn` gets (name, full-size tensor) pairs once every piece of the tensor that this rank
+    needs has landed (a tensor cut over several buckets: at its last). On a local
     problem the rank still takes every message, then fails the round on every rank with its reason.
     """
     plan = _routing(assignment)
@@ -219,6 +220,10 @@ def receive_routed(
     staged: dict[str, torch.Tensor] = {}
     sums: dict[int, int] = {}
     received = 0
+    mine = plan.received_by(rank)
+    # A tensor is handed to apply_fn (and its pieces summed) once its last piece has landed.
+    last_bucket = {p.name: p.bucket for p in mine}
+    pending: dict[str, list[Piece]] = {}
     for k in range(plan.num_buckets):
         what = f"routed round bucket {k + 1}/{plan.num_buckets}"
         pieces = plan.received_by(rank, k)
@@ -230,16 +235,18 @@ def receive_routed(
         if problem is not None:
             continue
         try:
-            touched: dict[str, torch.Tensor] = {}
             for p, buf in zip(pieces, bufs):
                 target = _target(p, specs[p.name], dev, destination, landed, staged)
                 view = target[_slices(p.box)]
                 view.copy_(buf.view(target.dtype).view(view.shape))
-                touched[p.name] = target
-            if apply_fn is not None and touched:
-                apply_fn(list(touched.items()))
-            for p in pieces:
-                sums[p.index] = piece_sum(landed[p.name][_slices(p.box)], p.box, specs[p.name].shape)
+                pending.setdefault(p.name, []).append(p)
+            complete = [n for n in pending if last_bucket[n] == k]
+            if apply_fn is not None and complete:
+                apply_fn([(n, landed[n]) for n in complete])
+            for n in complete:
+                # Recomputed from the destination after the apply: proves what the engine holds.
+                for p in pending.pop(n):
+                    sums[p.index] = piece_sum(landed[n][_slices(p.box)], p.box, specs[n].shape)
         except Exception as e:
             problem = e
     if problem is not None:

@@ -52,6 +52,8 @@ MAX_DEADLINE_S = 24 * 3600.0
 MIN_DEADLINE_S = 1.0
 # Free-text fields of a registration (engine, model, host): shown by status, never parsed.
 MAX_LABEL_CHARS = 1024
+# Trainer ranks that may send in one routed round: each is a data-plane rank of the one group.
+MAX_TRAINER_RANKS = 1 << 14
 # torch's own limit on a tensor's dims; also keeps the byte count a small product.
 MAX_DIMS = 64
 
@@ -443,6 +445,8 @@ class Coordinator:
                 "update options are invalid",
                 [f"options.delta_base_version: expected a version below the new version {version}, got {options.delta_base_version}"],
             )
+        if holds and len(holds) > MAX_TRAINER_RANKS:
+            raise InvalidArgument(f"holds: {len(holds)} trainer ranks: expected at most {MAX_TRAINER_RANKS}")
         if holds:
             problems = holds_problems(manifest, holds)
             if problems:

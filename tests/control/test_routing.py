@@ -166,3 +166,98 @@ def test_deterministic_cached_and_digest_checked():
     damaged = a.to_json().replace('"sender":1', '"sender":0', 1)
     with pytest.raises(ValueError, match="digest"):
         RoutingPlan.from_json(damaged, a.digest)
+
+
+# ---------------------------------------------------------------- over real gRPC (coordinator, agents, trainer client)
+
+from tests.control.helpers import INVENTORY, start_coordinator  # noqa: E402
+from weightsync.control.daemon_agent import DaemonAgent, DaemonIdentity, HandlerResult  # noqa: E402
+from weightsync.control.trainer_client import TrainerClient  # noqa: E402
+from weightsync.core import InvalidArgument  # noqa: E402
+
+RDV = dict(rendezvous_host="127.0.0.1", rendezvous_port=29999)
+
+
+def _fake_sum(update_id: str, piece: int) -> int:
+    return hash((update_id, piece)) & ((1 << 64) - 1)
+
+
+class _PieceHandler:
+    """Stands in for the routed data plane: reports the sender's sum of every piece its ranks need, one optionally wrong."""
+
+    def __init__(self, corrupt: str | None = None) -> None:
+        self.corrupt = corrupt
+        self.seen = []
+
+    async def __call__(self, assignment, ranks, progress) -> HandlerResult:
+        self.seen.append((assignment, ranks))
+        sums = {}
+        for r in ranks:
+            for p in assignment.routing.received_by(r):
+                sums[(r, p.index)] = _fake_sum(assignment.update_id, p.index) ^ (p.name == self.corrupt and r == ranks[-1])
+        return HandlerResult({}, 0, 0.0, 0.0, sums)
+
+
+async def _agent(address, daemon_id, handler, *, num_ranks=1, needs=None) -> DaemonAgent:
+    ident = DaemonIdentity(
+        daemon_id=daemon_id, engine="memory", model="tiny", host="127.0.0.1", inventory=INVENTORY, num_ranks=num_ranks, needs=needs or {}
+    )
+    agent = DaemonAgent(address, ident, handler, served_version=-1, reconnect_max_s=0.5)
+    agent.start()
+    await agent.wait_connected(10)
+    return agent
+
+
+async def test_bad_holds_are_refused_with_every_problem():
+    """BeginUpdate with holds naming unknown tensors, out-of-range regions and a rank gap: one InvalidArgument listing all."""
+    server = await start_coordinator()
+    agent = await _agent(server.address, "d", _PieceHandler())
+    try:
+        async with TrainerClient(server.address) as client:
+            holds = {0: {"nope": W, "model.embed_tokens.weight": Region(0, 60, 10)}, 2: {"model.norm.weight": W}}
+            with pytest.raises(InvalidArgument) as e:
+                await client.begin_update(1, INVENTORY, holds=holds, **RDV)
+            text = str(e.value) + " ".join(getattr(e.value, "details", []) or [])
+            assert "expected one entry per rank [0, 1]" in text, text
+            assert "'nope'" in text and "start 60, length 10" in text, text
+            # Holds that leave a needed row unheld: the error names tensor and rows.
+            gap = {0: {s.name: W for s in INVENTORY if s.name != "model.embed_tokens.weight"} | {"model.embed_tokens.weight": Region(0, 0, 32)}}
+            with pytest.raises(InvalidArgument, match=r"held by no trainer rank.*model.embed_tokens.weight.*\[\[32, 64\]"):
+                await client.begin_update(1, INVENTORY, holds=gap, **RDV)
+    finally:
+        await agent.close()
+        await server.stop()
+
+
+async def test_routed_round_over_grpc_judges_every_piece_per_engine():
+    """2 trainer ranks' holds and a TP=2 daemon's needs: every rank gets the same routed plan, the verdict matches
+    every (piece, receiver) and flags only the engine whose piece differs, and the record shows bytes per rank."""
+    server = await start_coordinator()
+    tp_needs = {
+        t: {s.name: (Region(0, t * s.shape[0] // 2, s.shape[0] // 2) if len(s.shape) == 2 else W) for s in INVENTORY} for t in range(2)
+    }
+    tp, whole = _PieceHandler(corrupt="model.layers.0.mlp.down_proj.weight"), _PieceHandler()
+    agents = [await _agent(server.address, "tp", tp, num_ranks=2, needs=tp_needs), await _agent(server.address, "whole", whole)]
+    try:
+        async with TrainerClient(server.address) as client:
+            holds = _fsdp_holds(2, list(INVENTORY))
+            a = await client.begin_update(1, INVENTORY, holds=holds, **RDV)
+            assert a.routing is not None and a.num_senders == 2
+            assert sorted(r for p in a.participants for r in p.ranks) == [2, 3, 4]
+            assert a.rendezvous.world_size == 5
+            sums = {(p.sender, p.index): _fake_sum(a.update_id, p.index) for p in a.routing.pieces}
+            report = await client.commit_update(a, {}, piece_sums=sums)
+            seen = tp.seen[0][0]
+            assert seen.digest == a.digest and seen.routing == a.routing
+        verdict = {v.daemon_id: (v.status, v.mismatched_tensors) for v in report.results}
+        assert verdict == {"tp": ("CHECKSUM_MISMATCH", ("model.layers.0.mlp.down_proj.weight",)), "whole": ("OK", ())}
+        assert report.state == "FAILED"
+        received = a.routing.bytes_received()
+        assert {r: b[2] for r, b in report.rank_bytes.items() if r >= 2} == received
+        assert received[4] == sum(s.nbytes for s in INVENTORY)  # the plain daemon needs everything whole
+        assert received[2] == received[3] < received[4]
+        assert {r: b[1] for r, b in report.rank_bytes.items() if r < 2} == a.routing.bytes_sent()
+    finally:
+        for agent in agents:
+            await agent.close()
+        await server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import subprocess
@@ -159,6 +160,11 @@ def test_routed_round_moves_only_the_needed_bytes(fleet):
     assert sum(sent) == 2 * TP * (sharded // TP + whole) and min(sent) > 0.4 * sum(sent), sent
     info = fleet.daemons()
     assert all(info[d].served_version == 1 and not info[d].dirty for d in DAEMONS)
+    shown = json.loads(subprocess.run(
+        _cli("status", "--coordinator", fleet.address, "--json", "--rounds", "1"), cwd=ROOT, capture_output=True, text=True, check=True, timeout=60,
+    ).stdout)
+    listed = {int(b["rank"]): (b["daemonId"], int(b["bytesSent"]), int(b["bytesReceived"])) for b in shown["rounds"][0]["rankBytes"]}
+    assert listed == rank_bytes
 
 
 def test_corrupt_piece_flags_that_engine_only(fleet):

@@ -103,6 +103,10 @@ class CoordinatorConfig:
 
 # Engines whose daemons apply a delta in place (runtime/daemon.py); every other engine gets dense.
 DELTA_ENGINES = frozenset({"memory"})
+# Engines whose daemons receive routed rounds (dataplane/routed.py via runtime/daemon.py). A round
+# with another engine in it is broadcast as before (needs ignored), or refused if trainer ranks
+# declared holds: their shards cannot be broadcast from rank 0.
+ROUTED_ENGINES = frozenset({"memory"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -453,7 +457,14 @@ class Coordinator:
                 raise InvalidArgument("holds are invalid", problems[:MAX_LISTED_PROBLEMS])
         participants = self._select_participants(options)
         check_against_inventory(manifest, {d.daemon_id: d.inventory for d in participants})
-        routed = bool(holds) or any(d.needs for d in participants)
+        unrouted = sorted(d.daemon_id for d in participants if d.engine not in ROUTED_ENGINES)
+        if holds and (unrouted or options.transport == "cuda_ipc"):
+            why = f"daemons {unrouted} run engines that cannot receive them yet" if unrouted else "cuda_ipc has no point-to-point sends"
+            raise InvalidArgument(
+                f"holds: a round whose trainer ranks each send what they hold is routed, and {why}: "
+                "push from one rank (no holds), or leave those daemons out (options.daemon_ids)"
+            )
+        routed = bool(holds) or (not unrouted and options.transport != "cuda_ipc" and any(d.needs for d in participants))
         num_senders = len(holds) if holds else 1
         if routed and options.delta_base_version is not None:
             raise InvalidArgument(

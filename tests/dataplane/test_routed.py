@@ -96,9 +96,9 @@ def test_source_killed_mid_round_fails_every_rank_fast(tiny_specs, tmp_path):
     assert elapsed < 15.0, elapsed
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "uint8"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "uint8", "float64"])
 def test_piece_sums_compose_to_the_tensor_checksum_at_any_boundary(dtype):
-    """Pieces cut at odd columns and rows (edge words shared by two pieces) still add up to tensor_checksum."""
+    """Pieces cut at odd columns and rows (edge words shared by two pieces; float64: word-aligned rows) add up to tensor_checksum."""
     from weightsync.core import TensorSpec
     from weightsync.core.regions import Region
     from weightsync.core.wordsum import compose_checksum

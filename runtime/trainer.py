@@ -251,7 +251,8 @@ class WeightSync:
 
     def _push_routed(self, tensors: dict[str, Any], version: int, raise_on_failure: bool) -> RoundReport | None:
         """A routed round: every trainer rank declares what it holds and sends exactly that (no gathers)."""
-        held = {n: (local_view(t), held_region(t)) for n, t in tensors.items()}
+        regions = {n: held_region(t) for n, t in tensors.items()}
+        held = {n: (local_view(t), r) for n, t in tensors.items() if (r := regions[n]) is not None}
         holds_here = {n: region for n, (_, region) in held.items()}
         all_holds = [holds_here]
         if self.world_size > 1:

@@ -562,7 +562,7 @@ class Coordinator:
                     f"(rank, piece) pairs that are not the plan's sender {wrong[:10]}"
                 )
             if rnd.trainer_checksums is None:
-                rnd.sender_piece_sums = {i: s for (_, i), s in piece_sums.items()}
+                rnd.sender_piece_sums = {i: s for (_, i), s in (piece_sums or {}).items()}
                 rnd.trainer_checksums = {}
                 self._maybe_judge(rnd)
             await rnd.done.wait()

@@ -17,10 +17,10 @@ import torch
 
 from weightsync.control.trainer_client import RoundFailed, RoundReport, SyncTrainerClient
 from weightsync.core import FailedPrecondition, TensorSpec, WeightsyncError
+from weightsync.core.regions import Region
 from weightsync.dataplane import GroupCache, TitanToHF, TrainerStore, send_assignment
 from weightsync.dataplane import RoundFailed as DataPlaneRoundFailed
 from weightsync.dataplane.delta_round import send_delta_round, wire_tensor
-from weightsync.core.regions import Region
 from weightsync.dataplane.deferred import materialize
 from weightsync.dataplane.layout import dtype_name
 from weightsync.dataplane.routed import held_region, local_view, send_routed
@@ -129,7 +129,6 @@ class WeightSync:
         self._titan = titan
         self._device = device
         self._client = SyncTrainerClient(coordinator, credentials=credentials, token=token) if self.rank == 0 else None
-        self._rendezvous_host = rendezvous_host
         # Every transport needs the store on rank 0: cuda_ipc exchanges its handles through it.
         self._store = (
             TrainerStore(rendezvous_host, rendezvous_port, bind_host=bind_host, timeout_s=collective_timeout_s) if self.rank == 0 else None

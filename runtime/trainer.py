@@ -17,11 +17,13 @@ import torch
 
 from weightsync.control.trainer_client import RoundFailed, RoundReport, SyncTrainerClient
 from weightsync.core import FailedPrecondition, TensorSpec, WeightsyncError
+from weightsync.core.regions import Region
 from weightsync.dataplane import GroupCache, TitanToHF, TrainerStore, send_assignment
 from weightsync.dataplane import RoundFailed as DataPlaneRoundFailed
 from weightsync.dataplane.deferred import DeferredTensor, materialize
 from weightsync.dataplane.delta_round import send_delta_round, wire_tensor
 from weightsync.dataplane.layout import dtype_name
+from weightsync.dataplane.routed import held_region, local_view, send_routed
 from weightsync.dataplane.sender import SendResult
 from weightsync.runtime.failpoints import load_failpoints
 
@@ -148,8 +150,14 @@ class WeightSync:
         credentials=None,
         token: str | None = None,
         delta: bool = False,
+        routed: bool = False,
     ) -> None:
         self.rank, self.world_size = _trainer_world()
+        if routed and delta:
+            raise ValueError("routed=True with delta=True: a routed round is dense; choose one")
+        # routed=True: every trainer rank is a data-plane sender of what it holds (its DTensor
+        # shards, replicated tensors), and receivers get only the regions they need.
+        self._routed = routed
         # delta=True keeps the base: the wire-dtype bytes of the last version the fleet committed,
         # on CPU (host memory = the model's size in the wire dtype, plus as much again while a
         # round is in flight, for the candidate base). It advances only when a round COMMITS.
@@ -177,7 +185,11 @@ class WeightSync:
         self._store = (
             TrainerStore(rendezvous_host, rendezvous_port, bind_host=bind_host, timeout_s=collective_timeout_s) if self.rank == 0 else None
         )
-        self._groups = GroupCache(trainer_store=self._store, device=device) if self.rank == 0 else None
+        if self.rank == 0:
+            self._groups = GroupCache(trainer_store=self._store, device=device)
+        else:
+            # Other ranks join the data plane only in routed rounds, as senders of what they hold.
+            self._groups = GroupCache(device=device) if routed else None
         self.last_report: RoundReport | None = None
         # Rank 0's data-plane figures of its last round (bytes, seconds, phase timeline), for benchmarks.
         self.last_send: SendResult | None = None
@@ -204,6 +216,10 @@ class WeightSync:
         version to every daemon clean on exactly it, and dense to all others, in this one round.
         """
         tensors = self._prepare(source)
+        if self._routed:
+            if base is not None:
+                raise ValueError("push(base=...) on a routed WeightSync: a routed round is dense")
+            return self._push_routed(tensors, version, raise_on_failure)
         if base is not None:
             base = self._prepare(base)
         assignment = None
@@ -238,9 +254,14 @@ class WeightSync:
             if self.rank == 0:
                 delta_base = base
         if self.rank != 0:
-            # The sender materialises (gathers) the plan's tensors in plan order, dense or delta alike.
+            # Gathers in plan order, in lockstep with rank 0 (which materialises the same tensors,
+            # dense or delta alike, also when daemons' needs made the round routed).
             send_assignment(assignment, tensors, None)
             return None
+        if assignment.routing is not None:
+            # Daemons declared needs: routed even from one sender, rank 0 holding every tensor whole.
+            held = {e.name: (materialize(tensors[e.name]), Region.whole()) for _, e in assignment.plan.entries()}
+            return self._send_and_commit(assignment, held, version, raise_on_failure)
         t0 = time.monotonic()
         try:
             group = self._groups.get(assignment, 0)
@@ -289,6 +310,79 @@ class WeightSync:
             "push update_id=%s version=%d state=%s bytes=%d seconds=%.3f",
             report.update_id, version, report.state, sent.bytes_sent, time.monotonic() - t0,
         )
+        if raise_on_failure:
+            report.raise_if_failed()
+        return report
+
+    def _push_routed(self, tensors: dict[str, Any], version: int, raise_on_failure: bool) -> RoundReport | None:
+        """A routed round: every trainer rank declares what it holds and sends exactly that (no gathers)."""
+        regions = {n: held_region(t) for n, t in tensors.items()}
+        held = {n: (local_view(t), r) for n, t in tensors.items() if (r := regions[n]) is not None}
+        holds_here = {n: region for n, (_, region) in held.items()}
+        all_holds = [holds_here]
+        if self.world_size > 1:
+            all_holds = [None] * self.world_size
+            torch.distributed.all_gather_object(all_holds, holds_here)
+        assignment = None
+        error: BaseException | None = None
+        if self.rank == 0:
+            try:
+                assignment = self._client.begin_update(
+                    version,
+                    manifest_for(tensors, self._dtype),
+                    holds=dict(enumerate(all_holds)),
+                    rendezvous_host=self._store.host,
+                    rendezvous_port=self._store.port,
+                    on_round_end=self._on_round_end,
+                    **self._options,
+                )
+            except WeightsyncError as e:
+                error = e
+        if self.world_size > 1:
+            box = [assignment if error is None else error]
+            torch.distributed.broadcast_object_list(box, src=0)
+            assignment, error = (box[0], None) if not isinstance(box[0], BaseException) else (None, box[0])
+        if error is not None:
+            raise error
+        return self._send_and_commit(assignment, held, version, raise_on_failure)
+
+    def _send_and_commit(self, assignment, held: dict, version: int, raise_on_failure: bool) -> RoundReport | None:
+        """Sends this rank's pieces of a routed round; rank 0 gathers every rank's piece sums and commits (or aborts)."""
+        t0 = time.monotonic()
+        routed_world = self._routed and self.world_size > 1
+        outcome: dict | str
+        try:
+            sent = send_routed(assignment, self.rank, held, self._groups.get(assignment, self.rank))
+            outcome = sent.piece_sums
+        except Exception as e:
+            outcome = f"trainer rank {self.rank} failed to send: {_describe_failure(e, assignment)}"
+            log.warning("update_id=%s: %s", assignment.update_id, outcome, exc_info=True)
+        outcomes = [outcome]
+        if routed_world:
+            outcomes = [None] * self.world_size
+            try:
+                torch.distributed.all_gather_object(outcomes, outcome)
+            except RuntimeError as e:
+                # A trainer rank is gone: the round cannot commit.
+                outcomes = [outcome, f"trainer ranks could not exchange their piece sums: {e}"]
+        if self.rank != 0:
+            return None
+        failures = [o for o in outcomes if not isinstance(o, dict)]
+        if failures:
+            reason = "; ".join(str(f) for f in failures)[:2000]
+            try:
+                report = self._client.abort_update(assignment.update_id, reason)
+            except FailedPrecondition:
+                report = self._client.get_round(assignment.update_id)
+            self.last_report = report
+            if raise_on_failure:
+                raise RoundFailed(report)
+            return report
+        piece_sums = {(r, i): v for r, sums in enumerate(outcomes) for i, v in sums.items()}
+        report = self._client.commit_update(assignment, {}, sender_s=time.monotonic() - t0, piece_sums=piece_sums)
+        self.last_report = report
+        log.info("push update_id=%s version=%d state=%s routed senders=%d seconds=%.3f",
+                 report.update_id, version, report.state, len(outcomes), time.monotonic() - t0)
         if raise_on_failure:
             report.raise_if_failed()
         return report

@@ -138,9 +138,9 @@ def _mismatches(engine: MemoryEngine, a: Assignment, seed: int) -> list[str]:
 
 def _corrupt_wire(bucket_index: int) -> None:
     """Flips the first byte of one bucket after it arrives and before the receiver checksums it."""
-    from weightsync.dataplane import receiver
+    from weightsync.dataplane import transports
 
-    cls = receiver._BroadcastIn
+    cls = transports.BroadcastIn
     start, finish = cls.start, cls.finish
     views: dict[int, torch.Tensor] = {}
 

@@ -25,7 +25,7 @@ import torch
 from weightsync.core import BucketPlan
 from weightsync.dataplane.groups import DataPlaneGroup
 
-__all__ = ["Broadcast", "Inbound", "Outbound", "Transport", "transport_for"]
+__all__ = ["Broadcast", "Inbound", "Outbound", "PackedOnly", "Transport", "transport_for"]
 
 
 class Outbound(Protocol):
@@ -83,7 +83,7 @@ class Transport(Protocol):
         ...
 
 
-class _NoDirect:
+class PackedOnly:
     """For transports that always send packed buckets over a wire."""
 
     def direct_sources(self, plan: BucketPlan, source: Mapping[str, object], device: torch.device) -> None:
@@ -126,7 +126,7 @@ class BroadcastIn:
         pass
 
 
-class Broadcast(_NoDirect):
+class Broadcast(PackedOnly):
     """Buckets leave by one collective broadcast each from rank 0 (gloo or NCCL)."""
 
     single_wire = True

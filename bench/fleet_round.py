@@ -19,8 +19,10 @@ Top-level figures are those of the median round. Also reported: gloo_bound_s (gl
 broadcast: the root's link carries ceil(log2 N) copies), gloo_model_s (that tree as gloo runs
 it, sends sharing links fairly: a prediction) and star_bound_s (one copy per receiver).
 
-Today's data path has one sender: trainer rank 0 broadcasts everything. --trainer-ranks above
-1 is refused until the many-senders work lands.
+Today's data path has one sender: trainer rank 0 sends everything. --trainer-ranks above
+1 is refused until the many-senders work lands. --relay says how its dense gloo rounds travel:
+`chain` or `tree` (dataplane/relay.py: pipelined point-to-point relays, every byte leaves the
+trainer once along the chain), `gloo` (gloo's own broadcast), or `auto` (the data plane's rule).
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ from bench.fleet.fleet import EmulatedFleet, FleetSpec  # noqa: E402
 from bench.fleet.light import plan_bytes, round_bound  # noqa: E402
 from bench.fleet.net import LinkSpec  # noqa: E402
 from weightsync.core import default_bucket_size  # noqa: E402
+from weightsync.dataplane.groups import RELAY_ENV  # noqa: E402
+
+# --relay -> the trainer's GroupCache relay mode (read from RELAY_ENV by every process the fleet starts).
+_RELAY_MODES = {"chain": "chain", "tree": "tree", "gloo": "broadcast", "auto": "auto"}
 
 
 def _delta(before: dict, after: dict) -> dict:
@@ -48,6 +54,7 @@ def _delta(before: dict, after: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    os.environ[RELAY_ENV] = _RELAY_MODES[args.relay]
     spec = FleetSpec(
         num_engines=args.engines,
         tp=args.tp,
@@ -102,6 +109,7 @@ def run(args: argparse.Namespace) -> dict:
         "model_mib": args.model_mib,
         "bucket_size_bytes": bucket,
         "transport": "gloo",
+        "relay": args.relay,
         "rounds": measured,
         "warmup_round": rounds[0],
         "achieved_s_all": [r["achieved_s"] for r in measured],
@@ -125,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="measured rounds after the warm-up round")
     p.add_argument("--bucket-size-bytes", type=int, default=0, help="0: the gloo default")
     p.add_argument("--timeout-s", type=float, default=300.0, help="round deadline and collective timeout")
+    p.add_argument(
+        "--relay", choices=sorted(_RELAY_MODES), default="auto",
+        help="how dense gloo rounds travel: a pipelined chain or tree relay, gloo's broadcast, or the data plane's rule",
+    )
     args = p.parse_args(argv)
     if args.trainer_ranks != 1:
         p.error(
@@ -139,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(
-        f"hosts={result['hosts']} link={args.link_mbit:g}Mbit model={args.model_mib:g}MiB "
+        f"relay={args.relay} hosts={result['hosts']} link={args.link_mbit:g}Mbit model={args.model_mib:g}MiB "
         f"achieved={result['achieved_s']:.3f}s speed_of_light={result['speed_of_light_s']:.3f}s "
         f"ratio={result['ratio']:.3f} gloo_bound={result['gloo_bound_s']:.3f}s gloo_model={result['gloo_model_s']:.3f}s "
         f"trainer_tx={result['wire_bytes_per_host']['t0']['tx_bytes']}"

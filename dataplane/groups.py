@@ -24,6 +24,7 @@ from two threads.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime
 import ipaddress
 import logging
@@ -64,6 +65,8 @@ _MAX_ABORT_REQUESTS = 16
 RELAY_MODES = ("auto", "broadcast", "chain", "tree")
 # The trainer-side default when GroupCache(relay=...) is not given (e.g. a bench switch).
 RELAY_ENV = "WEIGHTSYNC_GLOO_RELAY"
+# A tag no round uses: the receive that closes a failed gloo group's pairs (`_release_blocked_waits`).
+_RELEASE_TAG = 0x7753
 
 
 def _timedelta(seconds: float) -> datetime.timedelta:
@@ -191,6 +194,9 @@ class DataPlaneGroup:
         self.launches: dict[tuple, Any] = {}
         # Runs blocking point-to-point work (a relay's sends and receives) off the round's thread.
         self._worker: _Worker | None = None
+        # Threads inside a blocking gloo wait() now (the worker, wait_p2p's helpers); see `close`.
+        self._num_blocked = 0
+        self._blocked_lock = threading.Lock()
         # Spent store keys, deleted while this rank waits anyway (each delete is a round trip).
         self._spent_keys: list[str] = []
         # update_id -> reason, written by other threads (GroupCache.abort); read at every poll.
@@ -351,7 +357,8 @@ class DataPlaneGroup:
 
         def block() -> None:
             try:
-                work.wait(timeout)
+                with self._blocking():
+                    work.wait(timeout)
                 future.set_result(None)
             except BaseException as e:  # handed to the waiting thread
                 future.set_exception(e)
@@ -368,7 +375,41 @@ class DataPlaneGroup:
         """
         if self._worker is None:
             self._worker = _Worker(f"weightsync-p2p-{self.group_id}-{self.rank}")
-        return self._worker.submit(fn)
+
+        def tracked():
+            with self._blocking():
+                return fn()
+
+        return self._worker.submit(tracked)
+
+    @contextlib.contextmanager
+    def _blocking(self):
+        with self._blocked_lock:
+            self._num_blocked += 1
+        try:
+            yield
+        finally:
+            with self._blocked_lock:
+                self._num_blocked -= 1
+
+    def _release_blocked_waits(self) -> None:
+        """Makes every pending gloo point-to-point wait() raise now.
+
+        gloo's shutdown() and abort() leave a thread blocked in such a wait() (measured), and a
+        daemon thread that comes back from C++ while the interpreter exits ends the process in
+        std::terminate ("terminate called without an active exception"). An application timeout
+        is gloo's one way to close every pair of its context (unbound_buffer.cc): pending sends
+        and receives then raise at once. Only for a group being closed with such waits pending:
+        a healthy close must not cut pairs that may still carry a peer's last bytes.
+        """
+        with self._blocked_lock:
+            if self._num_blocked == 0:
+                return
+        try:
+            probe = torch.empty(1, dtype=torch.uint8)
+            self.backend.recv([probe], 1 if self.rank == 0 else 0, _RELEASE_TAG).wait(_timedelta(0.001))
+        except RuntimeError:
+            pass  # the expected "timed out": every pair is closed now
 
     def wait_future(self, future: concurrent.futures.Future, what: str) -> None:
         """Waits for work done on another thread with the deadline and abort rules of `wait`;
@@ -528,6 +569,8 @@ class DataPlaneGroup:
             self._worker = None
         if self.backend is None:
             return
+        if self.transport == "gloo":
+            self._release_blocked_waits()
         try:
             if self.transport == "nccl":
                 self.backend.abort()

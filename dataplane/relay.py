@@ -43,14 +43,15 @@ from weightsync.dataplane.transports import PackedOnly
 __all__ = ["RELAY_SHAPES", "Relay", "chunk_bytes", "links"]
 
 RELAY_SHAPES = ("chain", "tree")
-# Chunks: small enough that the pipeline's fill ((hops - 1) chunks) is an eighth of a message or
+# Chunks: small enough that the pipeline's fill ((hops - 1) chunks) is a sixteenth of a message or
 # less, large enough that a chunk's fixed cost (a Python call and a gloo message) stays small
 # against its time on the wire; 4 KiB multiples.
 _MIN_CHUNK_BYTES = 64 << 10
 _MAX_CHUNK_BYTES = 4 << 20
-_FILL_SHARE = 8
-# Operations kept in flight per peer: enough to keep the link busy between two waits.
-_WINDOW = 4
+_FILL_SHARE = 16
+# Operations kept in flight per peer: enough to keep the link busy between two waits, also when
+# a rank is scheduled late (2 cores shared by 8 ranks wake a process tens of ms late).
+_WINDOW = 16
 _TAG = 0
 
 

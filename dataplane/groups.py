@@ -605,10 +605,10 @@ def _pick_relay(wanted: str, rendezvous: Rendezvous) -> str:
 
     NCCL keeps its own broadcast (its rings already relay) and cuda_ipc has no wire. On gloo,
     "auto" relays along a chain once there are 2+ receivers on other hosts: gloo's binomial
-    broadcast puts ceil(log2 N) copies on the root's link, the chain one (BENCHMARKS.md,
-    "Emulated fleet": 0.30/0.17 of the speed of light at 4/8 hosts for gloo's broadcast, 0.8+
-    for the chain). On loopback every rank shares one machine's CPU and memory and links cost
-    nothing, so gloo's broadcast, with fewer copies through the kernel, stays.
+    broadcast puts ceil(log2 N) copies on the root's link, the chain one (BENCHMARKS.md, "Relays
+    over gloo": 0.28 / 0.16 of the speed of light at 4 / 8 hosts for gloo's broadcast, 0.80 /
+    0.82 for the chain). On loopback links cost nothing and every rank shares one machine's CPU:
+    the two measured the same there, so gloo's broadcast, the simpler path, stays.
     """
     if rendezvous.transport != "gloo":
         return "broadcast"

@@ -73,6 +73,7 @@ def test_relay_brings_every_byte_to_every_receiver(tiny_specs, relay):
         assert reports[r].num_constructions == 1, "the group and its relay are reused"
 
 
+@pytest.mark.slow
 def test_a_killed_relay_fails_every_rank_within_the_timeout(tiny_specs):
     """Rank 1, which forwards to ranks 2 and 3 along the chain, is SIGKILLed mid-round: the trainer and both ranks behind it raise TransferError in time."""
 

@@ -26,15 +26,17 @@ version with the same bytes, as a dense round. The top-level figures are the den
 `delta` section has the same figures for the delta rounds (speed of light over the delta
 payload each receiver took in, bench/fleet/light.py), and `delta_vs_dense` the ratios of the
 median rounds: time, wire bytes (all hosts' tx, receivers' rx, the trainer's tx) and the
-star's share of the delta round (the trainer's tx bytes through its link / the round time:
-today the root sends each receiver its own copy of the payload).
+star's share of the delta round (the trainer's tx bytes through its link / the round time).
 
---trainer-ranks 1 is today's round: trainer rank 0 broadcasts everything. Above 1 the round is
-routed (dataplane/routed.py): trainer ranks t0..t{S-1} each hold a dim-0 chunk of every tensor
-(FSDP2's layout, as DTensors) and send their pieces point to point; with --tp T each engine rank
-declares rank t's needs (block t of dim 0), so it receives ~1/T of the model. The bound then
-takes each receiver's needed bytes from the routing plan and the union of needed bytes, once,
-over the S senders' links.
+--trainer-ranks 1 is a single-sender round: trainer rank 0 sends everything. --relay says how
+its dense gloo rounds (and a delta round's payload) travel: `chain` or `tree`
+(dataplane/relay.py: pipelined point-to-point relays, every byte leaves the trainer once along
+the chain), `gloo` (gloo's own broadcast), or `auto` (the data plane's rule). Above 1 the round
+is routed (dataplane/routed.py): trainer ranks t0..t{S-1} each hold a dim-0 chunk of every
+tensor (FSDP2's layout, as DTensors) and send their pieces point to point; with --tp T each
+engine rank declares rank t's needs (block t of dim 0), so it receives ~1/T of the model. The
+bound then takes each receiver's needed bytes from the routing plan and the union of needed
+bytes, once, over the S senders' links.
 """
 
 from __future__ import annotations
@@ -62,7 +64,11 @@ from weightsync.core import default_bucket_size  # noqa: E402
 from weightsync.core.regions import Region  # noqa: E402
 from weightsync.core.routing import plan_routes  # noqa: E402
 from weightsync.dataplane.delta import encode_many  # noqa: E402
+from weightsync.dataplane.groups import RELAY_ENV  # noqa: E402
 from weightsync.dataplane.memory_engine import tp_needs  # noqa: E402
+
+# --relay -> the trainer's GroupCache relay mode (read from RELAY_ENV by every process the fleet starts).
+_RELAY_MODES = {"chain": "chain", "tree": "tree", "gloo": "broadcast", "auto": "auto"}
 
 
 def _routed_needs(manifest, spec: FleetSpec, bucket: int) -> tuple[dict[str, int], int]:
@@ -205,6 +211,7 @@ def _delta_vs_dense(delta: dict, dense: dict, engine_hosts: list[str], link_mbit
 
 
 def run(args: argparse.Namespace) -> dict:
+    os.environ[RELAY_ENV] = _RELAY_MODES[args.relay]
     spec = FleetSpec(
         num_engines=args.engines,
         tp=args.tp,
@@ -260,6 +267,7 @@ def run(args: argparse.Namespace) -> dict:
         "model_mib": args.model_mib,
         "bucket_size_bytes": bucket,
         "transport": "gloo",
+        "relay": args.relay,
         "warmup_round": warmup,
         "setup_s": setup_s,
         "prefix": prefix,
@@ -299,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         help="each measured step changes FRACTION of the elements and goes as a delta round against the committed "
         "base, then as a dense round of the same bytes (both reported)",
     )
+    p.add_argument(
+        "--relay", choices=sorted(_RELAY_MODES), default="auto",
+        help="how dense gloo rounds travel: a pipelined chain or tree relay, gloo's broadcast, or the data plane's rule",
+    )
     args = p.parse_args(argv)
     for name in ("trainer_ranks", "engines", "tp", "rounds"):
         if getattr(args, name) < 1:
@@ -312,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(
-        f"hosts={result['hosts']} link={args.link_mbit:g}Mbit model={args.model_mib:g}MiB "
+        f"relay={args.relay} hosts={result['hosts']} link={args.link_mbit:g}Mbit model={args.model_mib:g}MiB "
         f"achieved={result['achieved_s']:.3f}s speed_of_light={result['speed_of_light_s']:.3f}s "
         f"ratio={result['ratio']:.3f} gloo_bound={result['gloo_bound_s']:.3f}s gloo_model={result['gloo_model_s']:.3f}s "
         f"trainer_tx={result['wire_bytes_per_host']['t0']['tx_bytes']}"

@@ -25,12 +25,16 @@ import hashlib
 import json
 import logging
 
+from collections.abc import Mapping
+
 import torch
 
 from weightsync.core import BucketPlan, TransferError
+from weightsync.dataplane.fused import PendingChecksums, prepare
 from weightsync.dataplane.groups import DataPlaneGroup
+from weightsync.dataplane.layout import keep_bytes, known_bytes, wire_bytes
 
-__all__ = ["DirectOut", "IpcIn", "IpcOut", "export_buffer", "export_storage", "import_buffer"]
+__all__ = ["DirectOut", "Ipc", "IpcIn", "IpcOut", "export_buffer", "export_storage", "import_buffer"]
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +116,9 @@ class DirectOut:
     updates its parameters in place: a round then costs one small store key per side.
     """
 
-    def __init__(self, group: DataPlaneGroup, tensors: list[torch.Tensor]) -> None:
+    def __init__(self, group: DataPlaneGroup, tensors: list[torch.Tensor], state: dict) -> None:
+        """`state`: what the group's Ipc keeps for this across rounds (exports, layout digest)."""
         self._group = group
-        state = group.transport_state.setdefault("direct_out", {})
         key = tuple(t.data_ptr() for t in tensors) + tuple(t.numel() for t in tensors)
         if state.get("key") != key:
             self._publish_layout(state, key, tensors)
@@ -198,8 +202,10 @@ class IpcIn:
     acknowledges it so that the sender may reuse the slot.
     """
 
-    def __init__(self, group: DataPlaneGroup, plan: BucketPlan) -> None:
+    def __init__(self, group: DataPlaneGroup, plan: BucketPlan, state: dict) -> None:
+        """`state`: what the group's Ipc keeps for this across rounds (direct-mode mappings)."""
         self._group = group
+        self._state = state
         self._plan = plan
         self._num_buckets = len(plan.buckets)
         self._mode: str | None = None
@@ -229,7 +235,7 @@ class IpcIn:
 
     def _direct_layout(self, layout: str) -> list[torch.Tensor]:
         """Each plan entry's bytes in the sender's memory; mapped once per layout and plan."""
-        state = self._group.transport_state.setdefault("direct_in", {})
+        state = self._state
         key = (layout, self._plan.digest)
         if state.get("key") == key:
             return state["sources"]
@@ -297,3 +303,65 @@ class IpcIn:
         # Direct-mode mappings stay cached on the group for the next round.
         self._ring = []
         self._entry_sources = []
+
+
+class Ipc:
+    """The cuda_ipc transport (dataplane/transports.py): ring mode, or direct mode when the
+    trainer's tensors already are the wire bytes. Keeps, across the group's rounds, what
+    direct mode exported, mapped and prepared, and whether CUDA IPC refused to export."""
+
+    device_type = "cuda"
+    single_wire = False  # ring mode publishes whole buckets; direct mode needs no bucket at all
+
+    def __init__(self, group: DataPlaneGroup) -> None:
+        self._group = group
+        self._refused: str | None = None  # why exporting the trainer's memory failed, once
+        self._seen: dict = {}  # layout.known_bytes of the trainer's tensors
+        self._checksum_key: tuple | None = None
+        self._checksums = None  # prepared launch summing the direct sources
+        self._out: dict = {}  # DirectOut's exports and layout digest
+        self._in: dict = {}  # IpcIn's mappings
+
+    def outbound(self, ring: list[torch.Tensor], num_buckets: int) -> IpcOut:
+        return IpcOut(self._group, ring, num_buckets)
+
+    def inbound(self, plan: BucketPlan) -> IpcIn:
+        return IpcIn(self._group, plan, self._in)
+
+    def direct_sources(
+        self, plan: BucketPlan, source: Mapping[str, object], device: torch.device
+    ) -> tuple[list[torch.Tensor], PendingChecksums] | None:
+        """Every plan tensor's wire bytes in place and their checksums (queued now: they do not
+        depend on the receivers, so the GPU sums while the ranks agree), or None if any needs
+        packing (a cast, a gather, a computation) or this group's memory cannot be exported."""
+        if self._refused is not None:
+            return None
+        out = []
+        for _, e in plan.entries():
+            t = source[e.name]
+            raw = known_bytes(self._seen, e.name, t)
+            if raw is None:
+                if not isinstance(t, torch.Tensor) or type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+                    return None
+                raw = wire_bytes(t.detach(), e, device)
+                if raw is None:
+                    return None
+                keep_bytes(self._seen, e.name, t, raw)
+            out.append(raw)
+        # Receivers will read these tensors outside any stream ordering: every write the
+        # trainer queued, on any stream, must be done first.
+        torch.cuda.synchronize(device)
+        key = tuple(t.data_ptr() for t in out) + tuple(t.numel() for t in out)
+        if self._checksum_key != key:
+            self._checksum_key, self._checksums = key, prepare(out)
+        return out, self._checksums.run()
+
+    def direct_out(self, sources: list[torch.Tensor]) -> DirectOut | None:
+        try:
+            return DirectOut(self._group, sources, self._out)
+        except RuntimeError as e:
+            # E.g. memory that CUDA IPC cannot export (expandable segments, foreign allocators):
+            # this group packs from now on; the receivers have not been told anything yet.
+            log.warning("cuda_ipc: cannot export the trainer's tensors (%s); packing them instead", e)
+            self._refused = str(e)
+            return None

@@ -3,11 +3,13 @@
 The assignment says per participant whether it takes a delta against `delta_base_version`
 (the coordinator gives one only to daemons clean on exactly that version) or the dense
 weights. Design, and why: the broadcast of dense rounds sends the same bytes to every
-receiver, but a delta round has two payloads. On gloo a broadcast is rank 0 sending to each
-receiver in turn anyway, so point-to-point sends of per-rank payloads cost the same link
-bytes and keep ONE group and ONE handshake (no second sub-round, no second rendezvous,
-no second failure path). NCCL has the same send/recv; cuda_ipc rounds are never delta (the
-coordinator makes them dense: the receiver reads the trainer's memory there, nothing to save).
+receiver, but a delta round has two payloads, each identical for every rank of its kind.
+On gloo each payload is relayed along a pipelined chain of the ranks that take it
+(dataplane/relay.py; a tree if the group's dense rounds use one), so it leaves the trainer
+once, not once per receiver, over point-to-point sends on ONE group with ONE handshake (no
+second sub-round, no second rendezvous, no second failure path). NCCL sends each rank its
+payload point to point; cuda_ipc rounds are never delta (the coordinator makes them dense:
+the receiver reads the trainer's memory there, nothing to save).
 
 Per plan bucket the sender encodes the bucket's tensors once (`encode_many`, against the
 base it keeps) and sends every delta rank: a header (int64 [meta bytes, payload bytes]),
@@ -42,6 +44,7 @@ from weightsync.dataplane.groups import DataPlaneGroup
 from weightsync.dataplane.handshake import close_round, open_round, open_round_as_sender
 from weightsync.dataplane.layout import torch_dtype
 from weightsync.dataplane.receiver import ReceiveResult
+from weightsync.dataplane.relay import RELAY_SHAPES, relay_message, send_message
 from weightsync.dataplane.sender import SendResult, SourceTensor, _validate
 
 __all__ = ["receive_delta_round", "send_delta_round", "wire_tensor"]
@@ -84,6 +87,65 @@ def _frame(names: list[str], deltas: list[Delta], device: torch.device) -> tuple
     meta_t = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8).to(device)
     header = torch.tensor([meta_t.numel(), payload.numel()], dtype=torch.int64, device=device)
     return header, meta_t, payload
+
+
+def _relay_shape(group: DataPlaneGroup) -> str | None:
+    """How a gloo group relays a delta round's payloads; None: point to point from the trainer."""
+    if group.transport != "gloo":
+        return None
+    return group.relay if group.relay in RELAY_SHAPES else "chain"
+
+
+def _send_frames(group: DataPlaneGroup, frames, what: str) -> None:
+    shape = _relay_shape(group)
+    if shape is not None:
+        def send_all() -> None:
+            for ranks, (header, meta, payload) in frames:
+                send_message(group, [0, *ranks], shape, [header.view(torch.uint8), meta, payload])
+
+        group.wait_future(group.submit(send_all), what)
+        return
+    works = []
+    for ranks, (header, meta, payload) in frames:
+        for r in ranks:
+            works.append(group.send(header, r, what))
+            works.append(group.send(meta, r, what))
+            if payload.numel():
+                works.append(group.send(payload, r, what))
+    for w in works:
+        group.wait_p2p(w, what)
+
+
+def _take_frame(group: DataPlaneGroup, assignment: Assignment, rank: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (meta, payload) of one bucket, forwarded along the relay where there is one."""
+    dev = group.device
+
+    def sizes(header: torch.Tensor) -> tuple[int, int]:
+        meta_n, payload_n = (int(x) for x in header.view(torch.int64).tolist())
+        if not 0 <= meta_n <= _MAX_META_BYTES or payload_n < 0:
+            # The framing itself is broken: nothing after it can be read in step.
+            raise ValueError(f"rank {rank}: {what}: header says {meta_n} meta bytes, {payload_n} payload bytes")
+        return meta_n, payload_n
+
+    header = torch.zeros(2, dtype=torch.int64, device=dev)
+    shape = _relay_shape(group)
+    if shape is not None:
+        kind = assignment.delta_ranks if rank in assignment.delta_ranks else assignment.dense_ranks
+        future = group.submit(lambda: relay_message(group, [0, *kind], shape, header.view(torch.uint8), sizes))
+        group.wait_future(future, what)
+        _, meta_t, payload = future.result()
+        return meta_t, payload
+    group.wait_p2p(group.recv(header, 0, what), what)
+    try:
+        meta_n, payload_n = sizes(header)
+    except ValueError as e:
+        raise group.fail(str(e)) from e
+    meta_t = torch.empty(meta_n, dtype=torch.uint8, device=dev)
+    group.wait_p2p(group.recv(meta_t, 0, what), what)
+    payload = torch.empty(payload_n, dtype=torch.uint8, device=dev)
+    if payload_n:
+        group.wait_p2p(group.recv(payload, 0, what), what)
+    return meta_t, payload
 
 
 def send_delta_round(
@@ -134,17 +196,12 @@ def send_delta_round(
                 frames.append((delta_ranks, _frame(names, encode_many(bases, news), dev)))
             if dense_ranks:
                 frames.append((dense_ranks, _frame(names, [_dense(t) for t in news], dev)))
-            works = []
             what = f"delta round bucket {k + 1}/{len(plan.buckets)}"
-            for ranks, (header, meta, payload) in frames:
-                for r in ranks:
-                    works.append(group.send(header, r, what))
-                    works.append(group.send(meta, r, what))
-                    if payload.numel():
-                        works.append(group.send(payload, r, what))
-                    sent_bytes["delta" if r in delta_ranks else "dense"] += payload.numel()
-            for w in works:
-                group.wait_p2p(w, what)
+            _send_frames(group, frames, what)
+            for ranks, (_, _, payload) in frames:
+                # What left the trainer: once per kind through a relay, else once per rank.
+                copies = 1 if _relay_shape(group) is not None else len(ranks)
+                sent_bytes["delta" if ranks == delta_ranks else "dense"] += copies * payload.numel()
             for n, t in zip(names, news):
                 checksums[n] = tensor_checksum(t)
                 if keep is not None:
@@ -242,18 +299,8 @@ def receive_delta_round(
     held: dict[str, torch.Tensor] = {}
     for k, bucket in enumerate(plan.buckets):
         what = f"delta round bucket {k + 1}/{len(plan.buckets)}"
-        header = torch.zeros(2, dtype=torch.int64, device=dev)
-        group.wait_p2p(group.recv(header, 0, what), what)
-        meta_n, payload_n = (int(x) for x in header.tolist())
-        if not 0 <= meta_n <= _MAX_META_BYTES or payload_n < 0:
-            # The framing itself is broken: nothing after it can be read in step.
-            raise group.fail(f"rank {rank}: {what}: header says {meta_n} meta bytes, {payload_n} payload bytes")
-        meta_t = torch.empty(meta_n, dtype=torch.uint8, device=dev)
-        group.wait_p2p(group.recv(meta_t, 0, what), what)
-        payload = torch.empty(payload_n, dtype=torch.uint8, device=dev)
-        if payload_n:
-            group.wait_p2p(group.recv(payload, 0, what), what)
-        received += payload_n
+        meta_t, payload = _take_frame(group, assignment, rank, what)
+        received += payload.numel()
         if problem is not None:
             continue
         t0 = time.monotonic()

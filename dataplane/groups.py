@@ -23,13 +23,18 @@ from two threads.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import datetime
+import ipaddress
 import logging
 import os
+import queue
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.distributed import AllreduceOptions, BroadcastOptions, PrefixStore, ReduceOp, Store, TCPStore
@@ -38,7 +43,10 @@ from torch._C._distributed_c10d import AllgatherOptions
 from weightsync.core import Assignment, Rendezvous, TransferError
 from weightsync.dataplane.trainer_store import TrainerStore
 
-__all__ = ["DataPlaneGroup", "GroupCache"]
+if TYPE_CHECKING:
+    from weightsync.dataplane.transports import Transport
+
+__all__ = ["RELAY_ENV", "RELAY_MODES", "DataPlaneGroup", "GroupCache"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +59,14 @@ ABORT_POLL_INTERVAL_S = 0.05
 _REASON_TIMEOUT_S = 2.0
 # Abort requests remembered per process: only the current and recent rounds matter.
 _MAX_ABORT_REQUESTS = 16
+# How a gloo group's dense rounds travel (dataplane/relay.py): gloo's own broadcast, or our
+# pipelined relay over point-to-point sends along a chain or a binary tree. "auto" picks per
+# group on the trainer (rank 0), which publishes its pick; see `_pick_relay`.
+RELAY_MODES = ("auto", "broadcast", "chain", "tree")
+# The trainer-side default when GroupCache(relay=...) is not given (e.g. a bench switch).
+RELAY_ENV = "WEIGHTSYNC_GLOO_RELAY"
+# A tag no round uses: the receive that closes a failed gloo group's pairs (`_release_blocked_waits`).
+_RELEASE_TAG = 0x7753
 
 
 def _timedelta(seconds: float) -> datetime.timedelta:
@@ -99,6 +115,44 @@ def _make_backend(rendezvous: Rendezvous, rank: int, store: Store, device: torch
     return None  # cuda_ipc moves bytes through shared GPU memory; the store carries control
 
 
+class _Worker:
+    """One daemon thread running submitted functions in order. Not a ThreadPoolExecutor: its
+    threads are joined at interpreter exit, and a send blocked on a dead peer would hold the
+    process up to timeout_s."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((future, fn))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, fn = self._queue.get()
+            if future is None:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # handed to the waiting thread
+                future.set_exception(e)
+
+    def close(self) -> None:
+        """The thread ends once what it runs now returns; later work is dropped (its waiter has left)."""
+        while True:
+            try:
+                future, _ = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if future is not None:
+                future.cancel()
+        self._queue.put((None, None))
+
+
 class DataPlaneGroup:
     """One data-plane group: a gloo or NCCL backend (none for cuda_ipc) plus its store namespace.
 
@@ -116,6 +170,7 @@ class DataPlaneGroup:
         device: torch.device,
         backend: object | None,
         abort_requests: dict[str, str] | None = None,
+        relay: str = "broadcast",
     ) -> None:
         self.rendezvous = rendezvous
         self.rank = rank
@@ -128,8 +183,20 @@ class DataPlaneGroup:
         self._round_deadline = float("inf")
         self._broken_reason: str | None = None
         self._buffers: list[torch.Tensor] = []
-        # What a transport keeps across rounds of this group (CUDA IPC exports and mappings).
-        self.transport_state: dict[str, dict] = {}
+        # How dense rounds travel on a gloo group ("broadcast", "chain", "tree"); rank 0 picks it.
+        self.relay = relay
+        # The transport object (dataplane/transports.py), built on first use; it owns what a
+        # transport keeps across rounds of this group (e.g. CUDA IPC exports and mappings).
+        self.channel: Transport | None = None
+        # A receiver's views of the consumer's tensors (layout.known_bytes) and, on CUDA, its
+        # prepared copy-and-checksum launches: rounds repeat both.
+        self.destination_bytes: dict[str, tuple] = {}
+        self.launches: dict[tuple, Any] = {}
+        # Runs blocking point-to-point work (a relay's sends and receives) off the round's thread.
+        self._worker: _Worker | None = None
+        # Threads inside a blocking gloo wait() now (the worker, wait_p2p's helpers); see `close`.
+        self._num_blocked = 0
+        self._blocked_lock = threading.Lock()
         # Spent store keys, deleted while this rank waits anyway (each delete is a round trip).
         self._spent_keys: list[str] = []
         # update_id -> reason, written by other threads (GroupCache.abort); read at every poll.
@@ -285,30 +352,85 @@ class DataPlaneGroup:
             self.wait(work, what)
             return
         self._check_requested_abort(what)
-        started = time.monotonic()
-        deadline = self._deadline()
-        done = threading.Event()
-        failed: list[BaseException] = []
+        timeout = _timedelta(max(1.0, self._deadline() - time.monotonic()))
+        future: concurrent.futures.Future = concurrent.futures.Future()
 
         def block() -> None:
             try:
-                work.wait(_timedelta(max(1.0, deadline - time.monotonic())))
+                with self._blocking():
+                    work.wait(timeout)
+                future.set_result(None)
             except BaseException as e:  # handed to the waiting thread
-                failed.append(e)
-            finally:
-                done.set()
+                future.set_exception(e)
 
         threading.Thread(target=block, name=f"p2p-wait-{self.rank}", daemon=True).start()
-        while not done.wait(min(ABORT_POLL_INTERVAL_S, max(0.0, deadline - time.monotonic()))):
+        self.wait_future(future, what)
+
+    def submit(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Runs fn on this group's worker thread, after what was submitted before; wait with `wait_future`.
+
+        For blocking point-to-point work that must go on while the round's thread does
+        something else (a relay forwards bucket k+1 while the consumer applies bucket k).
+        fn may drive the backend, never the store: the round's thread keeps the store.
+        """
+        if self._worker is None:
+            self._worker = _Worker(f"weightsync-p2p-{self.group_id}-{self.rank}")
+
+        def tracked():
+            with self._blocking():
+                return fn()
+
+        return self._worker.submit(tracked)
+
+    @contextlib.contextmanager
+    def _blocking(self):
+        with self._blocked_lock:
+            self._num_blocked += 1
+        try:
+            yield
+        finally:
+            with self._blocked_lock:
+                self._num_blocked -= 1
+
+    def _release_blocked_waits(self) -> None:
+        """Makes every pending gloo point-to-point wait() raise now.
+
+        gloo's shutdown() and abort() leave a thread blocked in such a wait() (measured), and a
+        daemon thread that comes back from C++ while the interpreter exits ends the process in
+        std::terminate ("terminate called without an active exception"). An application timeout
+        is gloo's one way to close every pair of its context (unbound_buffer.cc): pending sends
+        and receives then raise at once. Only for a group being closed with such waits pending:
+        a healthy close must not cut pairs that may still carry a peer's last bytes.
+        """
+        with self._blocked_lock:
+            if self._num_blocked == 0:
+                return
+        try:
+            probe = torch.empty(1, dtype=torch.uint8)
+            self.backend.recv([probe], 1 if self.rank == 0 else 0, _RELEASE_TAG).wait(_timedelta(0.001))
+        except RuntimeError:
+            pass  # the expected "timed out": every pair is closed now
+
+    def wait_future(self, future: concurrent.futures.Future, what: str) -> None:
+        """Waits for work done on another thread with the deadline and abort rules of `wait`;
+        the work's own failure fails the group (a peer's abort notice, if any, gives the reason)."""
+        self._check_requested_abort(what)
+        started = time.monotonic()
+        deadline = self._deadline()
+        while not concurrent.futures.wait([future], min(ABORT_POLL_INTERVAL_S, max(0.0, deadline - time.monotonic()))).done:
             self.check_abort(what)
             if time.monotonic() >= deadline:
                 raise self._timed_out(what, started)
-        if failed:
-            notice = self._abort_notice()
-            if notice is not None:
-                self._mark_broken(notice)
-                raise TransferError(f"rank {self.rank}: {what} abandoned: {notice} (then: {failed[0]})") from failed[0]
-            raise self.fail(f"{what} failed: {failed[0]}") from failed[0]
+        error = future.exception()
+        if error is None:
+            return
+        if isinstance(error, TransferError):
+            raise error
+        notice = self._abort_notice()
+        if notice is not None:
+            self._mark_broken(notice)
+            raise TransferError(f"rank {self.rank}: {what} abandoned: {notice} (then: {error})") from error
+        raise self.fail(f"{what} failed: {error}") from error
 
     def wait(self, work, what: str) -> None:
         """Waits for a collective, raising TransferError on failure, timeout or a peer's abort notice."""
@@ -439,9 +561,16 @@ class DataPlaneGroup:
     def close(self) -> None:
         """Releases the backend: NCCL is aborted (its kernels would spin forever), gloo shut down."""
         self._buffers = []
-        self.transport_state = {}
+        self.channel = None
+        self.destination_bytes = {}
+        self.launches = {}
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
         if self.backend is None:
             return
+        if self.transport == "gloo":
+            self._release_blocked_waits()
         try:
             if self.transport == "nccl":
                 self.backend.abort()
@@ -464,6 +593,32 @@ class DataPlaneGroup:
         released.set()  # only now: this thread holds no reference any more
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False
+
+
+def _pick_relay(wanted: str, rendezvous: Rendezvous) -> str:
+    """How this group's dense rounds travel; decided once, on rank 0, and published to the others.
+
+    NCCL keeps its own broadcast (its rings already relay) and cuda_ipc has no wire. On gloo,
+    "auto" relays along a chain once there are 2+ receivers on other hosts: gloo's binomial
+    broadcast puts ceil(log2 N) copies on the root's link, the chain one (BENCHMARKS.md, "Relays
+    over gloo": 0.28 / 0.16 of the speed of light at 4 / 8 hosts for gloo's broadcast, 0.80 /
+    0.82 for the chain). On loopback links cost nothing and every rank shares one machine's CPU:
+    the two measured the same there, so gloo's broadcast, the simpler path, stays.
+    """
+    if rendezvous.transport != "gloo":
+        return "broadcast"
+    if wanted != "auto":
+        return wanted
+    if rendezvous.world_size < 3 or _is_loopback(rendezvous.host):
+        return "broadcast"
+    return "chain"
+
+
 class GroupCache:
     """Keeps one data-plane group per process and reuses it while the group_id is unchanged.
 
@@ -472,7 +627,19 @@ class GroupCache:
     together. A group marked broken by a failed round is rebuilt on the next `get`.
     """
 
-    def __init__(self, *, trainer_store: TrainerStore | None = None, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        trainer_store: TrainerStore | None = None,
+        device: torch.device | str | None = None,
+        relay: str | None = None,
+    ) -> None:
+        """`relay` (rank 0 only; the others follow it): how dense gloo rounds travel, one of
+        RELAY_MODES; None reads the environment variable RELAY_ENV, else "auto"."""
+        relay = relay if relay is not None else os.environ.get(RELAY_ENV) or "auto"
+        if relay not in RELAY_MODES:
+            raise ValueError(f"relay {relay!r} (GroupCache(relay=...) or ${RELAY_ENV}): expected one of {list(RELAY_MODES)}")
+        self._relay = relay
         self._trainer_store = trainer_store
         self._device = torch.device(device) if device is not None else None
         self._client: tuple[tuple[str, int], TCPStore] | None = None
@@ -604,6 +771,9 @@ class GroupCache:
             # Backend construction blocks in store reads that no abort can interrupt: enter it
             # only once every rank is here, so a rank lost before that is left behind at the
             # barrier (which polls for aborts) rather than inside the constructor.
+            if rank == 0:
+                # Before joining: whoever sees rank 0 joined finds its pick.
+                prefixed.set("relay", _pick_relay(self._relay, rdv))
             prefixed.set(f"joined/{rank}", b"1")
             joined = [f"joined/{r}" for r in range(rdv.world_size)]
             if not self._poll_keys(prefixed, joined, assignment.update_id, rank, f"joining group {rdv.group_id}", rdv.timeout_s):
@@ -612,6 +782,9 @@ class GroupCache:
                     f"rank {rank}: could not form {rdv.transport} group {rdv.group_id} (world_size {rdv.world_size}) "
                     f"within {rdv.timeout_s:g} s: ranks {missing} never joined"
                 )
+            relay = prefixed.get("relay").decode()
+            if relay not in RELAY_MODES[1:]:
+                raise TransferError(f"rank {rank}: the trainer picked relay {relay!r}; this rank knows {list(RELAY_MODES[1:])}")
             backend = _make_backend(rdv, rank, prefixed, device)
         except RuntimeError as e:
             raise TransferError(
@@ -620,12 +793,12 @@ class GroupCache:
             ) from e
         self._group = DataPlaneGroup(
             rendezvous=rdv, rank=rank, generation=generation, store=prefixed, device=device, backend=backend,
-            abort_requests=self._abort_requests,
+            abort_requests=self._abort_requests, relay=relay,
         )
         self.num_constructions += 1
         log.info(
-            "rank %d joined %s group %s gen %d (world_size %d) in %.2f s",
-            rank, rdv.transport, rdv.group_id, generation, rdv.world_size, time.monotonic() - started,
+            "rank %d joined %s group %s gen %d (world_size %d, dense rounds by %s) in %.2f s",
+            rank, rdv.transport, rdv.group_id, generation, rdv.world_size, relay, time.monotonic() - started,
         )
         return self._group
 

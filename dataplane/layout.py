@@ -37,6 +37,13 @@ def entry_spans(bucket: Bucket) -> list[tuple[int, int]]:
     return [(e.offset_bytes, e.nbytes) for e in bucket.entries]
 
 
+def wire_bytes(t: torch.Tensor, entry: BucketEntry, device: torch.device) -> torch.Tensor | None:
+    """t's bytes as a flat uint8 view when they already are the wire bytes on `device`, else None."""
+    if t.device != device or t.dtype != torch_dtype(entry.dtype) or not t.is_contiguous():
+        return None
+    return t.reshape(-1).view(torch.uint8)
+
+
 def known_bytes(seen: dict, name: str, t: object) -> torch.Tensor | None:
     """The flat uint8 view kept for `name` if `t` is the very tensor kept with it, unmoved and
     unreshaped: trainers and engines hand over the same tensors round after round, and looking

@@ -15,6 +15,7 @@ from weightsync.dataplane.fused import PendingChecksums, prepare
 from weightsync.dataplane.groups import DataPlaneGroup
 from weightsync.dataplane.handshake import close_round, open_round
 from weightsync.dataplane.layout import entry_spans, entry_view, keep_bytes, known_bytes, torch_dtype
+from weightsync.dataplane.transports import transport_for
 
 __all__ = ["ReceiveResult", "ReceiveStream", "iter_assignment", "receive_assignment"]
 
@@ -44,33 +45,6 @@ class ReceiveResult:
     # Seconds from the start of the round to: opened, received (the last bucket handed to
     # the consumer), checksummed (every sum read back), closed.
     timeline: dict[str, float] = field(default_factory=dict)
-
-
-class _BroadcastIn:
-    def __init__(self, group: DataPlaneGroup, num_buckets: int) -> None:
-        self._group = group
-        self._num_buckets = num_buckets
-
-    def start(self, k: int, slot: int, view: torch.Tensor):
-        return self._group.broadcast(view, f"receive of bucket {k + 1}/{self._num_buckets}")
-
-    def finish(self, k: int, handle) -> None:
-        """Bucket k is in the ring slot it was received into (None: no sources elsewhere)."""
-        self._group.wait(handle, f"receive of bucket {k + 1}/{self._num_buckets}")
-
-    def copied(self, k: int, device: torch.device) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _inbound(group: DataPlaneGroup, plan):
-    if group.transport == "cuda_ipc":
-        from weightsync.dataplane.cuda_ipc import IpcIn
-
-        return IpcIn(group, plan)
-    return _BroadcastIn(group, len(plan.buckets))
 
 
 def _describe(error: BaseException) -> str:
@@ -117,12 +91,14 @@ class ReceiveStream:
         if num_buffers < 2:
             raise ValueError(f"num_buffers {num_buffers}: expected at least 2 so receiving overlaps applying")
         dev = torch.device(device) if device is not None else group.device
-        if group.transport == "gloo" and dev.type != "cpu":
-            raise ValueError(f"transport 'gloo' receives into CPU buffers; got device {dev}")
-        if group.transport in ("nccl", "cuda_ipc") and dev.type != "cuda":
-            raise ValueError(f"transport {group.transport!r} receives into CUDA buffers; got device {dev}")
+        transport = transport_for(group)
+        if dev.type != transport.device_type:
+            raise ValueError(
+                f"transport {group.transport!r} receives into {transport.device_type.upper()} buffers; got device {dev}"
+            )
         self._assignment = assignment
         self._group = group
+        self._transport = transport
         self._device = dev
         self._progress = progress
         self._num_buffers = num_buffers
@@ -231,7 +207,7 @@ class ReceiveStream:
         open_round(self._group, self._assignment)
         self._timeline["opened"] = time.monotonic() - self._started
         self._ring = self._group.buffers(self._num_buffers, self._plan.max_bucket_bytes, self._device)
-        self._inbound = _inbound(self._group, self._plan)
+        self._inbound = self._transport.inbound(self._plan)
         self._opened = True
 
     def _issue_upto(self, limit: int) -> None:
@@ -240,7 +216,7 @@ class ReceiveStream:
             k = self._issued
             slot = k % self._num_buffers
             bucket = buckets[k]
-            if self._group.uses_collectives and len(bucket.entries) == 1:
+            if self._transport.single_wire and len(bucket.entries) == 1:
                 # A bucket of one tensor travels as that tensor's bytes alone (see
                 # sender._pack_and_send), straight into the consumer's tensor when it offers one.
                 e = bucket.entries[0]
@@ -293,7 +269,7 @@ class ReceiveStream:
         d = self._destination(e.name)
         if d is None:
             return None
-        seen = self._group.transport_state.setdefault("destinations", {})
+        seen = self._group.destination_bytes
         raw = known_bytes(seen, e.name, d)
         if raw is not None:
             return d, raw
@@ -343,7 +319,7 @@ class ReceiveStream:
                 else:
                     dst_ptrs.append(0 if sources is None else r)
             key = (tuple(src_ptrs), tuple(dst_ptrs), tuple(e.nbytes for e in entries))
-            programs = self._group.transport_state.setdefault("programs", {})
+            programs = self._group.launches
             prepared = programs.get(key)
             if prepared is None:
                 srcs = sources

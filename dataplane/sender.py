@@ -14,10 +14,11 @@ import torch
 from weightsync.core import Assignment, BucketPlan
 from weightsync.dataplane.checksum import checksum_views
 from weightsync.dataplane.deferred import DeferredTensor, materialize
-from weightsync.dataplane.fused import PendingChecksums, copy_and_checksum, prepare
+from weightsync.dataplane.fused import PendingChecksums, copy_and_checksum
 from weightsync.dataplane.groups import DataPlaneGroup
 from weightsync.dataplane.handshake import RoundFailed, close_round, open_round_as_sender
-from weightsync.dataplane.layout import entry_spans, entry_view, keep_bytes, known_bytes, torch_dtype
+from weightsync.dataplane.layout import entry_spans, entry_view, wire_bytes
+from weightsync.dataplane.transports import Transport, transport_for
 
 __all__ = ["SendResult", "send_assignment"]
 
@@ -62,37 +63,12 @@ def _gather_only(plan: BucketPlan, source: Mapping[str, SourceTensor]) -> None:
         materialize(source[e.name])
 
 
-class _BroadcastOut:
-    """Buckets leave by broadcast from rank 0 (gloo or NCCL)."""
-
-    def __init__(self, group: DataPlaneGroup, num_buckets: int) -> None:
-        self._group = group
-        self._num_buckets = num_buckets
-
-    def start(self, k: int, slot: int, view: torch.Tensor):
-        return self._group.broadcast(view, f"broadcast of bucket {k + 1}/{self._num_buckets}")
-
-    def finish(self, k: int, handle) -> None:
-        self._group.wait(handle, f"broadcast of bucket {k + 1}/{self._num_buckets}")
-
-    def close(self) -> None:
-        pass
-
-
-def _outbound(group: DataPlaneGroup, ring: list[torch.Tensor], num_buckets: int):
-    if group.transport == "cuda_ipc":
-        from weightsync.dataplane.cuda_ipc import IpcOut
-
-        return IpcOut(group, ring, num_buckets)
-    return _BroadcastOut(group, num_buckets)
-
-
-def _buffer_device(group: DataPlaneGroup, device: torch.device | str | None) -> torch.device:
+def _buffer_device(group: DataPlaneGroup, transport: Transport, device: torch.device | str | None) -> torch.device:
     dev = torch.device(device) if device is not None else group.device
-    if group.transport == "gloo" and dev.type != "cpu":
-        raise ValueError(f"transport 'gloo' sends from CPU buffers; got device {dev}")
-    if group.transport in ("nccl", "cuda_ipc") and dev.type != "cuda":
-        raise ValueError(f"transport {group.transport!r} sends from CUDA buffers; got device {dev}")
+    if dev.type != transport.device_type:
+        raise ValueError(
+            f"transport {group.transport!r} sends from {transport.device_type.upper()} buffers; got device {dev}"
+        )
     return dev
 
 
@@ -142,61 +118,19 @@ def send_assignment(
         return SendResult(assignment.update_id, {}, 0, len(plan.buckets), time.monotonic() - started, 0.0, 0.0)
     if group.rank != 0:
         raise ValueError(f"send_assignment runs on data-plane rank 0; this group's rank is {group.rank}")
-    buffer_device = _buffer_device(group, device)
-    direct = None
-    if group.transport == "cuda_ipc" and problem_text is None and "direct_refused" not in group.transport_state:
-        # Tensors that already are wire bytes on this GPU go unpacked. Their checksums do not
-        # depend on the receivers: queue them now, so that the GPU sums while the ranks agree.
-        sources = _direct_sources(plan, source, buffer_device, group)
-        if sources is not None:
-            # Receivers will read these tensors outside any stream ordering: every write the
-            # trainer queued, on any stream, must be done first.
-            torch.cuda.synchronize(buffer_device)
-            direct = (sources, _direct_checksums(group, sources))
+    transport = transport_for(group)
+    buffer_device = _buffer_device(group, transport, device)
+    # (tensors sent unpacked, their queued checksums): CUDA IPC's direct mode, else None.
+    direct = transport.direct_sources(plan, source, buffer_device) if problem_text is None else None
     open_round_as_sender(group, assignment, problem_text)
     opened = time.monotonic() - started
     try:
-        return _send_buckets(assignment, source, group, buffer_device, num_buffers, started, opened, direct)
+        return _send_buckets(assignment, source, group, transport, buffer_device, num_buffers, started, opened, direct)
     except BaseException as e:
         # Tell the receivers now rather than let them sit out the timeout.
         if not isinstance(e, RoundFailed):
             group.fail(f"sender stopped: {type(e).__name__}: {e}")
         raise
-
-
-def _as_wire_bytes(t: torch.Tensor, entry, device: torch.device) -> torch.Tensor | None:
-    """t's bytes as a flat uint8 view when they already are the wire bytes on `device`, else None."""
-    if t.device != device or t.dtype != torch_dtype(entry.dtype) or not t.is_contiguous():
-        return None
-    return t.reshape(-1).view(torch.uint8)
-
-
-def _direct_sources(
-    plan: BucketPlan, source: Mapping[str, SourceTensor], device: torch.device, group: DataPlaneGroup
-) -> list[torch.Tensor] | None:
-    """Every plan tensor's wire bytes in place, or None if any needs packing (a cast, a gather, a computation)."""
-    seen = group.transport_state.setdefault("direct_sources", {})
-    out = []
-    for _, e in plan.entries():
-        t = source[e.name]
-        raw = known_bytes(seen, e.name, t)
-        if raw is None:
-            if not isinstance(t, torch.Tensor) or type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
-                return None
-            raw = _as_wire_bytes(t.detach(), e, device)
-            if raw is None:
-                return None
-            keep_bytes(seen, e.name, t, raw)
-        out.append(raw)
-    return out
-
-
-def _direct_checksums(group: DataPlaneGroup, sources: list[torch.Tensor]) -> PendingChecksums:
-    key = tuple(t.data_ptr() for t in sources) + tuple(t.numel() for t in sources)
-    state = group.transport_state.setdefault("direct_checksum", {})
-    if state.get("key") != key:
-        state.update(key=key, prepared=prepare(sources))
-    return state["prepared"].run()
 
 
 def _send_direct(
@@ -217,6 +151,7 @@ def _send_buckets(
     assignment: Assignment,
     source: Mapping[str, SourceTensor],
     group: DataPlaneGroup,
+    transport: Transport,
     device: torch.device,
     num_buffers: int,
     started: float,
@@ -226,24 +161,14 @@ def _send_buckets(
     plan = assignment.plan
     marks = {"opened": opened}
     out = None
-    if direct is not None:
-        from weightsync.dataplane.cuda_ipc import DirectOut
-
-        try:
-            direct_out = DirectOut(group, direct[0])
-        except RuntimeError as e:
-            # E.g. memory that CUDA IPC cannot export (expandable segments, foreign allocators):
-            # this group packs from now on; the receivers have not been told anything yet.
-            log.warning("cuda_ipc: cannot export the trainer's tensors (%s); packing them instead", e)
-            group.transport_state["direct_refused"] = {"reason": str(e)}
-            direct = None
-    if direct is not None:
+    direct_out = transport.direct_out(direct[0]) if direct is not None else None
+    if direct_out is not None:
         checksums, pack_s, checksum_s = _send_direct(assignment, direct_out, direct[1], started, marks)
     else:
         ring = group.buffers(num_buffers, plan.max_bucket_bytes, device)
-        out = _outbound(group, ring, len(plan.buckets))
+        out = transport.outbound(ring, len(plan.buckets))
         checksums, pack_s, checksum_s = _pack_and_send(
-            plan, source, out, ring, device, num_buffers, single_wire=group.uses_collectives
+            plan, source, out, ring, device, num_buffers, single_wire=transport.single_wire
         )
     sent = time.monotonic() - started
     close_round(group, assignment, [checksums[e.name] for _, e in plan.entries()])
@@ -306,7 +231,7 @@ def _pack_and_send(
             if single_wire and len(bucket.entries) == 1:
                 e = bucket.entries[0]
                 t = materialize(source[e.name])
-                wire = _as_wire_bytes(t.detach(), e, device)
+                wire = wire_bytes(t.detach(), e, device)
                 if wire is None:
                     entry_view(buf, e).copy_(t)
                     wire = buf[: e.nbytes]
@@ -326,7 +251,7 @@ def _pack_and_send(
                 targets: list[torch.Tensor | None] = []
                 for e in bucket.entries:
                     t = materialize(source[e.name])
-                    raw = _as_wire_bytes(t.detach(), e, device)
+                    raw = wire_bytes(t.detach(), e, device)
                     view = buf[e.offset_bytes : e.offset_bytes + e.nbytes]
                     if raw is None:
                         entry_view(buf, e).copy_(t)

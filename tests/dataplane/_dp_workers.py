@@ -58,6 +58,7 @@ class RankOptions:
     seed_step: int = 0  # round i carries the tensors of seed + i * seed_step
     persistent: bool = False  # the trainer keeps one set of tensors and overwrites it each round
     bad_destination: str | None = None  # the destination offered for this name has the wrong dtype
+    relay: str | None = None  # rank 0: how dense gloo rounds travel (GroupCache(relay=...)); None: "auto"
     refuse_ipc_export: bool = False  # CUDA IPC cannot export this trainer's memory (as with expandable segments)
 
 
@@ -138,9 +139,9 @@ def _mismatches(engine: MemoryEngine, a: Assignment, seed: int) -> list[str]:
 
 def _corrupt_wire(bucket_index: int) -> None:
     """Flips the first byte of one bucket after it arrives and before the receiver checksums it."""
-    from weightsync.dataplane import receiver
+    from weightsync.dataplane import transports
 
-    cls = receiver._BroadcastIn
+    cls = transports.BroadcastIn
     start, finish = cls.start, cls.finish
     views: dict[int, torch.Tensor] = {}
 
@@ -212,6 +213,7 @@ def _round(index: int, a: Assignment, cache: GroupCache, opts: RankOptions) -> d
     except Exception as e:  # reported to the test, which asserts on it
         out.update(ok=False, error_type=type(e).__name__, error=str(e), traceback=traceback.format_exc())
     out["elapsed_s"] = time.monotonic() - started
+    out["relay"] = cache.group.relay if cache.group is not None else None
     out["num_applied"] = engine.num_applied if engine is not None else 0
     return out
 
@@ -232,7 +234,7 @@ def rank_main(rank: int, inbox, outbox, opts: RankOptions) -> None:
         rounds: list[Assignment] = inbox.get(timeout=120)
         if opts.device.startswith("cuda"):
             torch.cuda.set_device(torch.device(opts.device))
-        cache = GroupCache(trainer_store=store, device=opts.device if opts.device != "cpu" else None)
+        cache = GroupCache(trainer_store=store, device=opts.device if opts.device != "cpu" else None, relay=opts.relay or "auto")
         results = [_round(rank, a, cache, opts) for a in rounds]
         time.sleep(opts.linger_s)
         outbox.put(("done", rank, results, cache.num_constructions))

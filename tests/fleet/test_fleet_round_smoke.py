@@ -50,7 +50,10 @@ def test_fleet_round_smoke(tmp_path, forward_drop):
     wire = r["wire_bytes_per_host"]
     assert set(wire) == {"coord", "t0", "e0", "e1", "e2"}
     model_bytes = MODEL_MIB << 20
-    # gloo's binomial tree over 4 ranks: the root sends two copies, one receiver relays a third.
-    assert 2 * model_bytes <= wire["t0"]["tx_bytes"] < 2.3 * model_bytes
+    # The default relay on separate hosts is the chain t0 -> e0 -> e1 -> e2 (dataplane/relay.py):
+    # the model leaves the trainer once, and every receiver but the last forwards one copy.
+    assert r["relay"] == "auto"
+    assert model_bytes <= wire["t0"]["tx_bytes"] < 1.2 * model_bytes
     assert all(model_bytes <= wire[h]["rx_bytes"] < 1.2 * model_bytes for h in ("e0", "e1", "e2"))
-    assert sum(wire[h]["tx_bytes"] for h in ("e0", "e1", "e2")) >= model_bytes
+    assert all(model_bytes <= wire[h]["tx_bytes"] < 1.2 * model_bytes for h in ("e0", "e1"))
+    assert wire["e2"]["tx_bytes"] < 0.1 * model_bytes

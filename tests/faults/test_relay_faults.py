@@ -1,0 +1,54 @@
+"""A relay rank lost mid-round, with real memory daemons, a real coordinator and a real `weightsync push`."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from tests.faults.fleet import Fleet, wait_for
+from weightsync.dataplane.groups import RELAY_ENV
+
+pytestmark = pytest.mark.slow
+
+LONG = dict(collective_timeout_s=120.0, deadline_s=300.0)
+# As in test_liveness.py: every rank out of the round this long after the loss is known.
+FAST_S = 5.0
+IDLE = 1
+
+
+@pytest.fixture
+def fleet(tmp_path, monkeypatch):
+    # The trainer picks how dense rounds travel; on loopback "auto" keeps gloo's broadcast.
+    monkeypatch.setenv(RELAY_ENV, "chain")
+    f = Fleet(tmp_path)
+    yield f
+    f.close()
+
+
+def test_killed_relay_daemon_takes_every_rank_out_fast_and_the_next_round_heals(fleet):
+    """mem1 (data-plane rank 2, forwarding to mem2 along the chain 0 -> mem0 -> mem1 -> mem2) is SIGKILLed mid-transfer: the trainer, mem0 and mem2 leave within seconds, not at the 120 s timeout, and the next round commits."""
+    push = fleet.push_mid_transfer(1, after_s=0.8, **LONG)
+    try:
+        fleet.signal_daemon("mem1", signal.SIGKILL)
+        t0 = time.monotonic()
+        rc, summary = fleet.finish_push(push, timeout_s=LONG["collective_timeout_s"])
+        trainer_s = time.monotonic() - t0
+        wait_for(lambda: all(fleet.daemons_info()[d].state == IDLE for d in ("mem0", "mem2")), 120, "survivors idle")
+        survivors_s = time.monotonic() - t0
+    finally:
+        if push.poll() is None:
+            push.kill()
+        push.wait(10)
+    assert rc == 1 and summary["daemons"]["mem1"] == "FAILED", summary
+    assert trainer_s < FAST_S, f"trainer left the round {trainer_s:.1f} s after the loss"
+    assert survivors_s < FAST_S, f"receivers left the round {survivors_s:.1f} s after the loss"
+    info = fleet.daemons_info()
+    assert info["mem0"].dirty and info["mem2"].dirty, "engines that took part in a failed round are flagged"
+    fleet.start_daemon("mem1", served_version=0)
+    fleet.clear_failpoints()
+    fleet.wait_daemons(list(fleet.daemons))
+    rc, summary = fleet.push(2, **LONG)
+    assert rc == 0, summary
+    fleet.assert_consistent(2)

@@ -26,7 +26,7 @@ version with the same bytes, as a dense round. The top-level figures are the den
 `delta` section has the same figures for the delta rounds (speed of light over the delta
 payload each receiver took in, bench/fleet/light.py), and `delta_vs_dense` the ratios of the
 median rounds: time, wire bytes (all hosts' tx, receivers' rx, the trainer's tx) and the
-star's share of the delta round (the trainer's tx bytes through its link / the round time).
+trainer link's share of the delta round (the trainer's tx bytes through its link / the round time).
 
 --trainer-ranks 1 is a single-sender round: trainer rank 0 sends everything. --relay says how
 its dense gloo rounds (and a delta round's payload) travel: `chain` or `tree`
@@ -175,7 +175,7 @@ def _delta_steps(fleet: EmulatedFleet, args: argparse.Namespace, first_version: 
 
 
 def _delta_vs_dense(delta: dict, dense: dict, engine_hosts: list[str], link_mbit: float) -> dict:
-    """Ratios of the median delta round to the median dense round, and the star's share of the delta round."""
+    """Ratios of the median delta round to the median dense round, and the trainer link's share of the delta round."""
     dw, nw = delta["wire_bytes_per_host"], dense["wire_bytes_per_host"]
     hosts = ["t0", *engine_hosts]
 
@@ -185,9 +185,7 @@ def _delta_vs_dense(delta: dict, dense: dict, engine_hosts: list[str], link_mbit
     def rx(w: dict) -> int:
         return sum(w[h]["rx_bytes"] for h in engine_hosts)
 
-    rate = link_mbit * 1e6 / 8
-    star_s = dw["t0"]["tx_bytes"] / rate
-    one_copy_s = max(dw[h]["rx_bytes"] for h in engine_hosts) / rate
+    trainer_link_s = dw["t0"]["tx_bytes"] / (link_mbit * 1e6 / 8)
     timeline = delta["sender_timeline"]
     return {
         "achieved_s": delta["achieved_s"] / dense["achieved_s"],
@@ -198,15 +196,12 @@ def _delta_vs_dense(delta: dict, dense: dict, engine_hosts: list[str], link_mbit
         "per_host_tx_plus_rx": {
             h: (dw[h]["tx_bytes"] + dw[h]["rx_bytes"]) / max(1, nw[h]["tx_bytes"] + nw[h]["rx_bytes"]) for h in hosts
         },
-        # The trainer's link carries one payload per receiver (the star): its busy time, from its counter.
-        "star_s": star_s,
-        "star_share_of_delta_round": star_s / delta["achieved_s"],
-        # The trainer's send (encode, the star, its checksums; serial per bucket), from its timeline.
+        # The trainer's link busy time, from its counter: one payload with a relay (dataplane/relay.py),
+        # one per receiver without (--relay gloo: point to point from the root, a star).
+        "trainer_link_s": trainer_link_s,
+        "trainer_link_share_of_delta_round": trainer_link_s / delta["achieved_s"],
+        # The trainer's send (encode, its sends, its checksums; serial per bucket), from its timeline.
         "trainer_send_s": timeline.get("sent", 0.0) - timeline.get("opened", 0.0),
-        # If a relay took the payload out of the trainer once and the receivers forwarded it
-        # without delaying anything else: the star's time less one copy's. A prediction.
-        "relay_predicted_s": delta["achieved_s"] - star_s + one_copy_s,
-        "relay_predicted_over_dense": (delta["achieved_s"] - star_s + one_copy_s) / dense["achieved_s"],
     }
 
 
@@ -335,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             f"delta {args.delta:g}: achieved={d['achieved_s']:.3f}s speed_of_light={d['speed_of_light_s']:.3f}s "
             f"ratio={d['ratio']:.3f} star_bound={d['star_bound_s']:.3f}s delta/dense time={r['achieved_s']:.3f} "
             f"wire total={r['wire_bytes_total']:.4f} trainer_tx={r['trainer_tx_bytes']:.4f} "
-            f"receiver_rx={r['receivers_rx_bytes']:.4f} star share={r['star_share_of_delta_round']:.3f}"
+            f"receiver_rx={r['receivers_rx_bytes']:.4f} trainer link share={r['trainer_link_share_of_delta_round']:.3f}"
         )
     return 0
 

@@ -426,7 +426,7 @@ class DataPlaneGroup:
             return
         if isinstance(error, TransferError):
             raise error
-        notice = self._abort_notice()
+        notice = self._notice_after_failure()
         if notice is not None:
             self._mark_broken(notice)
             raise TransferError(f"rank {self.rank}: {what} abandoned: {notice} (then: {error})") from error
@@ -446,7 +446,7 @@ class DataPlaneGroup:
             work.wait(_timedelta(self.timeout_s))
         except RuntimeError as e:
             # A peer that failed first may have said why; that beats "connection closed".
-            notice = self._abort_notice()
+            notice = self._notice_after_failure()
             if notice is not None:
                 self._mark_broken(notice)
                 raise TransferError(f"rank {self.rank}: {what} abandoned: {notice} (then: {e})") from e
@@ -462,6 +462,14 @@ class DataPlaneGroup:
         if not self.store.check([key]):
             return None
         return self.store.get(key).decode(errors="replace")
+
+    def _notice_after_failure(self) -> str | None:
+        """A peer's abort notice, read after an operation failed; None also when the store's host
+        is gone (often the very peer whose loss failed the operation: its error says enough)."""
+        try:
+            return self._abort_notice()
+        except (RuntimeError, OSError):
+            return None
 
     def request_abort(self, update_id: str, reason: str) -> None:
         """Thread-safe: the thread running round `update_id` fails it at its next poll (see the module docstring)."""

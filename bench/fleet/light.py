@@ -23,9 +23,10 @@ receiver rank needs every bucket, TP ranks included, because the data path sends
 
 A delta round (`delta_round_bound`) needs only the delta payload: each delta receiver's needed
 bytes are what it must take in (positions and values of the changed elements, per tensor).
-The speed of light is the same formula over those bytes. Today's data path sends the payload
-point to point from the root to every receiver (dataplane/delta_round.py), a star, so for a
-delta round `gloo_bound_s` and `gloo_model_s` are the star: N copies through the root's link.
+The speed of light is the same formula over those bytes. Without a relay the payload goes point
+to point from the root to every receiver (dataplane/delta_round.py with --relay gloo), a star,
+so for a delta round `gloo_bound_s` and `gloo_model_s` are the star: N copies through the root's
+link; with a relay (dataplane/relay.py, the default between hosts) it leaves the root once.
 """
 
 from __future__ import annotations

@@ -38,8 +38,8 @@ def test_step_changes_the_fraction_scattered_and_spread_across_tensors():
         step_like(base, fraction=0, seed=1)
 
 
-def test_delta_speed_of_light_is_the_payload_once_and_today_a_star():
-    """A delta round's bound is one payload through a link; today's path (point to point from the root) is the star of N payloads."""
+def test_delta_speed_of_light_is_the_payload_once_and_the_star_n_payloads():
+    """A delta round's bound is one payload through a link; point to point from the root (no relay) is the star of N payloads."""
     payload = {f"e{i}": 250_000 for i in range(7)}
     rates = {h: 100.0 for h in payload}
     d = delta_round_bound(payload_bytes=payload, ingress_mbit=rates, sender_egress_mbit=[100.0])
@@ -72,8 +72,9 @@ def test_fleet_round_delta_smoke(tmp_path):
     for h in hosts:
         assert dw[h]["rx_bytes"] < 0.06 * nw[h]["rx_bytes"], (h, dw[h], nw[h])
         assert dw[h]["rx_bytes"] >= delta["payload_bytes_per_receiver"][h] > 0.02 * model_bytes
-    # The star: the trainer sends each receiver its payload, so its tx is about 3 payloads, not 3 models.
-    assert 3 * delta["payload_bytes_per_receiver"]["e0"] <= dw["t0"]["tx_bytes"] < 0.06 * nw["t0"]["tx_bytes"]
+    # The relay (dataplane/relay.py): the payload leaves the trainer once, not once per receiver.
+    payload = delta["payload_bytes_per_receiver"]["e0"]
+    assert payload <= dw["t0"]["tx_bytes"] < 2 * payload, (dw["t0"], payload)
     assert ratios["wire_bytes_total"] < 0.06 and ratios["receivers_rx_bytes"] < 0.06
-    assert 0 < delta["ratio"] <= 1.0 and 0 < ratios["star_share_of_delta_round"] < 1.0
+    assert 0 < delta["ratio"] <= 1.0 and 0 < ratios["trainer_link_share_of_delta_round"] < 1.0
     assert delta["achieved_s"] < dense["achieved_s"]

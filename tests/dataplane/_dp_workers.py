@@ -238,6 +238,13 @@ def rank_main(rank: int, inbox, outbox, opts: RankOptions) -> None:
         results = [_round(rank, a, cache, opts) for a in rounds]
         time.sleep(opts.linger_s)
         outbox.put(("done", rank, results, cache.num_constructions))
+        if store is not None:
+            # A trainer keeps its store until the round is over everywhere: peers still read the
+            # reasons it posted there (a refused round's, say). launch() releases it.
+            try:
+                inbox.get(timeout=120)
+            except queue.Empty:
+                pass
         if opts.trainer_world is not None:
             torch.distributed.destroy_process_group()
     except BaseException:
@@ -314,6 +321,7 @@ def launch(
                 raise AssertionError(f"rank {r} crashed:\n{payload}")
             reports[r] = RankReport(r, payload, n, None)
     finally:
+        inboxes[0].put("release")  # rank 0 hosts the store: every other rank is done with it
         for r in silent:
             procs[r].kill()
         for p in procs:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from weightsync.core import Assignment, Bucket, BucketEntry, BucketPlan, Participant, Rendezvous, TensorSpec
+from weightsync.core.regions import Region
+from weightsync.core.routing import RoutingPlan
 from weightsync.v1 import weightsync_pb2 as pb
 
 __all__ = [
@@ -12,6 +14,10 @@ __all__ = [
     "assignment_to_pb",
     "checksums_from_pb",
     "checksums_to_pb",
+    "piece_sums_from_pb",
+    "piece_sums_to_pb",
+    "rank_regions_from_pb",
+    "rank_regions_to_pb",
     "spec_from_pb",
     "spec_to_pb",
 ]
@@ -37,6 +43,74 @@ def checksums_from_pb(msgs: Iterable[pb.TensorChecksum]) -> dict[str, int]:
             raise ValueError(f"checksum for tensor {m.name!r} appears twice")
         out[m.name] = m.checksum
     return out
+
+
+def piece_sums_to_pb(sums: Mapping[tuple[int, int], int]) -> list[pb.PieceChecksum]:
+    """(rank, piece index) -> S as messages."""
+    return [pb.PieceChecksum(rank=r, piece=i, sum=s & ((1 << 64) - 1)) for (r, i), s in sums.items()]
+
+
+def piece_sums_from_pb(msgs: Iterable[pb.PieceChecksum]) -> dict[tuple[int, int], int]:
+    out: dict[tuple[int, int], int] = {}
+    for m in msgs:
+        if (m.rank, m.piece) in out:
+            raise ValueError(f"the sum of piece {m.piece} at rank {m.rank} appears twice")
+        out[(m.rank, m.piece)] = m.sum
+    return out
+
+
+def rank_regions_to_pb(regions: Mapping[int, Mapping[str, Region]]) -> list[pb.RankRegions]:
+    return [
+        pb.RankRegions(
+            rank=r,
+            regions=[pb.TensorRegion(name=n, region=pb.Region(dim=g.dim, start=g.start, length=g.length)) for n, g in per.items()],
+        )
+        for r, per in sorted(regions.items())
+    ]
+
+
+def rank_regions_from_pb(msgs: Iterable[pb.RankRegions], what: str) -> dict[int, dict[str, Region]]:
+    """Per rank, tensor name -> Region; ValueError naming the field on duplicates (regions are checked against shapes later)."""
+    out: dict[int, dict[str, Region]] = {}
+    for i, m in enumerate(msgs):
+        if m.rank in out:
+            raise ValueError(f"{what}[{i}]: rank {m.rank} appears twice")
+        per: dict[str, Region] = {}
+        for j, tr in enumerate(m.regions):
+            if tr.name in per:
+                raise ValueError(f"{what}[{i}].regions[{j}]: tensor {tr.name!r} appears twice for rank {m.rank}")
+            region = Region(tr.region.dim, tr.region.start, tr.region.length) if tr.HasField("region") else Region.whole()
+            per[tr.name] = region
+        out[m.rank] = per
+    return out
+
+
+def _routing_to_pb(plan: RoutingPlan) -> pb.RoutingPlan:
+    return pb.RoutingPlan(
+        num_senders=plan.num_senders,
+        num_buckets=plan.num_buckets,
+        pieces=[
+            pb.RoutedPiece(
+                name=p.name, box=[x for b in p.box for x in b], sender=p.sender, receivers=list(p.receivers),
+                bucket=p.bucket, nbytes=p.nbytes,
+            )
+            for p in plan.pieces
+        ],
+        digest=plan.digest,
+    )
+
+
+def _routing_from_pb(msg: pb.RoutingPlan) -> RoutingPlan:
+    pieces = []
+    for p in msg.pieces:
+        if len(p.box) % 2:
+            raise ValueError(f"routing plan: piece of {p.name!r} has a box of {len(p.box)} numbers: expected start, stop per dim")
+        box = [[p.box[k], p.box[k + 1]] for k in range(0, len(p.box), 2)]
+        pieces.append(
+            {"name": p.name, "box": box, "sender": p.sender, "receivers": list(p.receivers), "bucket": p.bucket, "nbytes": p.nbytes}
+        )
+    d = {"num_senders": msg.num_senders, "num_buckets": msg.num_buckets, "pieces": pieces}
+    return RoutingPlan.from_dict(d, msg.digest or None)
 
 
 def _plan_to_pb(plan: BucketPlan) -> pb.BucketPlan:
@@ -81,6 +155,7 @@ def assignment_to_pb(a: Assignment) -> pb.Assignment:
         plan=_plan_to_pb(a.plan),
         deadline_s=a.deadline_s,
         delta_base_version=a.delta_base_version,
+        routing=_routing_to_pb(a.routing) if a.routing is not None else None,
     )
 
 
@@ -94,4 +169,5 @@ def assignment_from_pb(msg: pb.Assignment) -> Assignment:
         plan=_plan_from_pb(msg.plan),
         deadline_s=msg.deadline_s,
         delta_base_version=msg.delta_base_version if msg.HasField("delta_base_version") else None,
+        routing=_routing_from_pb(msg.routing) if msg.HasField("routing") else None,
     )

@@ -37,6 +37,8 @@ from weightsync.core import (
     default_bucket_size,
     is_full_round,
 )
+from weightsync.core.regions import Region
+from weightsync.core.routing import holds_problems, judge_pieces, plan_routes
 from weightsync.core.types import TRANSPORTS
 
 __all__ = ["Coordinator", "CoordinatorConfig", "check_registration", "UpdateOptions", "DaemonRegistration", "RoundEvent", "SessionEvent"]
@@ -50,6 +52,8 @@ MAX_DEADLINE_S = 24 * 3600.0
 MIN_DEADLINE_S = 1.0
 # Free-text fields of a registration (engine, model, host): shown by status, never parsed.
 MAX_LABEL_CHARS = 1024
+# Trainer ranks that may send in one routed round: each is a data-plane rank of the one group.
+MAX_TRAINER_RANKS = 1 << 14
 # torch's own limit on a tensor's dims; also keeps the byte count a small product.
 MAX_DIMS = 64
 
@@ -130,6 +134,8 @@ class DaemonRegistration:
     owner: str = ""
     # The session token of this same process's previous registration, if it had one.
     resume_token: str = ""
+    # What each local receiver rank needs (tensor name -> Region); None: every tensor whole.
+    needs: dict[int, dict[str, Region]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +307,7 @@ class Coordinator:
             session_token=secrets.token_hex(16),
             owner=reg.owner,
             unknown_version=unknown,
+            needs=reg.needs,
         )
         self.daemons[reg.daemon_id] = rec
         log.info(
@@ -381,6 +388,7 @@ class Coordinator:
         receive_s: float,
         apply_s: float,
         bytes_received: int,
+        piece_sums: dict[tuple[int, int], int] | None = None,
     ) -> None:
         rec = self._live(daemon_id)
         rec.beat()
@@ -397,6 +405,7 @@ class Coordinator:
         out.receive_s, out.apply_s, out.bytes_received = receive_s, apply_s, bytes_received
         if ok:
             out.checksums = checksums
+            out.piece_sums = piece_sums or {}
         else:
             out.status = ResultStatus.FAILED
             out.reason = error or "daemon reported failure without a reason"
@@ -408,7 +417,16 @@ class Coordinator:
 
     # ------------------------------------------------------------------ rounds
 
-    def begin_update(self, version: int, manifest: Sequence[TensorSpec], options: UpdateOptions, owner: str = "") -> Assignment:
+    def begin_update(
+        self,
+        version: int,
+        manifest: Sequence[TensorSpec],
+        options: UpdateOptions,
+        owner: str = "",
+        holds: dict[int, dict[str, Region]] | None = None,
+    ) -> Assignment:
+        """Begins a round. `holds` (trainer rank -> tensor -> Region held), or any participant that
+        declared needs, makes it a routed round (core/routing.py); else rank 0 sends everything."""
         self._check_options(options)
         if not self.accepting:
             raise Unavailable("coordinator is shutting down: retry against its replacement")
@@ -427,16 +445,30 @@ class Coordinator:
                 "update options are invalid",
                 [f"options.delta_base_version: expected a version below the new version {version}, got {options.delta_base_version}"],
             )
+        if holds and len(holds) > MAX_TRAINER_RANKS:
+            raise InvalidArgument(f"holds: {len(holds)} trainer ranks: expected at most {MAX_TRAINER_RANKS}")
+        if holds:
+            problems = holds_problems(manifest, holds)
+            if problems:
+                raise InvalidArgument("holds are invalid", problems[:MAX_LISTED_PROBLEMS])
         participants = self._select_participants(options)
         check_against_inventory(manifest, {d.daemon_id: d.inventory for d in participants})
+        routed = bool(holds) or any(d.needs for d in participants)
+        num_senders = len(holds) if holds else 1
+        if routed and options.delta_base_version is not None:
+            raise InvalidArgument(
+                "update options are invalid",
+                ["options.delta_base_version: a routed round (holds, or daemons that declare needs) is dense; leave it unset"],
+            )
 
         bucket_size = options.bucket_size_bytes or default_bucket_size(options.transport)
         plan = BucketPlan.build(manifest, bucket_size)
         ranks: list[Participant] = []
-        next_rank = 1
+        # Trainer ranks are data-plane ranks 0..num_senders-1, receivers come after them.
+        next_rank = num_senders
         encodings = {d.daemon_id: self._encoding_for(d, options) for d in participants}
         delta_base = options.delta_base_version
-        if "delta" not in encodings.values() or any(d.engine not in DELTA_ENGINES for d in participants):
+        if routed or "delta" not in encodings.values() or any(d.engine not in DELTA_ENGINES for d in participants):
             # A delta round frames every rank's payload point to point; a receiver that only
             # takes broadcast buckets (vLLM today) would wait for bytes that never come. So
             # the round is dense for all when one of them is in it, or when nobody takes a delta.
@@ -447,7 +479,7 @@ class Coordinator:
             next_rank += d.num_ranks
         membership = repr(
             (options.transport, options.rendezvous_host, options.rendezvous_port, [(d.daemon_id, d.num_ranks, d.session_token) for d in participants])
-        )
+        ) + (f"/senders={num_senders}" if num_senders > 1 else "")
         rendezvous = Rendezvous(
             transport=options.transport,
             host=options.rendezvous_host,
@@ -457,6 +489,16 @@ class Coordinator:
             timeout_s=options.collective_timeout_s or self.config.default_collective_timeout_s,
         )
         deadline_s = options.deadline_s or self.config.default_deadline_s
+        routing = None
+        if routed:
+            needs: dict[int, dict[str, Region] | None] = {}
+            for d, p in zip(participants, ranks):
+                for local, rank in enumerate(p.ranks):
+                    needs[rank] = d.needs.get(local) if d.needs else None
+            try:
+                routing = plan_routes(manifest, holds or {}, needs, bucket_size)
+            except ValueError as e:
+                raise InvalidArgument(f"cannot route this round: {e}") from e
         assignment = Assignment(
             update_id=uuid.uuid4().hex[:16],
             version=version,
@@ -465,6 +507,7 @@ class Coordinator:
             plan=plan,
             deadline_s=deadline_s,
             delta_base_version=delta_base,
+            routing=routing,
         )
         rnd = RoundRecord(assignment=assignment, manifest_covers=frozenset(s.name for s in manifest), owner=owner)
         rnd.outcomes = {d.daemon_id: DaemonOutcome() for d in participants}
@@ -491,8 +534,28 @@ class Coordinator:
         )
         return assignment
 
-    async def commit_update(self, update_id: str, checksums: dict[str, int], owner: str = "") -> RoundRecord:
+    async def commit_update(
+        self, update_id: str, checksums: dict[str, int], owner: str = "", piece_sums: dict[tuple[int, int], int] | None = None
+    ) -> RoundRecord:
         rnd = self._owned_round(update_id, owner, "commit")
+        routing = rnd.assignment.routing
+        if routing is not None and not rnd.state.finished:
+            # A routed round is judged per piece: every sender's sum of every piece it sent.
+            got = {i for (_, i) in (piece_sums or {})}
+            wrong = [(r, i) for (r, i) in (piece_sums or {}) if not 0 <= i < len(routing.pieces) or routing.pieces[i].sender != r]
+            if checksums or got != set(range(len(routing.pieces))) or wrong:
+                missing = sorted(set(range(len(routing.pieces))) - got)[:10]
+                raise InvalidArgument(
+                    f"a routed round commits the sum of each of its {len(routing.pieces)} pieces from its sender and no "
+                    f"per-tensor checksums: got {len(checksums)} checksums, pieces missing {missing}, "
+                    f"(rank, piece) pairs that are not the plan's sender {wrong[:10]}"
+                )
+            if rnd.trainer_checksums is None:
+                rnd.sender_piece_sums = {i: s for (_, i), s in piece_sums.items()}
+                rnd.trainer_checksums = {}
+                self._maybe_judge(rnd)
+            await rnd.done.wait()
+            return rnd
         if not rnd.state.finished:
             expected = set(rnd.manifest_covers)
             if set(checksums) != expected:
@@ -685,11 +748,22 @@ class Coordinator:
     def _judge_reported(self, rnd: RoundRecord) -> None:
         """Compares every reported daemon's checksums with the trainer's."""
         assert rnd.trainer_checksums is not None
-        for out in rnd.outcomes.values():
+        routing = rnd.assignment.routing
+        for daemon_id, out in rnd.outcomes.items():
             if out.status is not ResultStatus.PENDING or out.checksums is None:
                 continue
             got = out.checksums
-            out.mismatched = sorted(n for n, c in rnd.trainer_checksums.items() if got.get(n) != c)
+            if routing is not None:
+                # Every (piece, receiver rank) of this daemon against its sender's sum.
+                mine = rnd.assignment.ranks_of(daemon_id)
+                received: dict[int, dict[int, int]] = {r: {} for r in mine}
+                for (r, i), v in out.piece_sums.items():
+                    if r in received:
+                        received[r][i] = v
+                bad = judge_pieces(routing, rnd.sender_piece_sums, received)
+                out.mismatched = sorted({n for r in mine for n in bad.get(r, [])})
+            else:
+                out.mismatched = sorted(n for n, c in rnd.trainer_checksums.items() if got.get(n) != c)
             if out.mismatched:
                 out.status = ResultStatus.CHECKSUM_MISMATCH
                 out.reason = f"{len(out.mismatched)} tensors differ from the trainer's bytes"

@@ -11,13 +11,13 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
 
 from weightsync.control.channel import check_token_transport, make_channel
-from weightsync.control.convert import assignment_from_pb, checksums_to_pb, spec_to_pb
+from weightsync.control.convert import assignment_from_pb, checksums_to_pb, piece_sums_to_pb, rank_regions_to_pb, spec_to_pb
 from weightsync.core import Assignment, TensorSpec, is_full_round
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
@@ -53,6 +53,8 @@ class HandlerResult:
     bytes_received: int = 0
     receive_s: float = 0.0
     apply_s: float = 0.0
+    # A routed round: (data-plane rank, piece index) -> S of the piece as it landed.
+    piece_sums: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
 # handler(assignment, my_ranks, progress) -> HandlerResult; raise to report failure.
@@ -72,6 +74,8 @@ class DaemonIdentity:
     inventory: tuple[TensorSpec, ...]
     num_ranks: int = 1
     transports: tuple[str, ...] = ("gloo",)
+    # What each local receiver rank needs (rank -> tensor name -> core.regions.Region); empty: every tensor whole.
+    needs: Mapping[int, Mapping] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.daemon_id:
@@ -254,6 +258,7 @@ class DaemonAgent:
                     served_version=self.served_version,
                     dirty=self.dirty,
                     resume_token=self._session_token,
+                    needs=rank_regions_to_pb(ident.needs),
                 ),
                 timeout=self._rpc_timeout_s,
             )
@@ -390,6 +395,7 @@ class DaemonAgent:
                     receive_s=res.receive_s,
                     apply_s=res.apply_s,
                     bytes_received=res.bytes_received,
+                    piece_sums=piece_sums_to_pb(res.piece_sums),
                 )
             )
         )

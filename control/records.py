@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from weightsync.core import Assignment, TensorSpec
+from weightsync.core.regions import Region
 
 __all__ = ["DaemonRecord", "DaemonState", "ResultStatus", "RoundRecord", "RoundState", "DaemonOutcome"]
 
@@ -61,6 +62,8 @@ class DaemonRecord:
     last_heartbeat_mono: float = field(default_factory=time.monotonic)
     last_heartbeat_unix: float = field(default_factory=time.time)
     outbox: asyncio.Queue | None = None
+    # What each local receiver rank needs (tensor name -> Region); None: every tensor whole.
+    needs: dict[int, dict[str, Region]] | None = None
 
     @property
     def healthy(self) -> bool:
@@ -78,6 +81,8 @@ class DaemonOutcome:
     status: ResultStatus = ResultStatus.PENDING
     reason: str = ""
     checksums: dict[str, int] | None = None
+    # A routed round: (data-plane rank, piece index) -> S of what that rank received.
+    piece_sums: dict[tuple[int, int], int] = field(default_factory=dict)
     mismatched: list[str] = field(default_factory=list)
     receive_s: float = 0.0
     apply_s: float = 0.0
@@ -100,6 +105,8 @@ class RoundRecord:
     reason: str = ""
     outcomes: dict[str, DaemonOutcome] = field(default_factory=dict)
     trainer_checksums: dict[str, int] | None = None
+    # A routed round: piece index -> S from its sender (set with trainer_checksums, which is then {}).
+    sender_piece_sums: dict[int, int] = field(default_factory=dict)
     duration_s: float = 0.0
     done: asyncio.Event = field(default_factory=asyncio.Event)
     deadline_task: asyncio.Task | None = None
@@ -114,6 +121,24 @@ class RoundRecord:
     @property
     def version(self) -> int:
         return self.assignment.version
+
+    def rank_bytes(self) -> list[tuple[int, str, int, int]]:
+        """A routed round: (rank, daemon_id or "" for a trainer rank, bytes sent, bytes received) from the verified pieces."""
+        routing = self.assignment.routing
+        if routing is None:
+            return []
+        pieces = routing.pieces
+        out = {r: ["", 0, 0] for r in range(routing.num_senders)}
+        for i in self.sender_piece_sums:
+            out[pieces[i].sender][1] += pieces[i].nbytes * len(pieces[i].receivers)
+        for p in self.assignment.participants:
+            o = self.outcomes.get(p.daemon_id)
+            for r in p.ranks:
+                out[r] = [p.daemon_id, 0, 0]
+            for (r, i) in (o.piece_sums if o is not None else {}):
+                if r in out and 0 <= i < len(pieces):
+                    out[r][2] += pieces[i].nbytes
+        return [(r, d, s, g) for r, (d, s, g) in sorted(out.items())]
 
     def all_reported(self) -> bool:
         return all(o.status is not ResultStatus.PENDING or o.checksums is not None for o in self.outcomes.values())

@@ -7,7 +7,7 @@ import contextlib
 import functools
 import logging
 
-from weightsync.control.convert import assignment_to_pb, checksums_from_pb, spec_from_pb
+from weightsync.control.convert import assignment_to_pb, checksums_from_pb, piece_sums_from_pb, rank_regions_from_pb, spec_from_pb
 from weightsync.control.coordinator import Coordinator, DaemonRegistration, SessionEvent, UpdateOptions, check_registration
 from weightsync.control.records import DaemonRecord, RoundRecord
 from weightsync.control.validation import MAX_LISTED_PROBLEMS, parse_manifest
@@ -57,6 +57,7 @@ def round_to_pb(rnd: RoundRecord) -> pb.RoundInfo:
         duration_s=rnd.duration_s,
         reason=_clip(rnd.reason),
         transport=a.rendezvous.transport,
+        rank_bytes=[pb.RankBytes(rank=r, daemon_id=d, bytes_sent=sent, bytes_received=got) for r, d, sent, got in rnd.rank_bytes()],
     )
 
 
@@ -122,6 +123,13 @@ def _parse_registration(request: pb.RegisterDaemonRequest, owner: str, coordinat
                 break
     if problems:
         raise InvalidArgument("inventory is invalid", problems)
+    # Minimal parse of the declared needs (engineer C's validation against the inventory replaces it).
+    try:
+        needs = rank_regions_from_pb(request.needs, "needs") or None
+    except ValueError as e:
+        raise InvalidArgument(f"needs: {e}") from e
+    if needs is not None and sorted(needs) != list(range(request.num_ranks)):
+        raise InvalidArgument(f"needs: expected one entry per rank 0..{request.num_ranks - 1}, got ranks {sorted(needs)}")
     reg = DaemonRegistration(
         daemon_id=request.daemon_id,
         engine=request.engine,
@@ -134,6 +142,7 @@ def _parse_registration(request: pb.RegisterDaemonRequest, owner: str, coordinat
         dirty=request.dirty,
         owner=owner,
         resume_token=request.resume_token,
+        needs=needs,
     )
     return reg, check_registration(reg, coordinator.config)
 
@@ -215,9 +224,10 @@ class DaemonServicer(pb_grpc.DaemonServiceServicer):
                 r = msg.result
                 try:
                     checksums = checksums_from_pb(r.checksums)
+                    piece_sums = piece_sums_from_pb(r.piece_sums)
                     ok, error = r.ok, r.error[:MAX_REASON_CHARS]
                 except ValueError as e:
-                    checksums, ok, error = {}, False, f"malformed result: {e}"
+                    checksums, piece_sums, ok, error = {}, {}, False, f"malformed result: {e}"
                 self._c.report_result(
                     daemon_id,
                     r.update_id,
@@ -227,6 +237,7 @@ class DaemonServicer(pb_grpc.DaemonServiceServicer):
                     receive_s=r.receive_s,
                     apply_s=r.apply_s,
                     bytes_received=r.bytes_received,
+                    piece_sums=piece_sums,
                 )
             else:
                 raise InvalidArgument(f"session message: expected heartbeat, progress or result, got {kind}")
@@ -251,15 +262,20 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             collective_timeout_s=o.collective_timeout_s,
             delta_base_version=o.delta_base_version if o.HasField("delta_base_version") else None,
         ) if request.HasField("options") else UpdateOptions()
-        assignment = self._c.begin_update(request.version, manifest, options, owner=self._identify(context))
+        try:
+            holds = rank_regions_from_pb(request.holds, "holds")
+        except ValueError as e:
+            raise InvalidArgument(f"holds: {e}") from e
+        assignment = self._c.begin_update(request.version, manifest, options, owner=self._identify(context), holds=holds or None)
         return pb.BeginUpdateResponse(assignment=assignment_to_pb(assignment))
 
     async def CommitUpdate(self, request: pb.CommitUpdateRequest, context) -> pb.CommitUpdateResponse:
         try:
             checksums = checksums_from_pb(request.checksums)
+            piece_sums = piece_sums_from_pb(request.piece_sums)
         except ValueError as e:
             raise InvalidArgument(f"checksums: {e}") from e
-        rnd = await self._c.commit_update(request.update_id, checksums, owner=self._identify(context))
+        rnd = await self._c.commit_update(request.update_id, checksums, owner=self._identify(context), piece_sums=piece_sums or None)
         return pb.CommitUpdateResponse(round=round_to_pb(rnd))
 
     async def AbortUpdate(self, request: pb.AbortUpdateRequest, context) -> pb.AbortUpdateResponse:

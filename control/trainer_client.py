@@ -7,12 +7,12 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from weightsync.control.channel import error_from_rpc, make_channel
-from weightsync.control.convert import assignment_from_pb, checksums_to_pb, spec_to_pb
+from weightsync.control.convert import assignment_from_pb, checksums_to_pb, piece_sums_to_pb, rank_regions_to_pb, spec_to_pb
 from weightsync.core import Assignment, TensorSpec, WeightsyncError
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
@@ -53,6 +53,8 @@ class RoundReport:
     duration_s: float
     reason: str
     transport: str
+    # A routed round: rank -> (daemon_id or "" for a trainer rank, bytes sent, bytes received).
+    rank_bytes: dict[int, tuple[str, int, int]] = field(default_factory=dict)
 
     @property
     def committed(self) -> bool:
@@ -88,6 +90,7 @@ class RoundReport:
             duration_s=r.duration_s,
             reason=r.reason,
             transport=r.transport,
+            rank_bytes={b.rank: (b.daemon_id, b.bytes_sent, b.bytes_received) for b in r.rank_bytes},
         )
 
 
@@ -154,6 +157,7 @@ class TrainerClient:
         collective_timeout_s: float = 0.0,
         on_round_end: RoundEndFn | None = None,
         delta_base_version: int | None = None,
+        holds: Mapping[int, Mapping] | None = None,
     ) -> Assignment:
         """Begins a round and holds its WatchUpdate stream open until the verdict (the trainer's liveness).
 
@@ -174,6 +178,7 @@ class TrainerClient:
                 collective_timeout_s=collective_timeout_s,
                 delta_base_version=delta_base_version,
             ),
+            holds=rank_regions_to_pb(holds or {}),
         )
         resp = await self._call("BeginUpdate", self._trainer.BeginUpdate, req)
         assignment = assignment_from_pb(resp.assignment)
@@ -233,9 +238,15 @@ class TrainerClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def commit_update(self, assignment: Assignment, checksums: Mapping[str, int], sender_s: float = 0.0) -> RoundReport:
-        """Sends the trainer's checksums and waits for the verdict (bounded by the round's deadline)."""
-        req = pb.CommitUpdateRequest(update_id=assignment.update_id, checksums=checksums_to_pb(checksums), sender_s=sender_s)
+    async def commit_update(
+        self, assignment: Assignment, checksums: Mapping[str, int], sender_s: float = 0.0,
+        piece_sums: Mapping[tuple[int, int], int] | None = None,
+    ) -> RoundReport:
+        """Sends the trainer's checksums (a routed round: every rank's piece sums) and waits for the verdict (bounded by the round's deadline)."""
+        req = pb.CommitUpdateRequest(
+            update_id=assignment.update_id, checksums=checksums_to_pb(checksums), sender_s=sender_s,
+            piece_sums=piece_sums_to_pb(piece_sums or {}),
+        )
         try:
             resp = await self._call("CommitUpdate", self._trainer.CommitUpdate, req, assignment.deadline_s + COMMIT_MARGIN_S)
         finally:
@@ -282,8 +293,11 @@ class SyncTrainerClient:
     def begin_update(self, version: int, manifest: Sequence[TensorSpec], **options) -> Assignment:
         return self._run(self._client.begin_update(version, manifest, **options))
 
-    def commit_update(self, assignment: Assignment, checksums: Mapping[str, int], sender_s: float = 0.0) -> RoundReport:
-        return self._run(self._client.commit_update(assignment, checksums, sender_s))
+    def commit_update(
+        self, assignment: Assignment, checksums: Mapping[str, int], sender_s: float = 0.0,
+        piece_sums: Mapping[tuple[int, int], int] | None = None,
+    ) -> RoundReport:
+        return self._run(self._client.commit_update(assignment, checksums, sender_s, piece_sums))
 
     def abort_update(self, update_id: str, reason: str) -> RoundReport:
         return self._run(self._client.abort_update(update_id, reason))

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from weightsync.core.routing import RoutingPlan
 from weightsync.core.types import Participant, Rendezvous, TensorSpec
 
 __all__ = [
@@ -198,8 +199,20 @@ class Assignment:
     deadline_s: float
     # The version a delta is encoded against; None: every participant gets dense.
     delta_base_version: int | None = None
+    # A routed round (core/routing.py): trainer ranks 0..S-1 each send the pieces they hold to
+    # the receivers that need them. None: rank 0 sends every tensor to every receiver.
+    routing: RoutingPlan | None = None
 
     def __post_init__(self) -> None:
+        if self.routing is not None:
+            if self.delta_base_version is not None:
+                raise ValueError(f"update {self.update_id}: a routed round is dense: expected no delta_base_version")
+            low = [r for r in self.receiver_ranks if r < self.routing.num_senders]
+            if low:
+                raise ValueError(
+                    f"update {self.update_id}: receiver ranks {low} overlap the {self.routing.num_senders} "
+                    f"trainer ranks: expected receivers from rank {self.routing.num_senders} on"
+                )
         if self.delta_base_version is None and any(p.encoding != "dense" for p in self.participants):
             raise ValueError(f"update {self.update_id}: a participant takes a delta but delta_base_version is not set")
         if self.delta_base_version is not None and not 0 <= self.delta_base_version < self.version:
@@ -210,10 +223,18 @@ class Assignment:
     @property
     def digest(self) -> str:
         """What every rank must agree on: the plan, and for a delta round who takes the delta against which base."""
+        if self.routing is not None:
+            canon = [self.plan.digest, "routed", self.routing.digest]
+            return hashlib.sha256(json.dumps(canon, separators=(",", ":")).encode()).hexdigest()[:32]
         if self.delta_base_version is None:
             return self.plan.digest  # a dense round: unchanged from before deltas existed
         canon = [self.plan.digest, self.delta_base_version, [[p.daemon_id, p.encoding] for p in self.participants]]
         return hashlib.sha256(json.dumps(canon, separators=(",", ":")).encode()).hexdigest()[:32]
+
+    @property
+    def num_senders(self) -> int:
+        """Trainer ranks that send in this round: data-plane ranks 0..num_senders-1."""
+        return self.routing.num_senders if self.routing is not None else 1
 
     def encoding_of_rank(self, rank: int) -> str:
         for p in self.participants:

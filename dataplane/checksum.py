@@ -30,6 +30,9 @@ from collections.abc import Sequence
 
 import torch
 
+# One definition of the integer mix, shared with the coordinator (which composes checksums from parts).
+from weightsync.core.wordsum import splitmix64 as _splitmix64
+
 __all__ = ["CHUNK_WORDS", "bytes_checksum", "checksum_views", "tensor_checksum"]
 
 # Part of the definition: changing it changes every checksum. 8 MiB chunks keep
@@ -49,13 +52,6 @@ _CHUNK_SALT = 0x5851F42D4C957F2D
 _tables_lock = threading.Lock()
 _weight_tables: dict[torch.device, torch.Tensor] = {}
 _scratch = threading.local()
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + _GOLDEN) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
 
 
 def _signed(x: int) -> int:
@@ -219,3 +215,41 @@ def bytes_checksum(data: torch.Tensor) -> int:
 def tensor_checksum(t: torch.Tensor) -> int:
     """Unsigned 64-bit checksum of a tensor's raw bytes in row-major order, on its own device."""
     return bytes_checksum(_as_bytes(t))
+
+
+def runs_sum(data: torch.Tensor, offsets_bytes: torch.Tensor) -> int:
+    """S mod 2**64 (the weighted word sum before the finish) of runs of bytes at global positions.
+
+    Row r of `data` (2-D uint8) lies at byte offset offsets_bytes[r] of a tensor whose other bytes
+    count as zero, so the sums of disjoint parts of one tensor add up to its S (core/wordsum.py
+    composes the checksum from them). Runs need not start or end on 8-byte words: a word shared
+    by two parts contributes its bytes to each (S is linear in bytes, a word being the sum of its
+    bytes shifted), so edge words are handled rather than forbidden. Word-aligned runs take the
+    word path; the others pay for one multiply per byte instead of per word.
+    """
+    if data.dtype != torch.uint8 or data.dim() != 2 or offsets_bytes.dim() != 1 or offsets_bytes.numel() != data.shape[0]:
+        raise ValueError(
+            f"runs_sum needs a 2-D uint8 tensor and one offset per row, got {data.dtype} {list(data.shape)} "
+            f"and {offsets_bytes.numel()} offsets"
+        )
+    if data.numel() == 0:
+        return 0
+    device = data.device
+    offsets = offsets_bytes.to(device=device, dtype=torch.int64)
+    num_rows, row_bytes = data.shape
+    aligned = row_bytes % 8 == 0 and bool((offsets % 8 == 0).all())
+    if aligned:
+        rows = data.contiguous()
+        if rows.storage_offset() % 8:
+            rows = rows.clone()
+        values = rows.view(torch.int64)
+        index = offsets.div(8, rounding_mode="floor")[:, None] + torch.arange(row_bytes // 8, device=device)
+    else:
+        position = offsets[:, None] + torch.arange(row_bytes, device=device)
+        values = data.to(torch.int64) << ((position % 8) * 8)
+        index = position.div(8, rounding_mode="floor")
+    chunk = index.div(CHUNK_WORDS, rounding_mode="floor")
+    num_chunks = int(chunk.max()) + 1
+    multipliers = torch.tensor([_signed(_chunk_multiplier(c)) for c in range(num_chunks)], dtype=torch.int64, device=device)
+    weighted = values * _weights(device)[index % CHUNK_WORDS] * multipliers[chunk]
+    return int(weighted.sum()) & _MASK64

@@ -557,7 +557,7 @@ class GroupCache:
             raise ValueError(f"rank {rank}: expected 0..{rdv.world_size - 1} for world_size {rdv.world_size}")
         if rdv.world_size < 2:
             raise ValueError(f"world_size {rdv.world_size}: a round needs the sender and at least one receiver")
-        if rank > 0 and rank not in assignment.receiver_ranks:
+        if rank >= assignment.num_senders and rank not in assignment.receiver_ranks:
             raise ValueError(f"rank {rank} is not among the receiver ranks {list(assignment.receiver_ranks)} of this round")
         self._raise_if_aborted(assignment.update_id, rank, f"update {assignment.update_id}")
         store = self._raw_store(rdv, rank)

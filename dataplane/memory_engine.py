@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from weightsync.core import TensorSpec
+from weightsync.core.regions import Region
 from weightsync.dataplane.layout import dtype_name, torch_dtype
 
-__all__ = ["MemoryEngine", "load_named_tensors"]
+__all__ = ["MemoryEngine", "load_named_tensors", "tp_needs"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,30 @@ def load_named_tensors(path: str | os.PathLike, *, device: str = "cpu") -> dict[
     if p.is_file() and p.suffix == ".safetensors":
         return load_file(p, device=device)
     raise ValueError(f"{p}: expected a .safetensors file or a Hugging Face model directory")
+
+
+def tp_needs(specs: Iterable[TensorSpec], tp: int) -> list[dict[str, Region]]:
+    """What each of `tp` memory-engine ranks needs, standing in for tensor-parallel workers without vLLM.
+
+    The rule (not vLLM's per-layer one, which engine/needs.py derives): rank t needs block t of
+    dim 0 of every 2-D tensor whose dim 0 divides by tp (a column- or vocab-parallel shard), and
+    every other tensor whole (replicated, like norms and biases). So the fleet can measure the
+    bytes a TP worker receives (~1/tp of the sharded tensors) with memory engines.
+    """
+    if tp < 1:
+        raise ValueError(f"tp {tp}: expected >= 1")
+    specs = list(specs)
+    needs = []
+    for t in range(tp):
+        per = {}
+        for s in specs:
+            if tp > 1 and len(s.shape) == 2 and s.shape[0] % tp == 0:
+                block = s.shape[0] // tp
+                per[s.name] = Region(0, t * block, block)
+            else:
+                per[s.name] = Region.whole()
+        needs.append(per)
+    return needs
 
 
 class MemoryEngine:

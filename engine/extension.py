@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from weightsync.core import Assignment
     from weightsync.engine.apply import AppliedWeights
+    from weightsync.engine.needs import WorkerNeeds
     from weightsync.engine.receive import DataPlaneSeat, StagedUpdate
 
 __all__ = ["EXTENSION_CLS", "WeightsyncWorkerExtension"]
@@ -63,6 +64,8 @@ class _WorkerState:
     # Checkpoint names the model's loader skips or rejects, with the reason.
     refused: dict[str, str] = field(default_factory=dict)
     inventory_problems: list[str] = field(default_factory=list)
+    # What this worker's loader reads of each inventory tensor (needs.py).
+    needs: "WorkerNeeds | None" = None
 
 
 class WeightsyncWorkerExtension:
@@ -92,6 +95,7 @@ class WeightsyncWorkerExtension:
             )
             if state.inventory_problems:
                 log.warning("worker %d: checkpoint and vLLM's loader disagree: %s", self.rank, state.inventory_problems)
+            state.needs = _derive_needs(self, list(state.inventory.values()))
             self._weightsync_state = state
         return state
 
@@ -138,6 +142,11 @@ class WeightsyncWorkerExtension:
             "inventory_problems": self._weightsync_inventory_problems(),
             "staged": None if state.staged is None else state.staged.status(),
         }
+
+    def weightsync_needs(self) -> dict[str, Any]:
+        """The region of each inventory tensor this worker's loader reads (needs.py), and the whole fallbacks."""
+        state = self._weightsync()
+        return {"rank": self.rank, **state.needs.to_dict()}
 
     def weightsync_set_version(self, version: int | None, dirty: bool = False) -> dict[str, Any]:
         """Declares which version the weights are (e.g. the checkpoint the engine started from)."""
@@ -334,3 +343,20 @@ class WeightsyncWorkerExtension:
         if state.seat is not None:
             state.seat.close(timeout_s=_CLOSE_WAIT_S)
             state.seat = None
+
+
+def _derive_needs(worker: Any, specs: list[TensorSpec]) -> "WorkerNeeds":
+    """needs.derive_needs, or every tensor whole (each a fallback) when the derivation itself fails."""
+    from weightsync.engine.needs import WorkerNeeds, derive_needs
+    from weightsync.core.regions import Region
+
+    try:
+        needs = derive_needs(worker.model_runner.get_model(), specs, worker.vllm_config)
+    except Exception as e:  # vLLM internals: whole tensors are always correct, only slower
+        log.warning("worker %d: deriving needs failed, every tensor is needed whole: %s", worker.rank, e, exc_info=True)
+        why = f"deriving needs failed: {type(e).__name__}: {e}"
+        return WorkerNeeds({s.name: Region.whole() for s in specs}, {s.name: why for s in specs})
+    if needs.whole_fallbacks:
+        log.info("worker %d: %d tensors needed whole (region not derivable), e.g. %s", worker.rank,
+                 len(needs.whole_fallbacks), next(iter(needs.whole_fallbacks.items())))
+    return needs

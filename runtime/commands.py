@@ -83,11 +83,20 @@ async def _run_memory_daemon(args: argparse.Namespace) -> int:
 
     from weightsync.control.daemon_agent import DaemonAgent, DaemonIdentity
     from weightsync.dataplane import MemoryEngine
-    from weightsync.runtime.daemon import memory_engine_handler
+    from weightsync.dataplane.memory_engine import tp_needs
+    from weightsync.runtime.daemon import TPMemoryHandler, memory_engine_handler
     from weightsync.runtime.security import channel_credentials_from_args
     from weightsync.v1 import weightsync_pb2 as pb
 
-    engine = MemoryEngine.from_path(args.weights)
+    if args.tp < 1:
+        raise SystemExit(f"--tp {args.tp}: expected >= 1")
+    if args.tp_rank is not None and not 0 <= args.tp_rank < args.tp:
+        raise SystemExit(f"--tp-rank {args.tp_rank}: expected 0..{args.tp - 1} (--tp {args.tp})")
+    # --tp T: T receiver ranks, each with its own copy (a TP worker's memory) and needs;
+    # with --tp-rank t only rank t of them (one TP worker per host, as on an emulated fleet).
+    own_ranks = [args.tp_rank] if args.tp_rank is not None else list(range(args.tp))
+    engines = [MemoryEngine.from_path(args.weights) for _ in own_ranks]
+    engine = engines[0]
     transports = ("gloo", "nccl") if torch.cuda.is_available() else ("gloo",)
     ident = DaemonIdentity(
         daemon_id=args.daemon_id or default_daemon_id(args.host, _memory_daemon_key(args.weights)),
@@ -96,17 +105,25 @@ async def _run_memory_daemon(args: argparse.Namespace) -> int:
         host=args.host,
         inventory=tuple(engine.inventory()),
         transports=transports,
+        num_ranks=len(own_ranks),
+        needs={i: tp_needs(engine.inventory(), args.tp)[t] for i, t in enumerate(own_ranks)} if args.tp > 1 else {},
     )
 
     def on_verdict(v: pb.UpdateVerdict) -> None:
         if args.save_on_commit and v.status == pb.RESULT_STATUS_OK:
-            engine.save(args.save_on_commit)
+            if len(engines) == 1:
+                engine.save(args.save_on_commit)
+            else:
+                # Each rank holds only its own region up to date: one file per rank.
+                stem = args.save_on_commit.removesuffix(".safetensors")
+                for t, e in enumerate(engines):
+                    e.save(f"{stem}.rank{t}.safetensors")
             log.info("saved version %d to %s", v.version, args.save_on_commit)
 
     agent = DaemonAgent(
         args.coordinator,
         ident,
-        memory_engine_handler(engine),
+        memory_engine_handler(engine) if args.tp == 1 else TPMemoryHandler(engines),
         served_version=args.served_version,
         credentials=channel_credentials_from_args(args),
         token=args.token,
@@ -235,6 +252,11 @@ def add_subcommands(sub, add_security) -> None:
     d.add_argument("--require-coordinator-s", type=float, default=None, metavar="SECONDS",
                    help="exit non-zero (status 3) unless registered with the coordinator within this many seconds "
                         "(default: keep retrying forever)")
+    d.add_argument("--tp", type=int, default=1, metavar="T",
+                   help="receiver ranks standing in for T tensor-parallel workers: rank t needs block t of dim 0 of "
+                        "2-D tensors, the rest whole (dataplane/memory_engine.py tp_needs); rounds are routed")
+    d.add_argument("--tp-rank", type=int, default=None, metavar="t",
+                   help="with --tp T: host only TP rank t (one receiver rank with rank t's needs)")
     d.add_argument("--drain-s", type=float, default=30.0, metavar="SECONDS", help="on SIGTERM, wait this long for the current round")
     d.add_argument("--state-file", default=None, help="keep the daemon's own view (served version, dirty, busy) in this JSON file (default: none)")
     add_security(d, server=False)

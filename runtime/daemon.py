@@ -14,10 +14,11 @@ from weightsync.control.daemon_agent import HandlerResult, ProgressFn
 from weightsync.core import Assignment, TransferError
 from weightsync.dataplane import GroupCache, MemoryEngine, receive_assignment, tensor_checksum
 from weightsync.dataplane.delta_round import receive_delta_round
+from weightsync.dataplane.routed import receive_routed
 from weightsync.dataplane.receiver import DestinationFn
 from weightsync.runtime.failpoints import load_failpoints
 
-__all__ = ["ReceiverHandler", "memory_engine_handler"]
+__all__ = ["ReceiverHandler", "TPMemoryHandler", "memory_engine_handler"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,12 @@ class ReceiverHandler:
             raise TransferError(f"rank {rank}: the previous round's transfer did not end within {wait_s:g} s")
         try:
             group = self._groups.get(assignment, rank)
+            if assignment.routing is not None:
+                routed = receive_routed(assignment, rank, group, self._destination, apply_fn=self._apply)
+                if self._on_applied is not None:
+                    self._on_applied(assignment)
+                piece_sums = {(rank, i): v for i, v in routed.piece_sums.items()}
+                return HandlerResult({}, routed.num_bytes, routed.seconds, 0.0, piece_sums)
             if assignment.delta_base_version is not None:
                 if self._destination is None:
                     raise TransferError(f"rank {rank}: a delta round patches the engine's tensors in place; this engine offers none")
@@ -85,6 +92,69 @@ class ReceiverHandler:
         if self._on_applied is not None:
             self._on_applied(assignment)
         return HandlerResult(checksums, res.bytes_received, res.receive_s, res.apply_s)
+
+
+def _corrupting_apply(held: Mapping[str, torch.Tensor]) -> ApplyFn:
+    """The failpoints of an apply that wrote in place already (the data plane landed the bytes)."""
+
+    def apply(batch) -> None:
+        faults = load_failpoints()
+        if faults.mark_apply:
+            open(faults.mark_apply, "w").close()
+        if faults.corrupt_applied:
+            for name, _ in batch:
+                if name == faults.corrupt_applied:
+                    held[name].view(-1).view(torch.uint8)[0] ^= 1
+        if faults.apply_delay_s:
+            time.sleep(faults.apply_delay_s)
+
+    return apply
+
+
+class TPMemoryHandler:
+    """A memory daemon with one receiver rank per engine, standing in for tensor-parallel workers.
+
+    Every rank has its own engine (a TP worker's own memory), its own group and thread, and
+    declares what it needs (`memory_engine.tp_needs`), so its rounds are routed: each rank
+    receives only its pieces, landed in place, and reports every piece's sum as it landed.
+    """
+
+    def __init__(self, engines: list[MemoryEngine]) -> None:
+        self._engines = engines
+        self._groups = [GroupCache() for _ in engines]
+        self._lock = threading.Lock()
+
+    def abort(self, update_id: str, reason: str) -> None:
+        for g in self._groups:
+            g.abort(update_id, reason)
+
+    async def __call__(self, assignment: Assignment, ranks: tuple[int, ...], progress: ProgressFn) -> HandlerResult:
+        if len(ranks) != len(self._engines):
+            raise ValueError(f"this daemon hosts {len(self._engines)} receiver ranks; the plan gave it {list(ranks)}")
+        if assignment.routing is None:
+            raise ValueError(f"update {assignment.update_id}: this daemon declares needs per rank: expected a routed round")
+        wait_s = 2 * assignment.rendezvous.timeout_s
+        if not await asyncio.to_thread(self._lock.acquire, timeout=wait_s):
+            raise TransferError(f"ranks {list(ranks)}: the previous round's transfer did not end within {wait_s:g} s")
+        try:
+            # Every rank's thread runs to its end (a failed round fails them all): only then is the daemon idle.
+            results = await asyncio.gather(
+                *(asyncio.to_thread(self._run, assignment, rank, t) for t, rank in enumerate(ranks)), return_exceptions=True
+            )
+        finally:
+            self._lock.release()
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+        piece_sums = {(res.rank, i): v for res in results for i, v in res.piece_sums.items()}
+        return HandlerResult(
+            {}, sum(res.num_bytes for res in results), max(res.seconds for res in results), 0.0, piece_sums
+        )
+
+    def _run(self, assignment: Assignment, rank: int, t: int):
+        engine = self._engines[t]
+        group = self._groups[t].get(assignment, rank)
+        return receive_routed(assignment, rank, group, engine.destination, apply_fn=_corrupting_apply(engine.state_dict()))
 
 
 def memory_engine_handler(engine: MemoryEngine) -> ReceiverHandler:

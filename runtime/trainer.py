@@ -21,6 +21,7 @@ from weightsync.dataplane import GroupCache, TitanToHF, TrainerStore, send_assig
 from weightsync.dataplane import RoundFailed as DataPlaneRoundFailed
 from weightsync.dataplane.delta_round import send_delta_round, wire_tensor
 from weightsync.dataplane.layout import dtype_name
+from weightsync.dataplane.routed import held_region, local_view, send_routed
 from weightsync.runtime.failpoints import load_failpoints
 
 __all__ = ["WeightSync", "named_tensors", "manifest_for"]
@@ -97,8 +98,14 @@ class WeightSync:
         credentials=None,
         token: str | None = None,
         delta: bool = False,
+        routed: bool = False,
     ) -> None:
         self.rank, self.world_size = _trainer_world()
+        if routed and delta:
+            raise ValueError("routed=True with delta=True: a routed round is dense; choose one")
+        # routed=True: every trainer rank is a data-plane sender of what it holds (its DTensor
+        # shards, replicated tensors), and receivers get only the regions they need.
+        self._routed = routed
         if delta and self.world_size > 1:
             # Each sharded rank would have to encode what it holds (the many-senders design); until
             # then rank 0 alone materialises tensors for a delta, which a DTensor gather cannot do.
@@ -120,11 +127,16 @@ class WeightSync:
         self._titan = titan
         self._device = device
         self._client = SyncTrainerClient(coordinator, credentials=credentials, token=token) if self.rank == 0 else None
+        self._rendezvous_host = rendezvous_host
         # Every transport needs the store on rank 0: cuda_ipc exchanges its handles through it.
         self._store = (
             TrainerStore(rendezvous_host, rendezvous_port, bind_host=bind_host, timeout_s=collective_timeout_s) if self.rank == 0 else None
         )
-        self._groups = GroupCache(trainer_store=self._store, device=device) if self.rank == 0 else None
+        if self.rank == 0:
+            self._groups = GroupCache(trainer_store=self._store, device=device)
+        else:
+            # Other ranks join the data plane only in routed rounds, as senders of what they hold.
+            self._groups = GroupCache(device=device) if routed else None
         self.last_report: RoundReport | None = None
 
     def _prepare(self, source: Source) -> dict[str, Any]:
@@ -149,6 +161,10 @@ class WeightSync:
         version to every daemon clean on exactly it, and dense to all others, in this one round.
         """
         tensors = self._prepare(source)
+        if self._routed:
+            if base is not None:
+                raise ValueError("push(base=...) on a routed WeightSync: a routed round is dense")
+            return self._push_routed(tensors, version, raise_on_failure)
         if base is not None:
             base = self._prepare(base)
         assignment = None
@@ -221,6 +237,73 @@ class WeightSync:
             "push update_id=%s version=%d state=%s bytes=%d seconds=%.3f",
             report.update_id, version, report.state, sent.bytes_sent, time.monotonic() - t0,
         )
+        if raise_on_failure:
+            report.raise_if_failed()
+        return report
+
+    def _push_routed(self, tensors: dict[str, Any], version: int, raise_on_failure: bool) -> RoundReport | None:
+        """A routed round: every trainer rank declares what it holds and sends exactly that (no gathers)."""
+        held = {n: (local_view(t), held_region(t)) for n, t in tensors.items()}
+        holds_here = {n: region for n, (_, region) in held.items()}
+        all_holds = [holds_here]
+        if self.world_size > 1:
+            all_holds = [None] * self.world_size
+            torch.distributed.all_gather_object(all_holds, holds_here)
+        assignment = None
+        error: BaseException | None = None
+        if self.rank == 0:
+            try:
+                assignment = self._client.begin_update(
+                    version,
+                    manifest_for(tensors, self._dtype),
+                    holds=dict(enumerate(all_holds)),
+                    rendezvous_host=self._store.host,
+                    rendezvous_port=self._store.port,
+                    on_round_end=self._on_round_end,
+                    **self._options,
+                )
+            except WeightsyncError as e:
+                error = e
+        if self.world_size > 1:
+            box = [assignment if error is None else error]
+            torch.distributed.broadcast_object_list(box, src=0)
+            assignment, error = (box[0], None) if not isinstance(box[0], BaseException) else (None, box[0])
+        if error is not None:
+            raise error
+        t0 = time.monotonic()
+        outcome: dict | str
+        try:
+            sent = send_routed(assignment, self.rank, held, self._groups.get(assignment, self.rank))
+            outcome = sent.piece_sums
+        except Exception as e:
+            outcome = f"trainer rank {self.rank} failed to send: {_describe_failure(e, assignment)}"
+            log.warning("update_id=%s: %s", assignment.update_id, outcome, exc_info=True)
+        outcomes = [outcome]
+        if self.world_size > 1:
+            outcomes = [None] * self.world_size
+            try:
+                torch.distributed.all_gather_object(outcomes, outcome)
+            except RuntimeError as e:
+                # A trainer rank is gone: the round cannot commit.
+                outcomes = [outcome, f"trainer ranks could not exchange their piece sums: {e}"]
+        if self.rank != 0:
+            return None
+        failures = [o for o in outcomes if not isinstance(o, dict)]
+        if failures:
+            reason = "; ".join(str(f) for f in failures)[:2000]
+            try:
+                report = self._client.abort_update(assignment.update_id, reason)
+            except FailedPrecondition:
+                report = self._client.get_round(assignment.update_id)
+            self.last_report = report
+            if raise_on_failure:
+                raise RoundFailed(report)
+            return report
+        piece_sums = {(r, i): v for r, sums in enumerate(outcomes) for i, v in sums.items()}
+        report = self._client.commit_update(assignment, {}, sender_s=time.monotonic() - t0, piece_sums=piece_sums)
+        self.last_report = report
+        log.info("push update_id=%s version=%d state=%s routed senders=%d seconds=%.3f",
+                 report.update_id, version, report.state, self.world_size, time.monotonic() - t0)
         if raise_on_failure:
             report.raise_if_failed()
         return report

@@ -47,6 +47,7 @@ def _report_dict(report) -> dict:
         "duration_s": report.duration_s,
         "total_bytes": report.total_bytes,
         "daemons": {v.daemon_id: v.status for v in report.results},
+        "rank_bytes": {str(r): list(b) for r, b in report.rank_bytes.items()},
     }
 
 
@@ -66,6 +67,13 @@ class _Agent:
     def sync(self):
         from weightsync.runtime.trainer import WeightSync
 
+        if self._sync is None and self.args.trainer_ranks > 1:
+            import torch
+
+            # The trainer's own world (its gloo group, as FSDP2's would be), across the trainer hosts.
+            torch.distributed.init_process_group(
+                "gloo", init_method=f"tcp://{self.args.trainer_master}", rank=self.args.trainer_rank, world_size=self.args.trainer_ranks
+            )
         if self._sync is None:
             self._sync = WeightSync(
                 self.args.coordinator,
@@ -74,17 +82,37 @@ class _Agent:
                 deadline_s=self.args.deadline_s,
                 collective_timeout_s=self.args.collective_timeout_s,
                 min_daemons=self.args.min_daemons,
+                routed=self.args.trainer_ranks > 1,
             )
         return self._sync
+
+    def _sharded(self, tensors: dict) -> dict:
+        """FSDP2's layout without its traffic: each rank keeps its own dim-0 chunk of every tensor as a DTensor."""
+        import torch
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor, Shard
+
+        world, rank = self.args.trainer_ranks, self.args.trainer_rank
+        mesh = init_device_mesh("cpu", (world,))
+        out = {}
+        for name, t in tensors.items():
+            chunks = torch.chunk(t, world, dim=0)
+            local = chunks[rank].contiguous() if rank < len(chunks) else t[:0]
+            out[name] = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=t.shape, stride=t.stride())
+        return out
 
     def push(self, req: dict) -> dict:
         from weightsync.dataplane import load_named_tensors
 
         tensors = load_named_tensors(req["weights"])
         sync = self.sync()
+        if self.args.trainer_ranks > 1:
+            tensors = self._sharded(tensors)
         if req.get("hold"):
             # A test hook, not product: the fault "trainer's link cut after sending, before commit"
             # needs a pause exactly there, and WeightSync.push does both in one call.
+            if sync._client is None:
+                raise ValueError("hold: only trainer rank 0 commits")
             client = sync._client
             commit = client.commit_update
 
@@ -100,6 +128,8 @@ class _Agent:
         finally:
             if req.get("hold"):
                 del sync._client.commit_update
+        if report is None:  # trainer ranks other than 0: their part is sent, rank 0 has the verdict
+            return {"event": "done", "push_s": time.monotonic() - t0, "rank": self.args.trainer_rank}
         return {"event": "done", "push_s": time.monotonic() - t0, **_report_dict(report)}
 
     def daemons(self) -> dict:
@@ -147,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deadline-s", type=float, default=600.0)
     p.add_argument("--collective-timeout-s", type=float, default=120.0)
     p.add_argument("--min-daemons", type=int, default=1)
+    p.add_argument("--trainer-rank", type=int, default=0, help="this trainer rank (routed rounds when --trainer-ranks > 1)")
+    p.add_argument("--trainer-ranks", type=int, default=1, help="S: trainer ranks, each sending what it holds")
+    p.add_argument("--trainer-master", default=None, help="HOST:PORT where trainer rank 0 forms the trainer's own gloo world")
     p.add_argument("--rpc-timeout-s", type=float, default=10.0)
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)

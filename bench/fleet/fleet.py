@@ -47,6 +47,7 @@ COORDINATOR_PORT = 50051  # every run has its own namespaces, so a fixed port ne
 # starting at once under a load average of 20 took over 2 minutes.
 _START_TIMEOUT_S = 600.0
 _STOP_GRACE_S = 5.0
+_TRAINER_WORLD_PORT = 29400  # the trainer's own gloo world, on t0; every run has its own namespaces
 _ROWS_PER_TENSOR = 512
 _COLS = 1024  # 512 x 1024 bf16 = 1 MiB per tensor
 
@@ -71,6 +72,9 @@ class FleetSpec:
 
     num_engines: int
     tp: int = 1
+    # S > 1: trainer ranks t0..t{S-1} each send what they hold (routed rounds), and TP engine
+    # ranks declare their needs (memory_engine.tp_needs); 1: trainer rank 0 broadcasts all.
+    trainer_ranks: int = 1
     model_mib: float = 4.0
     link: LinkSpec = field(default_factory=lambda: LinkSpec.symmetric(200))
     # Per-host links that differ from `link` (e.g. one impairable host for fault tests).
@@ -87,6 +91,8 @@ class FleetSpec:
             raise ValueError(f"num_engines must be >= 1, got {self.num_engines}")
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
+        if self.trainer_ranks < 1:
+            raise ValueError(f"trainer_ranks must be >= 1, got {self.trainer_ranks}")
         unknown = sorted(set(self.links) - set(self.host_names))
         if unknown:
             raise ValueError(f"links: unknown hosts {unknown}; hosts are {self.host_names}")
@@ -98,8 +104,16 @@ class FleetSpec:
         return [f"e{m}r{t}" for m in range(self.num_engines) for t in range(self.tp)]
 
     @property
+    def trainer_hosts(self) -> list[str]:
+        return [f"t{r}" for r in range(self.trainer_ranks)]
+
+    @property
+    def routed(self) -> bool:
+        return self.trainer_ranks > 1
+
+    @property
     def host_names(self) -> list[str]:
-        return ["coord", "t0", *self.engine_hosts]
+        return ["coord", *self.trainer_hosts, *self.engine_hosts]
 
 
 class _Proc:
@@ -145,6 +159,7 @@ class EmulatedFleet:
         self.daemons: dict[str, _Proc] = {}
         self.coordinator: _Proc | None = None
         self.trainer: _Proc | None = None
+        self.trainers: list[_Proc] = []
         self.console: _Proc | None = None
         self._weights: dict[int, Path] = {}
         self._closed = False
@@ -163,14 +178,18 @@ class EmulatedFleet:
             for host in self.spec.engine_hosts:
                 self.start_daemon(host)
             self.console = self._start_agent("coord", "console")
-            self.trainer = self._start_agent(
-                "t0", "trainer",
-                "--rendezvous-host", self.net.hosts["t0"].address,
-                "--bucket-size-bytes", str(self.spec.bucket_size_bytes),
-                "--deadline-s", str(self.spec.deadline_s),
-                "--collective-timeout-s", str(self.spec.collective_timeout_s),
-                "--min-daemons", str(len(self.spec.engine_hosts)),
-            )
+            for r, host in enumerate(self.spec.trainer_hosts):
+                self.trainers.append(self._start_agent(
+                    host, "trainer" if r == 0 else f"trainer{r}",
+                    "--rendezvous-host", self.net.hosts[host].address,
+                    "--bucket-size-bytes", str(self.spec.bucket_size_bytes),
+                    "--deadline-s", str(self.spec.deadline_s),
+                    "--collective-timeout-s", str(self.spec.collective_timeout_s),
+                    "--min-daemons", str(len(self.spec.engine_hosts)),
+                    "--trainer-rank", str(r), "--trainer-ranks", str(self.spec.trainer_ranks),
+                    "--trainer-master", f"{self.net.hosts['t0'].address}:{_TRAINER_WORLD_PORT}",
+                ))
+            self.trainer = self.trainers[0]
         except BaseException:
             self.close()
             raise
@@ -208,7 +227,7 @@ class EmulatedFleet:
             atexit.unregister(self.close)
 
     def _teardown(self) -> None:
-        procs = [p for p in (self.trainer, self.console, *self.daemons.values(), self.coordinator) if p is not None]
+        procs = [p for p in (*self.trainers, self.console, *self.daemons.values(), self.coordinator) if p is not None]
         for p in procs:
             if p.popen.poll() is None:
                 p.popen.terminate()
@@ -267,13 +286,21 @@ class EmulatedFleet:
     def saved(self, host: str) -> Path:
         return self.workdir / f"{host}.held.safetensors"
 
+    def _tp_rank(self, host: str) -> int | None:
+        """The TP rank of a routed fleet's engine host (it declares that rank's needs); None otherwise."""
+        if not self.spec.routed or self.spec.tp == 1:
+            return None
+        return int(host.rpartition("r")[2])
+
     def start_daemon(self, host: str, served_version: int = 0) -> None:
         self.failpoints(host).write_text("")
         self.saved(host).unlink(missing_ok=True)
+        tp_rank = self._tp_rank(host)
+        tp_args = ["--tp", str(self.spec.tp), "--tp-rank", str(tp_rank)] if tp_rank is not None else []
         self.daemons[host] = self._popen(host, host, self._cli(
             "daemon", "--coordinator", self.coordinator_address, "--weights", str(self._weights[0]),
             "--daemon-id", host, "--host", host, "--served-version", str(served_version),
-            "--save-on-commit", str(self.saved(host)), "--drain-s", "2",
+            "--save-on-commit", str(self.saved(host)), "--drain-s", "2", *tp_args,
         ), agent=False, env=self._env(host, WEIGHTSYNC_FAILPOINTS_FILE=str(self.failpoints(host))))
 
     def set_failpoints(self, host: str, **points) -> None:
@@ -293,7 +320,8 @@ class EmulatedFleet:
         """Asks the trainer for a round; `finish_push` (and, with hold, `release_commit`) follow."""
         if self._push_pending:
             raise RuntimeError("a push is already pending: call finish_push first")
-        self.trainer.send({"op": "push", "version": version, "weights": str(self.checkpoint(version)), "hold": hold})
+        for t in self.trainers:
+            t.send({"op": "push", "version": version, "weights": str(self.checkpoint(version)), "hold": hold and t is self.trainer})
         self._push_pending = True
 
     def wait_sent(self, timeout_s: float) -> None:
@@ -307,8 +335,10 @@ class EmulatedFleet:
         self.trainer.send({"op": "go"})
 
     def finish_push(self, timeout_s: float) -> dict:
+        """Rank 0's answer (the verdict); the other trainer ranks' answers are awaited too, so the next push finds them idle."""
         try:
-            return self.trainer.answer(timeout_s)
+            answers = [t.answer(timeout_s) for t in self.trainers]
+            return answers[0]
         finally:
             self._push_pending = False
 
@@ -360,10 +390,20 @@ class EmulatedFleet:
     def holds(self, host: str, version: int, timeout_s: float = 15.0) -> bool:
         """Whether the daemon's engine, as saved after its last OK verdict, equals `version`'s weights."""
         want = load_file(self.checkpoint(version))
+        tp_rank = self._tp_rank(host)
+        if tp_rank is not None:
+            # A TP rank of a routed fleet holds its needed region of the new version, nothing more.
+            from weightsync.core.routing import box_of
+            from weightsync.dataplane.memory_engine import tp_needs
+
+            needs = tp_needs(self.manifest, self.spec.tp)[tp_rank]
+            want = {n: t[tuple(slice(lo, hi) for lo, hi in box_of(needs[n], tuple(t.shape)))] for n, t in want.items()}
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
                 got = load_file(self.saved(host))
+                if tp_rank is not None:
+                    got = {n: t[tuple(slice(lo, hi) for lo, hi in box_of(needs[n], tuple(t.shape)))] for n, t in got.items()}
                 if got.keys() == want.keys() and all(torch.equal(got[k].view(torch.int16), want[k].view(torch.int16)) for k in want):
                     return True
             except Exception:  # not written yet, or being written: look again

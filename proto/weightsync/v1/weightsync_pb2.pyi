@@ -121,7 +121,7 @@ class Participant(_message.Message):
     def __init__(self, daemon_id: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ..., encoding: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("update_id", "version", "rendezvous", "participants", "plan", "deadline_s", "delta_base_version")
+    __slots__ = ("update_id", "version", "rendezvous", "participants", "plan", "deadline_s", "delta_base_version", "routing")
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,7 @@ class Assignment(_message.Message):
     PLAN_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     DELTA_BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
     update_id: str
     version: int
     rendezvous: Rendezvous
@@ -136,7 +137,58 @@ class Assignment(_message.Message):
     plan: BucketPlan
     deadline_s: float
     delta_base_version: int
-    def __init__(self, update_id: _Optional[str] = ..., version: _Optional[int] = ..., rendezvous: _Optional[_Union[Rendezvous, _Mapping]] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., plan: _Optional[_Union[BucketPlan, _Mapping]] = ..., deadline_s: _Optional[float] = ..., delta_base_version: _Optional[int] = ...) -> None: ...
+    routing: RoutingPlan
+    def __init__(self, update_id: _Optional[str] = ..., version: _Optional[int] = ..., rendezvous: _Optional[_Union[Rendezvous, _Mapping]] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., plan: _Optional[_Union[BucketPlan, _Mapping]] = ..., deadline_s: _Optional[float] = ..., delta_base_version: _Optional[int] = ..., routing: _Optional[_Union[RoutingPlan, _Mapping]] = ...) -> None: ...
+
+class RoutedPiece(_message.Message):
+    __slots__ = ("name", "box", "sender", "receivers", "bucket", "nbytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    RECEIVERS_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    box: _containers.RepeatedScalarFieldContainer[int]
+    sender: int
+    receivers: _containers.RepeatedScalarFieldContainer[int]
+    bucket: int
+    nbytes: int
+    def __init__(self, name: _Optional[str] = ..., box: _Optional[_Iterable[int]] = ..., sender: _Optional[int] = ..., receivers: _Optional[_Iterable[int]] = ..., bucket: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class RoutingPlan(_message.Message):
+    __slots__ = ("num_senders", "num_buckets", "pieces", "digest")
+    NUM_SENDERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    PIECES_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    num_senders: int
+    num_buckets: int
+    pieces: _containers.RepeatedCompositeFieldContainer[RoutedPiece]
+    digest: str
+    def __init__(self, num_senders: _Optional[int] = ..., num_buckets: _Optional[int] = ..., pieces: _Optional[_Iterable[_Union[RoutedPiece, _Mapping]]] = ..., digest: _Optional[str] = ...) -> None: ...
+
+class PieceChecksum(_message.Message):
+    __slots__ = ("rank", "piece", "sum")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    PIECE_FIELD_NUMBER: _ClassVar[int]
+    SUM_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    piece: int
+    sum: int
+    def __init__(self, rank: _Optional[int] = ..., piece: _Optional[int] = ..., sum: _Optional[int] = ...) -> None: ...
+
+class RankBytes(_message.Message):
+    __slots__ = ("rank", "daemon_id", "bytes_sent", "bytes_received")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    DAEMON_ID_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    daemon_id: str
+    bytes_sent: int
+    bytes_received: int
+    def __init__(self, rank: _Optional[int] = ..., daemon_id: _Optional[str] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
 class TensorChecksum(_message.Message):
     __slots__ = ("name", "checksum")
@@ -263,7 +315,7 @@ class Progress(_message.Message):
     def __init__(self, update_id: _Optional[str] = ..., buckets_done: _Optional[int] = ..., bytes_done: _Optional[int] = ...) -> None: ...
 
 class UpdateResult(_message.Message):
-    __slots__ = ("update_id", "ok", "error", "checksums", "receive_s", "apply_s", "bytes_received")
+    __slots__ = ("update_id", "ok", "error", "checksums", "receive_s", "apply_s", "bytes_received", "piece_sums")
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +323,7 @@ class UpdateResult(_message.Message):
     RECEIVE_S_FIELD_NUMBER: _ClassVar[int]
     APPLY_S_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    PIECE_SUMS_FIELD_NUMBER: _ClassVar[int]
     update_id: str
     ok: bool
     error: str
@@ -278,7 +331,8 @@ class UpdateResult(_message.Message):
     receive_s: float
     apply_s: float
     bytes_received: int
-    def __init__(self, update_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., checksums: _Optional[_Iterable[_Union[TensorChecksum, _Mapping]]] = ..., receive_s: _Optional[float] = ..., apply_s: _Optional[float] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+    piece_sums: _containers.RepeatedCompositeFieldContainer[PieceChecksum]
+    def __init__(self, update_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., checksums: _Optional[_Iterable[_Union[TensorChecksum, _Mapping]]] = ..., receive_s: _Optional[float] = ..., apply_s: _Optional[float] = ..., bytes_received: _Optional[int] = ..., piece_sums: _Optional[_Iterable[_Union[PieceChecksum, _Mapping]]] = ...) -> None: ...
 
 class DaemonMessage(_message.Message):
     __slots__ = ("hello", "heartbeat", "progress", "result")
@@ -365,17 +419,19 @@ class BeginUpdateResponse(_message.Message):
     def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ...) -> None: ...
 
 class CommitUpdateRequest(_message.Message):
-    __slots__ = ("update_id", "checksums", "sender_s")
+    __slots__ = ("update_id", "checksums", "sender_s", "piece_sums")
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     SENDER_S_FIELD_NUMBER: _ClassVar[int]
+    PIECE_SUMS_FIELD_NUMBER: _ClassVar[int]
     update_id: str
     checksums: _containers.RepeatedCompositeFieldContainer[TensorChecksum]
     sender_s: float
-    def __init__(self, update_id: _Optional[str] = ..., checksums: _Optional[_Iterable[_Union[TensorChecksum, _Mapping]]] = ..., sender_s: _Optional[float] = ...) -> None: ...
+    piece_sums: _containers.RepeatedCompositeFieldContainer[PieceChecksum]
+    def __init__(self, update_id: _Optional[str] = ..., checksums: _Optional[_Iterable[_Union[TensorChecksum, _Mapping]]] = ..., sender_s: _Optional[float] = ..., piece_sums: _Optional[_Iterable[_Union[PieceChecksum, _Mapping]]] = ...) -> None: ...
 
 class RoundInfo(_message.Message):
-    __slots__ = ("update_id", "version", "state", "participants", "results", "total_bytes", "num_tensors", "started_unix_s", "duration_s", "reason", "transport")
+    __slots__ = ("update_id", "version", "state", "participants", "results", "total_bytes", "num_tensors", "started_unix_s", "duration_s", "reason", "transport", "rank_bytes")
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -387,6 +443,7 @@ class RoundInfo(_message.Message):
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    RANK_BYTES_FIELD_NUMBER: _ClassVar[int]
     update_id: str
     version: int
     state: RoundState
@@ -398,7 +455,8 @@ class RoundInfo(_message.Message):
     duration_s: float
     reason: str
     transport: str
-    def __init__(self, update_id: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., results: _Optional[_Iterable[_Union[DaemonResult, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., num_tensors: _Optional[int] = ..., started_unix_s: _Optional[float] = ..., duration_s: _Optional[float] = ..., reason: _Optional[str] = ..., transport: _Optional[str] = ...) -> None: ...
+    rank_bytes: _containers.RepeatedCompositeFieldContainer[RankBytes]
+    def __init__(self, update_id: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., results: _Optional[_Iterable[_Union[DaemonResult, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., num_tensors: _Optional[int] = ..., started_unix_s: _Optional[float] = ..., duration_s: _Optional[float] = ..., reason: _Optional[str] = ..., transport: _Optional[str] = ..., rank_bytes: _Optional[_Iterable[_Union[RankBytes, _Mapping]]] = ...) -> None: ...
 
 class CommitUpdateResponse(_message.Message):
     __slots__ = ("round",)

@@ -1,0 +1,263 @@
+"""The routing plan (core/routing.py): pieces cut by holders and needers, balanced, bucketed, deterministic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from weightsync.core import TensorSpec
+from weightsync.core.regions import Region
+from weightsync.core.routing import RoutingPlan, box_of, plan_routes
+
+W = Region.whole()
+MANIFEST = [
+    TensorSpec("embed.weight", (10, 8), "float32"),  # 10 rows: uneven over 4 FSDP ranks (3, 3, 3, 1)
+    TensorSpec("layer.q.weight", (8, 8), "bfloat16"),
+    TensorSpec("layer.down.weight", (8, 16), "bfloat16"),
+    TensorSpec("norm.weight", (8,), "float32"),
+]
+
+
+def _fsdp_holds(num_ranks: int, manifest=MANIFEST) -> dict[int, dict[str, Region]]:
+    """FSDP2's Shard(0) as torch cuts it: ceil(rows / ranks) per rank, the last ranks short or empty."""
+    holds: dict[int, dict[str, Region]] = {r: {} for r in range(num_ranks)}
+    for s in manifest:
+        chunk = math.ceil(s.shape[0] / num_ranks)
+        for r in range(num_ranks):
+            lo, hi = min(r * chunk, s.shape[0]), min((r + 1) * chunk, s.shape[0])
+            if hi > lo:
+                holds[r][s.name] = Region(0, lo, hi - lo)
+    return holds
+
+
+def _tp_needs(first_rank: int, tp: int, manifest=MANIFEST, dim: int = 0) -> dict[int, dict[str, Region]]:
+    """TP rank t needs block t of `dim` of every 2-D tensor, 1-D tensors whole."""
+    needs = {}
+    for t in range(tp):
+        per = {}
+        for s in manifest:
+            if len(s.shape) == 2:
+                step = s.shape[dim] // tp
+                per[s.name] = Region(dim, t * step, step)
+            else:
+                per[s.name] = W
+        needs[first_rank + t] = per
+    return needs
+
+
+def _coverage(plan: RoutingPlan, rank: int, name: str, shape) -> int:
+    """Elements of `name` that `rank` receives, each counted once per piece (so overlaps would show)."""
+    return sum(math.prod(hi - lo for lo, hi in p.box) for p in plan.received_by(rank) if p.name == name)
+
+
+def _cells_covered(plan, rank, name, shape):
+    covered = set()
+    for p in plan.received_by(rank):
+        if p.name != name:
+            continue
+        ranges = [range(lo, hi) for lo, hi in p.box]
+        import itertools
+
+        for idx in itertools.product(*ranges):
+            assert idx not in covered, f"{name}: element {idx} arrives twice at rank {rank}"
+            covered.add(idx)
+    return covered
+
+
+def test_uneven_fsdp_shards_into_tp_needs_cover_exactly_what_each_rank_needs():
+    """4 uneven FSDP holders, 2 TP needers x 2 engines: every needed element arrives once, from a rank that holds it."""
+    holds = _fsdp_holds(4)
+    needs = {**_tp_needs(4, 2), **_tp_needs(6, 2)}
+    plan = plan_routes(MANIFEST, holds, needs, 1 << 20)
+    for rank, per in needs.items():
+        for s in MANIFEST:
+            want = box_of(per[s.name], s.shape)
+            got = _cells_covered(plan, rank, s.name, s.shape)
+            import itertools
+
+            assert got == set(itertools.product(*[range(lo, hi) for lo, hi in want])), (rank, s.name)
+    for p in plan.pieces:
+        held = box_of(holds[p.sender][p.name], dict((s.name, s.shape) for s in MANIFEST)[p.name])
+        assert all(hlo <= lo and hi <= hhi for (lo, hi), (hlo, hhi) in zip(p.box, held)), p
+        # the two engines' rank t need the same block: one piece serves both
+        assert len(p.receivers) == 2 or p.name == "norm.weight"
+    # each TP rank receives about half of the 2-D tensors plus the 1-D ones whole
+    got = plan.bytes_received()
+    half = sum(s.nbytes for s in MANIFEST if len(s.shape) == 2) // 2 + sum(s.nbytes for s in MANIFEST if len(s.shape) == 1)
+    assert got == {4: half, 5: half, 6: half, 7: half}
+
+
+def test_columns_against_rows_are_2d_boxes():
+    """A needer's dim-1 columns against holders' dim-0 rows: pieces are 2-D boxes, one per holder."""
+    m = [TensorSpec("w", (4, 6), "float32")]
+    holds = {0: {"w": Region(0, 0, 2)}, 1: {"w": Region(0, 2, 2)}}
+    needs = {2: {"w": Region(1, 0, 3)}, 3: {"w": Region(1, 3, 3)}}
+    plan = plan_routes(m, holds, needs, 1 << 20)
+    boxes = sorted((p.sender, p.box, p.receivers) for p in plan.pieces)
+    assert boxes == [
+        (0, ((0, 2), (0, 3)), (2,)),
+        (0, ((0, 2), (3, 6)), (3,)),
+        (1, ((2, 4), (0, 3)), (2,)),
+        (1, ((2, 4), (3, 6)), (3,)),
+    ]
+    assert plan.bytes_sent() == {0: 48, 1: 48}
+
+
+def test_replicated_tensors_spread_over_every_holder():
+    """Tensors every rank holds whole are assigned so that senders' egress is balanced."""
+    m = [TensorSpec(f"t{i}", (64,), "float32") for i in range(8)]
+    holds = {r: {s.name: W for s in m} for r in range(4)}
+    plan = plan_routes(m, holds, {4: None, 5: None}, 1 << 20)
+    sent = plan.bytes_sent()
+    assert sent == {0: 1024, 1: 1024, 2: 1024, 3: 1024}
+    assert plan.bytes_received() == {4: 2048, 5: 2048}
+
+
+def test_single_sender_is_todays_round():
+    """No holds: rank 0 holds all; empty needs declare every tensor whole for every receiver."""
+    plan = plan_routes(MANIFEST, {}, {1: None, 2: None}, 1 << 20)
+    assert {p.sender for p in plan.pieces} == {0}
+    total = sum(s.nbytes for s in MANIFEST)
+    assert plan.bytes_received() == {1: total, 2: total}
+    assert plan.tensors_whole_at(1, {s.name: s.shape for s in MANIFEST}) == [s.name for s in MANIFEST]
+
+
+def test_needed_region_nobody_holds_names_tensor_and_region():
+    """A gap in the holds is an error naming the tensor, the box and who needs it."""
+    m = [TensorSpec("w", (8, 4), "float32")]
+    holds = {0: {"w": Region(0, 0, 4)}, 1: {}}
+    with pytest.raises(ValueError, match=r"held by no trainer rank.*'w' \[\[4, 8\], \[0, 4\]\] \(needed by ranks \[2\]\)"):
+        plan_routes(m, holds, {2: None}, 1 << 20)
+
+
+def test_bad_holds_are_listed_together():
+    """Unknown names, out-of-range regions and a rank gap all appear in one error."""
+    m = [TensorSpec("w", (8, 4), "float32")]
+    holds = {0: {"w": Region(0, 4, 8), "nope": W}, 2: {"w": W}}
+    with pytest.raises(ValueError) as e:
+        plan_routes(m, holds, {3: None}, 1 << 20)
+    text = str(e.value)
+    assert "expected one entry per rank [0, 1]" in text
+    assert "not in the manifest: 'nope'" in text
+    assert "start + length <= 8" in text and "got start 4, length 8" in text
+
+
+def test_buckets_bound_piece_bytes_and_large_pieces_are_cut():
+    """No bucket carries more than bucket_size_bytes; a tensor larger than a bucket is cut along rows."""
+    m = [TensorSpec("big", (100, 10), "float32"), TensorSpec("small", (10,), "float32")]
+    plan = plan_routes(m, {}, {1: None}, 1000)
+    per_bucket: dict[int, int] = {}
+    for p in plan.pieces:
+        per_bucket[p.bucket] = per_bucket.get(p.bucket, 0) + p.nbytes
+    assert max(per_bucket.values()) <= 1000
+    assert sum(p.nbytes for p in plan.pieces if p.name == "big") == 4000
+    assert len([p for p in plan.pieces if p.name == "big"]) == 4
+
+
+def test_deterministic_cached_and_digest_checked():
+    """The same inputs give the same plan (the cached object); its JSON form round-trips and a damaged one is refused."""
+    holds, needs = _fsdp_holds(2), _tp_needs(2, 2)
+    a = plan_routes(MANIFEST, holds, needs, 4096)
+    b = plan_routes(list(MANIFEST), dict(reversed(list(holds.items()))), needs, 4096)
+    assert a is b
+    again = RoutingPlan.from_json(a.to_json(), a.digest)
+    assert again == a
+    damaged = a.to_json().replace('"sender":1', '"sender":0', 1)
+    with pytest.raises(ValueError, match="digest"):
+        RoutingPlan.from_json(damaged, a.digest)
+
+
+# ---------------------------------------------------------------- over real gRPC (coordinator, agents, trainer client)
+
+from tests.control.helpers import INVENTORY, start_coordinator  # noqa: E402
+from weightsync.control.daemon_agent import DaemonAgent, DaemonIdentity, HandlerResult  # noqa: E402
+from weightsync.control.trainer_client import TrainerClient  # noqa: E402
+from weightsync.core import InvalidArgument  # noqa: E402
+
+RDV = dict(rendezvous_host="127.0.0.1", rendezvous_port=29999)
+
+
+def _fake_sum(update_id: str, piece: int) -> int:
+    return hash((update_id, piece)) & ((1 << 64) - 1)
+
+
+class _PieceHandler:
+    """Stands in for the routed data plane: reports the sender's sum of every piece its ranks need, one optionally wrong."""
+
+    def __init__(self, corrupt: str | None = None) -> None:
+        self.corrupt = corrupt
+        self.seen = []
+
+    async def __call__(self, assignment, ranks, progress) -> HandlerResult:
+        self.seen.append((assignment, ranks))
+        sums = {}
+        for r in ranks:
+            for p in assignment.routing.received_by(r):
+                sums[(r, p.index)] = _fake_sum(assignment.update_id, p.index) ^ (p.name == self.corrupt and r == ranks[-1])
+        return HandlerResult({}, 0, 0.0, 0.0, sums)
+
+
+async def _agent(address, daemon_id, handler, *, num_ranks=1, needs=None) -> DaemonAgent:
+    ident = DaemonIdentity(
+        daemon_id=daemon_id, engine="memory", model="tiny", host="127.0.0.1", inventory=INVENTORY, num_ranks=num_ranks, needs=needs or {}
+    )
+    agent = DaemonAgent(address, ident, handler, served_version=-1, reconnect_max_s=0.5)
+    agent.start()
+    await agent.wait_connected(10)
+    return agent
+
+
+async def test_bad_holds_are_refused_with_every_problem():
+    """BeginUpdate with holds naming unknown tensors, out-of-range regions and a rank gap: one InvalidArgument listing all."""
+    server = await start_coordinator()
+    agent = await _agent(server.address, "d", _PieceHandler())
+    try:
+        async with TrainerClient(server.address) as client:
+            holds = {0: {"nope": W, "model.embed_tokens.weight": Region(0, 60, 10)}, 2: {"model.norm.weight": W}}
+            with pytest.raises(InvalidArgument) as e:
+                await client.begin_update(1, INVENTORY, holds=holds, **RDV)
+            text = str(e.value) + " ".join(getattr(e.value, "details", []) or [])
+            assert "expected one entry per rank [0, 1]" in text, text
+            assert "'nope'" in text and "start 60, length 10" in text, text
+            # Holds that leave a needed row unheld: the error names tensor and rows.
+            gap = {0: {s.name: W for s in INVENTORY if s.name != "model.embed_tokens.weight"} | {"model.embed_tokens.weight": Region(0, 0, 32)}}
+            with pytest.raises(InvalidArgument, match=r"held by no trainer rank.*model.embed_tokens.weight.*\[\[32, 64\]"):
+                await client.begin_update(1, INVENTORY, holds=gap, **RDV)
+    finally:
+        await agent.close()
+        await server.stop()
+
+
+async def test_routed_round_over_grpc_judges_every_piece_per_engine():
+    """2 trainer ranks' holds and a TP=2 daemon's needs: every rank gets the same routed plan, the verdict matches
+    every (piece, receiver) and flags only the engine whose piece differs, and the record shows bytes per rank."""
+    server = await start_coordinator()
+    tp_needs = {
+        t: {s.name: (Region(0, t * s.shape[0] // 2, s.shape[0] // 2) if len(s.shape) == 2 else W) for s in INVENTORY} for t in range(2)
+    }
+    tp, whole = _PieceHandler(corrupt="model.layers.0.mlp.down_proj.weight"), _PieceHandler()
+    agents = [await _agent(server.address, "tp", tp, num_ranks=2, needs=tp_needs), await _agent(server.address, "whole", whole)]
+    try:
+        async with TrainerClient(server.address) as client:
+            holds = _fsdp_holds(2, list(INVENTORY))
+            a = await client.begin_update(1, INVENTORY, holds=holds, **RDV)
+            assert a.routing is not None and a.num_senders == 2
+            assert sorted(r for p in a.participants for r in p.ranks) == [2, 3, 4]
+            assert a.rendezvous.world_size == 5
+            sums = {(p.sender, p.index): _fake_sum(a.update_id, p.index) for p in a.routing.pieces}
+            report = await client.commit_update(a, {}, piece_sums=sums)
+            seen = tp.seen[0][0]
+            assert seen.digest == a.digest and seen.routing == a.routing
+        verdict = {v.daemon_id: (v.status, v.mismatched_tensors) for v in report.results}
+        assert verdict == {"tp": ("CHECKSUM_MISMATCH", ("model.layers.0.mlp.down_proj.weight",)), "whole": ("OK", ())}
+        assert report.state == "FAILED"
+        received = a.routing.bytes_received()
+        assert {r: b[2] for r, b in report.rank_bytes.items() if r >= 2} == received
+        assert received[4] == sum(s.nbytes for s in INVENTORY)  # the plain daemon needs everything whole
+        assert received[2] == received[3] < received[4]
+        assert {r: b[1] for r, b in report.rank_bytes.items() if r < 2} == a.routing.bytes_sent()
+    finally:
+        for agent in agents:
+            await agent.close()
+        await server.stop()

@@ -1,0 +1,197 @@
+"""Routed rounds end to end: a 2-rank gloo DTensor trainer pushes into 2 memory daemons with TP=2 needs (real processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import free_port
+from tests.control import _routed_trainer as trainer
+from weightsync.control.trainer_client import SyncTrainerClient
+from weightsync.core.routing import box_of
+from weightsync.dataplane.memory_engine import tp_needs
+from weightsync.dataplane.synthetic import random_tensor
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+S, TP = 2, 2
+DAEMONS = ("tp-a", "tp-b")
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "weightsync.runtime.cli", "--log-level", "WARNING", *args]
+
+
+def _wait(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout_s:g} s: {what}"
+        time.sleep(0.1)
+
+
+class _Fleet:
+    """A coordinator and two `weightsync daemon --tp 2` processes, shared by the module's tests."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.address = f"127.0.0.1:{free_port()}"
+        self.procs: list[subprocess.Popen] = []
+        weights = tmp / "v0.safetensors"
+        save_file({s.name: random_tensor(s, 0) for s in trainer.specs()}, weights)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._start(_cli("coordinator", "--listen", self.address, "--heartbeat-interval-s", "0.3", "--heartbeat-timeout-s", "3"), "coordinator", env)
+        for d in DAEMONS:
+            self.failpoints(d).write_text("")
+            self._start(
+                _cli("daemon", "--coordinator", self.address, "--weights", str(weights), "--daemon-id", d, "--tp", str(TP),
+                     "--served-version", "0", "--save-on-commit", str(tmp / f"{d}.safetensors"), "--drain-s", "2"),
+                d, {**env, "WEIGHTSYNC_FAILPOINTS_FILE": str(self.failpoints(d))},
+            )
+        self.client = SyncTrainerClient(self.address, rpc_timeout_s=10)
+
+    def _start(self, cmd, name, env) -> None:
+        log = open(self.tmp / f"{name}.log", "a")
+        self.procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+
+    def failpoints(self, d: str) -> Path:
+        return self.tmp / f"{d}.failpoints"
+
+    def daemons(self) -> dict:
+        try:
+            return {d.daemon_id: d for d in self.client.list_daemons().daemons}
+        except Exception:  # the coordinator may still be starting
+            return {}
+
+    def wait_idle(self, timeout_s: float) -> None:
+        _wait(lambda: all(d in self.daemons() and self.daemons()[d].state == 1 for d in DAEMONS), timeout_s, f"daemons {DAEMONS} idle")
+
+    def push(self, version: int, die_at_bucket: dict[int, int] | None = None, timeout_s: float = 120.0):
+        """Runs the S trainer ranks; returns {rank: (summary, error, seconds)} and their exit codes."""
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "torch.distributed.tensor", "weightsync.runtime.trainer"])
+        outbox = ctx.Queue()
+        init_file = str(self.tmp / f"init-v{version}")
+        procs = [
+            ctx.Process(target=trainer.main, args=(r, S, init_file, self.address, version, (die_at_bucket or {}).get(r), outbox), daemon=True)
+            for r in range(S)
+        ]
+        for p in procs:
+            p.start()
+        out = {}
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                killed = {r for r, p in enumerate(procs) if p.exitcode is not None and p.exitcode < 0}
+                if set(out) | killed >= set(range(S)):
+                    break
+                assert time.monotonic() < deadline, f"trainer ranks {sorted(set(range(S)) - set(out))} did not report; logs in {self.tmp}"
+                try:
+                    rank, summary, error, seconds = outbox.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                out[rank] = (summary, error, seconds)
+        finally:
+            for p in procs:
+                p.join(timeout=20)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        return out, [p.exitcode for p in procs]
+
+    def close(self) -> None:
+        self.client.close()
+        for p in reversed(self.procs):
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    f = _Fleet(tmp_path_factory.mktemp("routed"))
+    try:
+        f.wait_idle(180)  # cold start of 3 Python+torch processes on a loaded 2-core machine
+        yield f
+    finally:
+        f.close()
+
+
+def _receiver_ranks(d: str) -> list[int]:
+    first = S + DAEMONS.index(d) * TP
+    return list(range(first, first + TP))
+
+
+def test_routed_round_moves_only_the_needed_bytes(fleet):
+    """Every TP rank holds the trainer's bytes in its region; the round record shows half the sharded bytes plus the replicated ones per rank."""
+    out, codes = fleet.push(1)
+    summary, error, _ = out[0]
+    assert error is None and summary["state"] == "COMMITTED", (summary, error)
+    assert codes == [0, 0]
+    specs = trainer.specs()
+    needs = tp_needs(specs, TP)
+    for d in DAEMONS:
+        for t in range(TP):
+            held = load_file(fleet.tmp / f"{d}.rank{t}.safetensors")
+            for s in specs:
+                inside = tuple(slice(lo, hi) for lo, hi in box_of(needs[t][s.name], s.shape))
+                assert torch.equal(held[s.name][inside].view(torch.int16), random_tensor(s, 1)[inside].view(torch.int16)), (d, t, s.name)
+    sharded = sum(s.nbytes for s in specs if len(s.shape) == 2 and s.shape[0] % TP == 0)
+    whole = sum(s.nbytes for s in specs) - sharded
+    rank_bytes = summary["rank_bytes"]
+    for d in DAEMONS:
+        for r in _receiver_ranks(d):
+            assert rank_bytes[r] == (d, 0, sharded // TP + whole), (r, rank_bytes[r])
+    sent = [rank_bytes[r][1] for r in range(S)]
+    assert sum(sent) == 2 * TP * (sharded // TP + whole) and min(sent) > 0.4 * sum(sent), sent
+    info = fleet.daemons()
+    assert all(info[d].served_version == 1 and not info[d].dirty for d in DAEMONS)
+    shown = json.loads(subprocess.run(
+        _cli("status", "--coordinator", fleet.address, "--json", "--rounds", "1"), cwd=ROOT, capture_output=True, text=True, check=True, timeout=60,
+    ).stdout)
+    listed = {int(b["rank"]): (b["daemonId"], int(b["bytesSent"]), int(b["bytesReceived"])) for b in shown["rounds"][0]["rankBytes"]}
+    assert listed == rank_bytes
+
+
+def test_corrupt_piece_flags_that_engine_only(fleet):
+    """A bit flipped in one engine after its apply: CHECKSUM_MISMATCH naming that tensor for that engine, the other OK."""
+    name = "model.layers.0.mlp.down_proj.weight"
+    fleet.wait_idle(30)
+    fleet.failpoints("tp-b").write_text(f"corrupt_applied {name}\n")
+    try:
+        out, _ = fleet.push(2)
+    finally:
+        fleet.failpoints("tp-b").write_text("")
+    summary, _, _ = out[0]
+    assert summary["state"] == "FAILED", summary
+    assert summary["results"]["tp-a"] == ("OK", [])
+    assert summary["results"]["tp-b"] == ("CHECKSUM_MISMATCH", [name])
+    info = fleet.daemons()
+    assert info["tp-b"].dirty and not info["tp-a"].dirty
+
+
+def test_source_killed_mid_round_fails_fast_and_flags_engines(fleet):
+    """Trainer rank 1 SIGKILLed at its 2nd bucket: rank 0's round ends within seconds, not the collective timeout, and both engines are flagged."""
+    fleet.wait_idle(30)
+    out, codes = fleet.push(3, die_at_bucket={1: 2})
+    assert codes[1] == -9
+    summary, error, seconds = out[0]
+    assert summary is not None and summary["state"] in ("ABORTED", "FAILED"), (summary, error)
+    assert all(status != "OK" for status, _ in summary["results"].values()), summary
+    assert seconds < trainer.COLLECTIVE_TIMEOUT_S, seconds
+    info = fleet.daemons()
+    assert all(info[d].dirty for d in DAEMONS)

@@ -330,6 +330,8 @@ class WeightsyncWorkerExtension:
             "bytes_received": result.bytes_received,
             "receive_s": result.receive_s,
             "apply_s": applied.apply_s,
+            # A routed round (engine/routed.py): this worker's own pieces, [piece index, sum] (msgpack-safe).
+            "piece_sums": [[int(i), int(v)] for i, v in sorted(getattr(result, "piece_sums", {}).items())],
         }
 
     def weightsync_close(self) -> None:

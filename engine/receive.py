@@ -47,6 +47,10 @@ class _Discarded(Exception):
     """Raised in the consumer to end a round that the daemon gave up on."""
 
 
+def _num_buckets(assignment: Assignment) -> int:
+    return assignment.routing.num_buckets if assignment.routing is not None else len(assignment.plan.buckets)
+
+
 class DataPlaneSeat:
     """A worker's place in the data plane: one group cache, used by one round at a time.
 
@@ -153,7 +157,7 @@ class StagedUpdate:
                 "state": self._state,
                 "buckets_done": self._buckets_done,
                 "bytes_done": self._bytes_done,
-                "num_buckets": len(self.assignment.plan.buckets),
+                "num_buckets": _num_buckets(self.assignment),
                 "error": "" if self._error is None else f"{type(self._error).__name__}: {self._error}",
                 "seconds": time.monotonic() - self._started,
             }
@@ -181,6 +185,9 @@ class StagedUpdate:
             self._buckets_done, self._bytes_done = buckets_done, bytes_done
 
     def _run(self) -> None:
+        if self.assignment.routing is not None:
+            self._run_routed()
+            return
         staged: list[tuple[str, torch.Tensor]] = []
         try:
             with self._seat.claim(self.assignment, self.rank) as groups:
@@ -210,6 +217,29 @@ class StagedUpdate:
             self._state = STAGED
         log.debug("rank %d: update %s staged (%d tensors)", self.rank, self.update_id, len(staged))
 
+    def _run_routed(self) -> None:
+        """_run for a routed round: only this worker's pieces arrive (engine/routed.py)."""
+        from weightsync.engine.routed import stage_routed
+
+        try:
+            with self._seat.claim(self.assignment, self.rank) as groups:
+                group = groups.get(self.assignment, self.rank)
+                staged, result = stage_routed(self.assignment, self.rank, group, self._inventory, discarded=self._discard)
+        except Exception as e:  # thread boundary: kept for status() and take(), and logged
+            log.warning("rank %d: staging routed update %s failed: %s", self.rank, self.update_id, e, exc_info=True)
+            with self._lock:
+                self._state = FAILED
+                self._error = e
+            return
+        with self._lock:
+            self._buckets_done, self._bytes_done = _num_buckets(self.assignment), result.bytes_received
+            if self._discard.is_set():
+                self._state = DISCARDED
+                return
+            self._tensors = staged
+            self._result = result
+            self._state = STAGED
+
 
 def receive_and_apply(
     worker: Any,
@@ -223,6 +253,12 @@ def receive_and_apply(
     """Streams the round straight into the model; see the module docstring for the trade-off."""
     from weightsync.engine.apply import ApplyFailed, apply_weights
 
+    if assignment.routing is not None:
+        from weightsync.engine.routed import receive_routed_and_apply
+
+        with seat.claim(assignment, rank) as groups:
+            group = groups.get(assignment, rank)
+            return receive_routed_and_apply(worker, assignment, rank, group, inventory, path=path)
     try:
         with seat.claim(assignment, rank) as groups:
             stream = _open_stream(assignment, rank, groups, inventory)

@@ -53,6 +53,8 @@ from weightsync.engine.payload import assignment_to_dict, encode_tensors
 if TYPE_CHECKING:
     import torch
 
+    from weightsync.core.regions import Region
+
 __all__ = ["ApplyReport", "INFLIGHT_POLICIES", "STAGING_MODES", "VllmEngine", "VllmEngineConfig"]
 
 log = logging.getLogger(__name__)
@@ -146,6 +148,8 @@ class ApplyReport:
     seconds: float  # the whole call
     # Each worker's own checksums, in worker order (all equal to `checksums`, or the update raised).
     worker_checksums: tuple[dict[str, int], ...] = ()
+    # A routed round: (data-plane rank, piece index) -> sum of the piece as the worker received it.
+    piece_sums: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
 class VllmEngine:
@@ -253,6 +257,12 @@ class VllmEngine:
         if self._closed:
             raise FailedPrecondition("the engine is closed")
         return await self._engine.collective_rpc(method, args=args, kwargs=kwargs)
+
+    async def needs(self) -> dict[int, dict[str, "Region"]]:
+        """What each worker's loader reads of each inventory tensor (needs.py), by worker rank."""
+        from weightsync.engine.needs import WorkerNeeds
+
+        return {int(r["rank"]): WorkerNeeds.from_dict(r).regions for r in await self._rpc("weightsync_needs")}
 
     async def weight_info(self) -> list[dict[str, Any]]:
         """Each worker's weightsync_weight_info; also refreshes served_version and dirty."""
@@ -373,7 +383,9 @@ class VllmEngine:
                 ) from e
             finally:
                 await self._refresh_state()
-        report = self._report(assignment.update_id, assignment.version, results, paused_s, started)
+        report = self._report(
+            assignment.update_id, assignment.version, results, paused_s, started, routed=assignment.routing is not None
+        )
         log.info(
             "update %s applied: version %d, %d tensors, %d bytes, receive %.3f s, apply %.3f s, paused %.3f s",
             report.update_id, assignment.version, report.num_tensors, report.bytes_received,
@@ -473,6 +485,8 @@ class VllmEngine:
         results: list[Mapping[str, Any]],
         paused_s: float,
         started: float,
+        *,
+        routed: bool = False,
     ) -> ApplyReport:
         checksums = dict(results[0]["checksums"])
         differing = [r["rank"] for r in results[1:] if r["checksums"] != checksums]
@@ -485,12 +499,16 @@ class VllmEngine:
             version=version,
             checksums=checksums,
             num_tensors=int(results[0]["num_tensors"]),
-            bytes_received=int(results[0].get("bytes_received", 0)),
+            # Routed: each worker received its own pieces, so the engine's bytes are their sum.
+            bytes_received=(
+                sum(int(r.get("bytes_received", 0)) for r in results) if routed else int(results[0].get("bytes_received", 0))
+            ),
             receive_s=max(float(r.get("receive_s", 0.0)) for r in results),
             apply_s=max(float(r["apply_s"]) for r in results),
             paused_s=paused_s,
             seconds=time.monotonic() - started,
             worker_checksums=tuple(dict(r["checksums"]) for r in results),
+            piece_sums={(int(r["data_plane_rank"]), int(i)): int(v) for r in results for i, v in r.get("piece_sums", ())},
         )
 
     # ------------------------------------------------------------------ generation

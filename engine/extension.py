@@ -50,6 +50,29 @@ EXTENSION_CLS = "weightsync.engine.extension.WeightsyncWorkerExtension"
 _CLOSE_WAIT_S = 5.0
 
 
+def _answers_failure(method):
+    """With several workers, a failure is answered as {"rank", "error"} instead of raised.
+
+    vLLM 0.32's multiprocess collective_rpc raises at the first worker that failed and leaves
+    the other workers' answers in their queues, so every later call on that engine pairs
+    with a stale answer (seen: a round after a failed streamed round got None from worker 1).
+    VllmEngine raises once it has every worker's answer. One worker: raised as before.
+    """
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:
+            if self.parallel_config.world_size == 1:
+                raise
+            log.warning("worker %d: %s failed: %s", self.rank, method.__name__, e, exc_info=True)
+            return {"rank": self.rank, "error": f"{type(e).__name__}: {e}"}
+
+    return wrapper
+
+
 @dataclass(slots=True)
 class _WorkerState:
     inventory: dict[str, TensorSpec]
@@ -272,6 +295,7 @@ class WeightsyncWorkerExtension:
         """The staging state of update_id: receiving, staged, failed or discarded, with progress."""
         return self._weightsync_staged(update_id).status()
 
+    @_answers_failure
     def weightsync_commit(self, update_id: str) -> dict[str, Any]:
         """Applies a staged round; run it between engine steps with generation paused."""
         staged = self._weightsync_staged(update_id)
@@ -299,6 +323,7 @@ class WeightsyncWorkerExtension:
 
     # ------------------------------------------------------------------ data plane: streamed
 
+    @_answers_failure
     def weightsync_receive(self, assignment: Mapping[str, Any], ranks: list[int]) -> dict[str, Any]:
         """Receives a round and applies it as it arrives, inside this call; pause generation first."""
         from weightsync.engine.receive import receive_and_apply
@@ -332,6 +357,7 @@ class WeightsyncWorkerExtension:
             "apply_s": applied.apply_s,
             # A routed round (engine/routed.py): this worker's own pieces, [piece index, sum] (msgpack-safe).
             "piece_sums": [[int(i), int(v)] for i, v in sorted(getattr(result, "piece_sums", {}).items())],
+            "staging_peak_bytes": int(getattr(result, "staging_peak_bytes", 0)),
         }
 
     def weightsync_close(self) -> None:

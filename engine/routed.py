@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,33 @@ class RoutedReceipt:
     bytes_received: int
     receive_s: float
     checksums: dict[str, int] = field(default_factory=dict)  # whole-tensor sums: none, the pieces carry them
+    # Most bytes of full-size staging tensors alive at once during the round (the memory bound, measured).
+    staging_peak_bytes: int = 0
+
+
+class _StagingMeter:
+    """Counts the full-size staging tensors alive (a weakref on each): the peak is the round's staging bound.
+
+    vLLM's loader keeps the tensor objects it was handed until their module is complete, and
+    the views it narrows them to only while it copies, so the tensor objects' lifetimes are
+    the staging memory's."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.live_bytes = 0
+        self.peak_bytes = 0
+
+    def track(self, t: "torch.Tensor") -> "torch.Tensor":
+        nbytes = t.numel() * t.element_size()
+        with self._lock:
+            self.live_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        weakref.finalize(t, self._release, nbytes)
+        return t
+
+    def _release(self, nbytes: int) -> None:
+        with self._lock:
+            self.live_bytes -= nbytes
 
 
 def _plan_problem(assignment: Assignment, inventory: Mapping[str, TensorSpec]) -> str | None:
@@ -73,7 +101,7 @@ def _plan_problem(assignment: Assignment, inventory: Mapping[str, TensorSpec]) -
     return None
 
 
-def _staging(assignment: Assignment, group: "DataPlaneGroup"):
+def _staging(assignment: Assignment, group: "DataPlaneGroup", meter: _StagingMeter):
     """A destination that hands out a fresh full-size tensor per needed checkpoint tensor."""
     import torch
 
@@ -83,13 +111,15 @@ def _staging(assignment: Assignment, group: "DataPlaneGroup"):
 
     def destination(name: str) -> "torch.Tensor":
         spec = specs[name]
-        return torch.empty(spec.shape, dtype=torch_dtype(spec.dtype), device=group.device)
+        return meter.track(torch.empty(spec.shape, dtype=torch_dtype(spec.dtype), device=group.device))
 
     return destination
 
 
-def _receipt(result: Any) -> RoutedReceipt:
-    return RoutedReceipt(result.rank, dict(result.piece_sums), result.num_bytes, result.seconds)
+def _receipt(result: Any, meter: _StagingMeter) -> RoutedReceipt:
+    return RoutedReceipt(
+        result.rank, dict(result.piece_sums), result.num_bytes, result.seconds, staging_peak_bytes=meter.peak_bytes
+    )
 
 
 def stage_routed(
@@ -117,10 +147,11 @@ def stage_routed(
     problem = _plan_problem(assignment, inventory)
     if problem is None and discarded.is_set():
         problem = f"update {assignment.update_id} was discarded before it started"
+    meter = _StagingMeter()
     result = receive_routed(
-        assignment, rank, group, _staging(assignment, group), apply_fn=keep, local_problem=problem
+        assignment, rank, group, _staging(assignment, group, meter), apply_fn=keep, local_problem=problem
     )
-    return staged, _receipt(result)
+    return staged, _receipt(result, meter)
 
 
 class _Handoff:
@@ -184,13 +215,14 @@ def receive_routed_and_apply(
 
     problem = _plan_problem(assignment, inventory)
     handoff = _Handoff()
+    meter = _StagingMeter()
     box: dict[str, Any] = {}
 
     def receive() -> None:
         error: BaseException | None = None
         try:
             box["result"] = receive_routed(
-                assignment, rank, group, _staging(assignment, group), apply_fn=handoff.put, local_problem=problem
+                assignment, rank, group, _staging(assignment, group, meter), apply_fn=handoff.put, local_problem=problem
             )
         except BaseException as e:  # thread boundary: handed to the loader's iterator and re-raised there
             error = box["error"] = e
@@ -219,4 +251,4 @@ def receive_routed_and_apply(
         touched = ApplyFailed(f"applied {applied.num_tensors} tensors of a round that then failed", model_touched=True)
         touched.__cause__ = box["error"]
         raise TransferError(str(box["error"])) from touched
-    return applied, _receipt(box["result"])
+    return applied, _receipt(box["result"], meter)

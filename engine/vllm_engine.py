@@ -150,6 +150,8 @@ class ApplyReport:
     worker_checksums: tuple[dict[str, int], ...] = ()
     # A routed round: (data-plane rank, piece index) -> sum of the piece as the worker received it.
     piece_sums: dict[tuple[int, int], int] = field(default_factory=dict)
+    # A routed round: the most full-size staging bytes any worker held at once (engine/routed.py).
+    staging_peak_bytes: int = 0
 
 
 class VllmEngine:
@@ -391,6 +393,9 @@ class VllmEngine:
             report.update_id, assignment.version, report.num_tensors, report.bytes_received,
             report.receive_s, report.apply_s, report.paused_s,
         )
+        if assignment.routing is not None:
+            log.info("update %s routed: staging peak %d bytes per worker (%s)", report.update_id,
+                     report.staging_peak_bytes, staging)
         return report
 
     async def _refresh_state(self) -> None:
@@ -452,6 +457,7 @@ class VllmEngine:
             ) from e
         try:
             results = await engine.collective_rpc(method, args=args)
+            _raise_answered_failures(method, results)
             if version is not None:
                 await engine.update_weight_version(str(version))
         finally:
@@ -472,6 +478,7 @@ class VllmEngine:
         started = time.monotonic()
         try:
             results = llm.collective_rpc(method, args=args)
+            _raise_answered_failures(method, results)
             if version is not None:
                 llm.llm_engine.set_weight_version(str(version))
         finally:
@@ -509,6 +516,7 @@ class VllmEngine:
             seconds=time.monotonic() - started,
             worker_checksums=tuple(dict(r["checksums"]) for r in results),
             piece_sums={(int(r["data_plane_rank"]), int(i)): int(v) for r in results for i, v in r.get("piece_sums", ())},
+            staging_peak_bytes=max(int(r.get("staging_peak_bytes", 0)) for r in results),
         )
 
     # ------------------------------------------------------------------ generation
@@ -560,6 +568,15 @@ class VllmEngine:
         # Dropped now so the engine is collected while the interpreter is whole: vLLM's
         # __del__ shuts down again and fails on a half torn-down interpreter.
         self._engine = None
+
+
+def _raise_answered_failures(method: str, results: Sequence[Any]) -> None:
+    """Raises what the workers answered instead of raising (extension._answers_failure), once all have answered."""
+    failed = [r for r in results if isinstance(r, Mapping) and r.get("error")]
+    if failed:
+        raise TransferError(
+            f"{method} failed on worker(s) {[r['rank'] for r in failed]}: " + "; ".join(r["error"] for r in failed)
+        )
 
 
 def engine_world_size(engine: Any, mode: str) -> int:

@@ -81,6 +81,7 @@ def main(rank: int, world: int, init_file: str, address: str, model_dir: str, se
         summary = None
         if report is not None:
             summary = {
+                "update_id": report.update_id,
                 "state": report.state,
                 "reason": report.reason,
                 "results": {v.daemon_id: (v.status, list(v.mismatched_tensors)) for v in report.results},

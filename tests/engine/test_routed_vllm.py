@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import subprocess
 import sys
 import time
@@ -34,13 +35,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 ROOT = Path(__file__).resolve().parents[2]
 S, TP = 2, 2
 ENGINES = ("vllm-a", "vllm-b")
+# Each of the dense round's two shapes (engine/receive.py), one per engine.
+STAGING = {"vllm-a": "staged", "vllm-b": "stream"}
 PROMPT = [5, 77, 300, 12, 900, 41]
 NUM_TOKENS = 8
 IDLE = 1  # DAEMON_STATE_IDLE
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "weightsync.runtime.cli", "--log-level", "WARNING", *args]
+def _cli(*args: str, log_level: str = "WARNING") -> list[str]:
+    return [sys.executable, "-m", "weightsync.runtime.cli", "--log-level", log_level, *args]
 
 
 def _wait(predicate, timeout_s: float, what: str, procs=()) -> None:
@@ -70,10 +73,12 @@ class _Fleet:
         self._start("coordinator", _cli("coordinator", "--listen", self.address, "--heartbeat-interval-s", "0.3",
                                          "--heartbeat-timeout-s", "10"), env)
         for name in ENGINES:
+            # INFO: the engine logs each routed round's staging peak, which the test reads.
             self._start(name, _cli(
-                "serve", str(self.model_dir), "--coordinator", self.address, "--daemon-id", name, "--served-version", "0",
-                "--host", "127.0.0.1", "--port", str(self.http[name]), "--dtype", "float32", "--max-model-len", "256",
-                "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20), "--tensor-parallel-size", str(TP),
+                "serve", str(self.model_dir), "--staging", STAGING[name], "--coordinator", self.address, "--daemon-id", name,
+                "--served-version", "0", "--host", "127.0.0.1", "--port", str(self.http[name]), "--dtype", "float32",
+                "--max-model-len", "256", "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20),
+                "--tensor-parallel-size", str(TP), log_level="INFO",
             ), env)
         self.client = SyncTrainerClient(self.address, rpc_timeout_s=10)
 
@@ -94,6 +99,13 @@ class _Fleet:
             return all(n in ds and ds[n].state == IDLE for n in ENGINES)
 
         _wait(idle, timeout_s, f"engines {ENGINES} idle (logs in {self.tmp})", list(self.procs.values()))
+
+    def staging_peak_bytes(self, name: str, update_id: str) -> int:
+        """The peak of full-size staging bytes per worker that the engine logged for a routed round."""
+        pattern = re.compile(rf"update {update_id} routed: staging peak (\d+) bytes per worker \((\w+)\)")
+        found = pattern.findall((self.tmp / f"{name}.log").read_text(errors="replace"))
+        assert len(found) == 1 and found[0][1] == STAGING[name], (name, found)
+        return int(found[0][0])
 
     def weights(self, seed: int):
         return perturbed(self.checkpoint, seed=seed)
@@ -196,6 +208,11 @@ def test_routed_round_into_tp2_engines_moves_half_and_generates_like_transformer
     sent = [rank_bytes[r][1] for r in range(S)]
     assert sum(sent) == len(ENGINES) * TP * per_worker and min(sent) > 0.3 * sum(sent), sent
     fleet.assert_engines_hold(seed=1, version=1)
+    # Memory: streamed, staging lives as long as vLLM buffers a module (the embedding is the largest,
+    # 0.31 of the model); staged, every needed tensor waits full-size for the commit (half of it written).
+    streamed = fleet.staging_peak_bytes("vllm-b", summary["update_id"])
+    assert 0 < streamed < model_bytes // 2, (streamed, model_bytes)
+    assert fleet.staging_peak_bytes("vllm-a", summary["update_id"]) == model_bytes
 
 
 def test_source_killed_mid_round_fails_fast_flags_engines_and_next_push_heals(fleet):

@@ -425,8 +425,9 @@ class Coordinator:
         owner: str = "",
         holds: dict[int, dict[str, Region]] | None = None,
     ) -> Assignment:
-        """Begins a round. `holds` (trainer rank -> tensor -> Region held), or any participant that
-        declared needs, makes it a routed round (core/routing.py); else rank 0 sends everything."""
+        """Begins a round. `holds` (trainer rank -> tensor -> Region held) makes it a routed round
+        (core/routing.py), sending each participant only the needs it declared; else rank 0 sends
+        everything to everyone."""
         self._check_options(options)
         if not self.accepting:
             raise Unavailable("coordinator is shutting down: retry against its replacement")
@@ -453,12 +454,14 @@ class Coordinator:
                 raise InvalidArgument("holds are invalid", problems[:MAX_LISTED_PROBLEMS])
         participants = self._select_participants(options)
         check_against_inventory(manifest, {d.daemon_id: d.inventory for d in participants})
-        routed = bool(holds) or any(d.needs for d in participants)
+        # Only the trainer's holds route: a trainer that sends dense (one rank, gathers, deltas)
+        # does not speak the routed protocol, and every vLLM daemon declares its needs.
+        routed = bool(holds)
         num_senders = len(holds) if holds else 1
         if routed and options.delta_base_version is not None:
             raise InvalidArgument(
                 "update options are invalid",
-                ["options.delta_base_version: a routed round (holds, or daemons that declare needs) is dense; leave it unset"],
+                ["options.delta_base_version: a routed round (the trainer declared holds) is dense; leave it unset"],
             )
 
         bucket_size = options.bucket_size_bytes or default_bucket_size(options.transport)

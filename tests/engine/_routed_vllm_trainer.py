@@ -46,7 +46,16 @@ def fsdp2_model(model_dir: str, weights: dict[str, torch.Tensor], mesh):
     return model
 
 
-def main(rank: int, world: int, init_file: str, address: str, model_dir: str, seed: int, version: int,
+def dtensor_weights(weights: dict[str, torch.Tensor], mesh) -> dict:
+    """Every checkpoint tensor as a DTensor in FSDP2's layout (Shard(0) over the mesh), for models whose
+    transformers modules do not carry the checkpoint's names (transformers 5 fuses MoE experts in
+    memory while the checkpoint, which vLLM loads, names each expert: FACTS.md)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    return {n: distribute_tensor(t, mesh, [Shard(0)]) for n, t in weights.items()}
+
+
+def main(rank: int, world: int, init_file: str, address: str, model_dir: str, layout: str, seed: int, version: int,
          die_at_bucket: int | None, outbox) -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -61,10 +70,13 @@ def main(rank: int, world: int, init_file: str, address: str, model_dir: str, se
         torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
         mesh = init_device_mesh("cpu", (world,))
         checkpoint = load_file(os.path.join(model_dir, "model.safetensors"))
-        model = fsdp2_model(model_dir, perturbed(checkpoint, seed=seed), mesh)
-        state = model.state_dict()
-        # The engine's names: the checkpoint's (a tied lm_head is not one of them).
-        source = {n: state[n] for n in checkpoint}
+        weights = perturbed(checkpoint, seed=seed)
+        if layout == "fsdp2":
+            state = fsdp2_model(model_dir, weights, mesh).state_dict()
+            # The engine's names: the checkpoint's (a tied lm_head is not one of them).
+            source = {n: state[n] for n in checkpoint}
+        else:
+            source = dtensor_weights(weights, mesh)
         num_sharded = sum(isinstance(t, DTensor) for t in source.values())
         if die_at_bucket is not None:
             _die_at_bucket(die_at_bucket)

@@ -3,7 +3,8 @@
 Real processes throughout: a coordinator, two `weightsync serve` engines with
 --tensor-parallel-size 2 (each worker declares its needs, engine/needs.py), and
 the trainer's two ranks (FSDP2 over gloo, WeightSync(routed=True)), each sending
-the pieces of its own shards. Two engine starts for the module.
+the pieces of its own shards. Per architecture (dense qwen2 with tied embeddings and q/k/v
+biases; qwen3_moe) two engine starts, one staged and one streamed.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ S, TP = 2, 2
 ENGINES = ("vllm-a", "vllm-b")
 # Each of the dense round's two shapes (engine/receive.py), one per engine.
 STAGING = {"vllm-a": "staged", "vllm-b": "stream"}
+# The trainer's layout per architecture: FSDP2 over the transformers model where its names are the
+# checkpoint's; the same Shard(0) DTensors built from the checkpoint for MoE (_routed_vllm_trainer.py).
+LAYOUT = {"qwen2": "fsdp2", "qwen3_moe": "dtensor"}
 PROMPT = [5, 77, 300, 12, 900, 41]
 NUM_TOKENS = 8
 IDLE = 1  # DAEMON_STATE_IDLE
@@ -58,9 +62,10 @@ def _wait(predicate, timeout_s: float, what: str, procs=()) -> None:
 class _Fleet:
     """A coordinator and two TP=2 `weightsync serve` engines, shared by the module's tests."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, arch: str) -> None:
         self.tmp = tmp
-        self.model_dir = make_tiny_model(tmp / "model", "qwen2", seed=0, dtype="float32")
+        self.arch = arch
+        self.model_dir = make_tiny_model(tmp / "model", arch, seed=0, dtype="float32")
         self.checkpoint = load_file(str(self.model_dir / "model.safetensors"))
         self.address = f"127.0.0.1:{free_port()}"
         self.http = {name: free_port() for name in ENGINES}
@@ -117,7 +122,7 @@ class _Fleet:
         outbox = ctx.Queue()
         init_file = str(self.tmp / f"init-v{version}")
         procs = [
-            ctx.Process(target=trainer.main, args=(r, S, init_file, self.address, str(self.model_dir), seed, version,
+            ctx.Process(target=trainer.main, args=(r, S, init_file, self.address, str(self.model_dir), LAYOUT[self.arch], seed, version,
                                                    (die_at_bucket or {}).get(r), outbox), daemon=True)
             for r in range(S)
         ]
@@ -173,9 +178,9 @@ class _Fleet:
             kill_group(p)
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    f = _Fleet(tmp_path_factory.mktemp("routed-vllm"))
+@pytest.fixture(scope="module", params=list(LAYOUT))
+def fleet(request, tmp_path_factory):
+    f = _Fleet(tmp_path_factory.mktemp(f"routed-vllm-{request.param}"), request.param)
     try:
         # Two TP=2 engines (4 workers) start on a shared 2-core machine: minutes, not seconds.
         f.wait_idle(600)
@@ -195,11 +200,15 @@ def test_routed_round_into_tp2_engines_moves_half_and_generates_like_transformer
     summary, error, _ = out[0]
     assert error is None and summary["state"] == "COMMITTED", (summary, error, f"logs in {fleet.tmp}")
     assert codes == [0, 0]
-    assert summary["num_sharded"] == len(fleet.checkpoint)  # FSDP2 shards every parameter: no rank holds a whole one
+    assert summary["num_sharded"] == len(fleet.checkpoint)  # every tensor sharded: no rank holds a whole one
     model_bytes = sum(t.numel() * t.element_size() for t in fleet.checkpoint.values())
-    # TP=2 workers read half of every tensor but the layer norms (vocab rows, q/k/v rows and biases,
-    # o_proj and down_proj columns, gate/up rows): vLLM's own loaders, as engine/needs.py derived them.
-    replicated = sum(t.numel() * t.element_size() for n, t in fleet.checkpoint.items() if t.dim() == 1 and "norm" in n)
+    # TP=2 workers read half of every tensor but the norms and the MoE router (vocab rows, q/k/v rows
+    # and biases, o_proj and down_proj columns, gate/up rows, each expert's intermediate half): vLLM's
+    # own loaders, as engine/needs.py derived them.
+    replicated = sum(
+        t.numel() * t.element_size() for n, t in fleet.checkpoint.items()
+        if (t.dim() == 1 and "norm" in n) or n.endswith("mlp.gate.weight")
+    )
     per_worker = (model_bytes - replicated) // TP + replicated
     rank_bytes = summary["rank_bytes"]
     for name in ENGINES:
@@ -208,15 +217,18 @@ def test_routed_round_into_tp2_engines_moves_half_and_generates_like_transformer
     sent = [rank_bytes[r][1] for r in range(S)]
     assert sum(sent) == len(ENGINES) * TP * per_worker and min(sent) > 0.3 * sum(sent), sent
     fleet.assert_engines_hold(seed=1, version=1)
-    # Memory: streamed, staging lives as long as vLLM buffers a module (the embedding is the largest,
-    # 0.31 of the model); staged, every needed tensor waits full-size for the commit (half of it written).
+    # Memory: streamed, staging lives as long as vLLM buffers a module, plus one batch handed over
+    # (measured 0.38 of the model for qwen2, 0.47 for qwen3_moe: its embedding and lm_head, 0.23 each,
+    # dominate a tiny model); staged, every needed tensor waits full-size for the commit (half written).
     streamed = fleet.staging_peak_bytes("vllm-b", summary["update_id"])
-    assert 0 < streamed < model_bytes // 2, (streamed, model_bytes)
+    assert 0 < streamed < 0.6 * model_bytes, (streamed, model_bytes)
     assert fleet.staging_peak_bytes("vllm-a", summary["update_id"]) == model_bytes
 
 
 def test_source_killed_mid_round_fails_fast_flags_engines_and_next_push_heals(fleet):
     """Trainer rank 1 SIGKILLed at its 3rd bucket: rank 0 returns within the collective timeout, both engines are flagged; the next push heals them."""
+    if fleet.arch != "qwen2":
+        pytest.skip("the fault path does not depend on the architecture: run once, on qwen2")
     fleet.wait_idle(120)
     out, codes = fleet.push(seed=2, version=2, die_at_bucket={1: 3})
     assert codes[1] == -9

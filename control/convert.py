@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from weightsync.core import Assignment, Bucket, BucketEntry, BucketPlan, Participant, Rendezvous, TensorSpec
+from weightsync.core.rank_regions import RankRegions
+from weightsync.core.regions import Region
 from weightsync.v1 import weightsync_pb2 as pb
 
 __all__ = [
@@ -12,6 +14,8 @@ __all__ = [
     "assignment_to_pb",
     "checksums_from_pb",
     "checksums_to_pb",
+    "rank_regions_from_pb",
+    "rank_regions_to_pb",
     "spec_from_pb",
     "spec_to_pb",
 ]
@@ -24,6 +28,32 @@ def spec_to_pb(spec: TensorSpec) -> pb.TensorSpec:
 def spec_from_pb(msg: pb.TensorSpec) -> TensorSpec:
     """Raises ValueError naming the tensor when the spec is malformed."""
     return TensorSpec(msg.name, tuple(msg.shape), msg.dtype)
+
+
+def rank_regions_to_pb(r: RankRegions) -> pb.RankRegions:
+    return pb.RankRegions(
+        rank=r.rank,
+        regions=[
+            pb.TensorRegion(name=n, region=pb.Region(dim=g.dim, start=g.start, length=g.length)) for n, g in r.regions.items()
+        ],
+        whole_fallbacks=r.whole_fallbacks,
+    )
+
+
+def rank_regions_from_pb(msg: pb.RankRegions, what: str) -> RankRegions:
+    """Raises ValueError naming `what` (e.g. "needs[1]") and the tensor: a name twice, or a bad count.
+
+    Whether each region fits its tensor is the caller's check (it needs the inventory).
+    """
+    regions: dict[str, Region] = {}
+    for i, tr in enumerate(msg.regions):
+        if tr.name in regions:
+            raise ValueError(f"{what}.regions[{i}]: tensor {tr.name!r} appears twice: expected one region per tensor")
+        regions[tr.name] = Region(tr.region.dim, tr.region.start, tr.region.length)
+    try:
+        return RankRegions(msg.rank, regions, msg.whole_fallbacks)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from e
 
 
 def checksums_to_pb(checksums: Mapping[str, int]) -> list[pb.TensorChecksum]:

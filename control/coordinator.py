@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from weightsync.control.records import DaemonOutcome, DaemonRecord, DaemonState, ResultStatus, RoundRecord, RoundState
 from weightsync.control.state_file import CommittedState, load_state, save_state
-from weightsync.control.validation import MAX_LISTED_PROBLEMS, check_against_inventory
+from weightsync.control.validation import MAX_LISTED_PROBLEMS, check_against_inventory, check_needs
 from weightsync.core import (
     ALIGN_BYTES,
     AlreadyExists,
@@ -37,6 +37,7 @@ from weightsync.core import (
     default_bucket_size,
     is_full_round,
 )
+from weightsync.core.rank_regions import RankRegions
 from weightsync.core.types import TRANSPORTS
 
 __all__ = ["Coordinator", "CoordinatorConfig", "check_registration", "UpdateOptions", "DaemonRegistration", "RoundEvent", "SessionEvent"]
@@ -130,6 +131,8 @@ class DaemonRegistration:
     owner: str = ""
     # The session token of this same process's previous registration, if it had one.
     resume_token: str = ""
+    # What each receiver rank needs (core/rank_regions.py); (): every rank needs every tensor whole.
+    needs: tuple[RankRegions, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +199,7 @@ def check_registration(reg: DaemonRegistration, config: CoordinatorConfig) -> di
             f"inventory: {total_bytes} bytes in all: expected at most {config.max_inventory_bytes} "
             "(max_inventory_bytes, --max-inventory-bytes)"
         )
+    problems.extend(check_needs(reg.needs, inventory, reg.num_ranks))
     if problems:
         raise InvalidArgument("registration is invalid", problems[:MAX_LISTED_PROBLEMS])
     return inventory
@@ -301,6 +305,7 @@ class Coordinator:
             session_token=secrets.token_hex(16),
             owner=reg.owner,
             unknown_version=unknown,
+            needs=reg.needs,
         )
         self.daemons[reg.daemon_id] = rec
         log.info(

@@ -45,9 +45,10 @@ from typing import Any
 
 from weightsync.core import TensorSpec
 from weightsync.core.dtypes import DTYPE_ITEMSIZE
+from weightsync.core.rank_regions import RankRegions
 from weightsync.core.regions import Region
 
-__all__ = ["WorkerNeeds", "derive_needs"]
+__all__ = ["WorkerNeeds", "derive_needs", "rank_regions_from_workers"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,15 @@ class WorkerNeeds:
             regions={str(n): Region(int(dim), int(start), int(length)) for n, dim, start, length in d["regions"]},
             whole_fallbacks={str(k): str(v) for k, v in d.get("whole_fallbacks", {}).items()},
         )
+
+
+def rank_regions_from_workers(results: Sequence[dict[str, Any]]) -> tuple[RankRegions, ...]:
+    """Each worker's weightsync_needs result as the RankRegions of its rank (vLLM's worker rank), in rank order."""
+    out = []
+    for result in sorted(results, key=lambda r: int(r["rank"])):
+        needs = WorkerNeeds.from_dict(result)
+        out.append(RankRegions(int(result["rank"]), needs.regions, len(needs.whole_fallbacks)))
+    return tuple(out)
 
 
 @dataclass(slots=True)

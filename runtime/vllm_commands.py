@@ -72,6 +72,7 @@ async def _serve(args: argparse.Namespace, vargs: argparse.Namespace) -> int:
                 host=args.host,
                 inventory=engine.inventory(),
                 num_ranks=engine.num_workers,
+                needs=await engine.needs(),
                 transports=("gloo", "nccl") if _cuda() else ("gloo",),
             )
             agent = DaemonAgent(

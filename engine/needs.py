@@ -309,12 +309,20 @@ def _read_recorder(probe: _Probe):
 
         def _count(self, r: _Reads, src: Any) -> None:
             size = r.shape[probe.dim]
-            values = src.detach().reshape(-1)
+            # Along a dim of stride 0 (still a view of the expanded index tensor) every element is
+            # the same memory, so the same value: count one and multiply. The usual loader then
+            # costs O(indices along dim), not O(elements read), whatever the model's size.
+            values, multiplicity = src.detach(), 1
+            for d in range(values.dim()):
+                if values.stride(d) == 0 and values.shape[d] > 1:
+                    multiplicity *= values.shape[d]
+                    values = values.narrow(d, 0, 1)
+            values = values.reshape(-1)
             as_int = values.to(torch.int64)
             if not torch.equal(as_int.to(values.dtype), values) or int(as_int.min()) < 1 or int(as_int.max()) > size:
                 r.mark("its loader copies values that are not indices of the tensor")
                 return
-            counts = torch.bincount(as_int, minlength=size + 1)
+            counts = torch.bincount(as_int, minlength=size + 1) * multiplicity
             prev = r.counts.get(probe.dim)
             r.counts[probe.dim] = counts if prev is None else prev + counts
 

@@ -296,10 +296,13 @@ def _read_recorder(probe: _Probe):
                     r.mark(f"its loader writes into a real tensor with {op}")
                     return args[0]
                 return func(*args, **kwargs)
-            out = func(*args, **kwargs)
             if op.endswith("_"):
+                # Values written by any other in-place op are not counted: whole. Never into a real
+                # tensor (it may be the live model's).
                 r.mark(f"its loader writes in place with {op}")
-            elif op == "_to_copy":
+                return func(*args, **kwargs) if args[0].is_meta else args[0]
+            out = func(*args, **kwargs)
+            if op == "_to_copy":
                 dtype = str(kwargs.get("dtype", torch.float32)).removeprefix("torch.")
                 if dtype not in _LOSSLESS_DTYPES and _is_float(out):
                     r.mark(f"its loader casts to {dtype}")

@@ -48,6 +48,10 @@ def _elsewhere(param, w):  # writes a real tensor besides the parameter
     param.data.copy_(w)
 
 
+def _indexed(param, w):  # an in-place write the probe does not count
+    param.data[torch.tensor([0, 1])] = w.narrow(0, 0, 2)
+
+
 def _fails(param, w):
     raise RuntimeError("no")
 
@@ -67,6 +71,7 @@ LOADERS = {
     "disjoint": (_disjoint, (4, COLS), "2 disjoint blocks along dim 0"),
     "scaled": (_scaled, (4, COLS), "transforms the values (mul)"),
     "elsewhere": (_elsewhere, (ROWS, COLS), "writes into a real tensor"),
+    "indexed": (_indexed, (ROWS, COLS), "writes in place with index_put_"),
     "fails": (_fails, (ROWS, COLS), "its loader raised RuntimeError on the probe: no"),
     "twice": (_twice, (ROWS, COLS), "reads 48 elements, not the 24 of one block"),
 }
@@ -111,4 +116,4 @@ def test_each_read_pattern_gives_its_region_or_whole_with_the_reason():
     # A dry run: nothing was written into the model, and every loader is back.
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert model.rows.weight_loader is _rows and not hasattr(model.whole, "weight_loader")
-    assert needs.needed_bytes(specs) == 4 * (4 * COLS + ROWS * 3 + 2 * COLS + ROWS * COLS + 2 + 5 * ROWS * COLS)
+    assert needs.needed_bytes(specs) == 4 * (4 * COLS + ROWS * 3 + 2 * COLS + ROWS * COLS + 2 + 6 * ROWS * COLS)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 
@@ -10,6 +12,7 @@ from weightsync.control.daemon_agent import DaemonAgent, DaemonIdentity
 from weightsync.control.trainer_client import TrainerClient
 from weightsync.core.rank_regions import RankRegions
 from weightsync.core.regions import Region
+from weightsync.runtime.status import status_json
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
@@ -63,7 +66,10 @@ async def test_declared_needs_reach_the_record_and_listing():
         assert rec.needs == NEEDS and rec.num_ranks == 2
         assert server.coordinator.daemons["whole"].needs == ()
         async with TrainerClient(server.address) as c:
-            listed = {d.daemon_id: d for d in (await c.list_daemons()).daemons}
+            response = await c.list_daemons()
+        listed = {d.daemon_id: d for d in response.daemons}
+        shown = {d["daemonId"]: d for d in json.loads(status_json(response, pb.ListRoundsResponse()))["daemons"]}
+        assert shown["tp2"]["wholeFallbacks"] == 2 and len(shown["tp2"]["neededBytesPerRank"]) == 2
         per_rank = [(32 * 16 + 8 * 16 + 4 * 16 + 8 * 16 + 16 * 16 + 16) * BF16] * 2
         assert list(listed["tp2"].needed_bytes_per_rank) == per_rank
         assert listed["tp2"].whole_fallbacks == 2

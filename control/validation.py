@@ -115,8 +115,7 @@ def check_needs(needs: Sequence[RankRegions], inventory: Mapping[str, TensorSpec
     if len(needs) != num_ranks:
         problems.append(f"needs: expected one entry per receiver rank (num_ranks {num_ranks}) or none, got {len(needs)}")
     ranks = [n.rank for n in needs]
-    bad_ranks = sorted({r for r in ranks if r >= num_ranks} | {r for r in ranks if ranks.count(r) > 1})
-    if bad_ranks:
+    if any(r >= num_ranks for r in ranks) or len(set(ranks)) != len(ranks):
         problems.append(f"needs: ranks expected 0..{num_ranks - 1} once each, got {sorted(ranks)[:16]}")
     found = Problems()
     for i, entry in enumerate(needs):

@@ -25,7 +25,6 @@ from safetensors.torch import load_file
 
 from weightsync.core.rank_regions import RankRegions
 from weightsync.engine import VllmEngine, VllmEngineConfig
-from weightsync.engine.models import ARCHITECTURES
 from weightsync.engine.payload import encode_tensors
 
 from .helpers import NUM_TOKENS, PROMPTS, hf_greedy, perturbed
@@ -36,10 +35,11 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(900)]
 
 TP = 2
-# Every architecture of engine/models.py: dense, tied embeddings with q/k/v biases, q/k norms, three MoE
-# layouts (one with a shared expert), Gemma, and a checkpoint-fused layout (Phi-3's qkv_proj and gate_up_proj
-# at TP 2 read disjoint blocks: whole fallbacks).
-ARCHS = ARCHITECTURES
+# Dense, tied embeddings with q/k/v biases, two MoE layouts (one with a shared expert), and a
+# checkpoint-fused layout (Phi-3's qkv_proj and gate_up_proj at TP 2 read disjoint blocks: whole
+# fallbacks). Each TP=2 engine start costs 30-45 s of CI's 2 cores; qwen2_untied, qwen3, mixtral and
+# gemma passed too (2026-11-29, engine/NOTES.md) with ARCHS = engine.models.ARCHITECTURES.
+ARCHS = ("llama", "qwen2", "qwen3_moe", "qwen2_moe", "phi3")
 
 
 class Served:

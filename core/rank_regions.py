@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from weightsync.core.dtypes import itemsize
 from weightsync.core.regions import Region
 from weightsync.core.types import TensorSpec
 
@@ -41,7 +42,7 @@ class RankRegions:
         for name, region in self.regions.items():
             spec = inventory.get(name)
             if spec is not None:
-                total += region.numel(spec.shape) * (spec.nbytes // spec.numel if spec.numel else 0)
+                total += region.numel(spec.shape) * itemsize(spec.dtype)
         return total
 
 

@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weightsync.core import TensorSpec
-from weightsync.core.dtypes import DTYPE_ITEMSIZE
 from weightsync.core.rank_regions import RankRegions
 from weightsync.core.regions import Region
 
@@ -75,9 +74,6 @@ class WorkerNeeds:
     regions: dict[str, Region] = field(default_factory=dict)
     # Names declared whole because their region could not be derived, with why.
     whole_fallbacks: dict[str, str] = field(default_factory=dict)
-
-    def needed_bytes(self, specs: Sequence[TensorSpec]) -> int:
-        return sum(r.numel(s.shape) * DTYPE_ITEMSIZE[s.dtype] for s in specs if (r := self.regions.get(s.name)) is not None)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists, so that the result survives collective_rpc across processes."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from weightsync.core import TensorSpec
+from weightsync.core.rank_regions import RankRegions
 from weightsync.core.regions import Region
 from weightsync.engine.needs import derive_needs
 
@@ -116,4 +117,4 @@ def test_each_read_pattern_gives_its_region_or_whole_with_the_reason():
     # A dry run: nothing was written into the model, and every loader is back.
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert model.rows.weight_loader is _rows and not hasattr(model.whole, "weight_loader")
-    assert needs.needed_bytes(specs) == 4 * (4 * COLS + ROWS * 3 + 2 * COLS + ROWS * COLS + 2 + 6 * ROWS * COLS)
+    assert RankRegions(0, needs.regions, len(needs.whole_fallbacks)).num_bytes({s.name: s for s in specs}) == 4 * (4 * COLS + ROWS * 3 + 2 * COLS + ROWS * COLS + 2 + 6 * ROWS * COLS)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from weightsync.control.records import DaemonOutcome, DaemonRecord, DaemonState, ResultStatus, RoundRecord, RoundState
 from weightsync.control.state_file import CommittedState, load_state, save_state
-from weightsync.control.validation import MAX_LISTED_PROBLEMS, check_against_inventory
+from weightsync.control.validation import MAX_LISTED_PROBLEMS, check_against_inventory, check_needs
 from weightsync.core import (
     ALIGN_BYTES,
     AlreadyExists,
@@ -37,6 +37,7 @@ from weightsync.core import (
     default_bucket_size,
     is_full_round,
 )
+from weightsync.core.rank_regions import RankRegions
 from weightsync.core.regions import Region
 from weightsync.core.routing import holds_problems, judge_pieces, plan_routes
 from weightsync.core.types import TRANSPORTS
@@ -134,8 +135,8 @@ class DaemonRegistration:
     owner: str = ""
     # The session token of this same process's previous registration, if it had one.
     resume_token: str = ""
-    # What each local receiver rank needs (tensor name -> Region); None: every tensor whole.
-    needs: dict[int, dict[str, Region]] | None = None
+    # What each receiver rank needs (core/rank_regions.py); (): every rank needs every tensor whole.
+    needs: tuple[RankRegions, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +203,7 @@ def check_registration(reg: DaemonRegistration, config: CoordinatorConfig) -> di
             f"inventory: {total_bytes} bytes in all: expected at most {config.max_inventory_bytes} "
             "(max_inventory_bytes, --max-inventory-bytes)"
         )
+    problems.extend(check_needs(reg.needs, inventory, reg.num_ranks))
     if problems:
         raise InvalidArgument("registration is invalid", problems[:MAX_LISTED_PROBLEMS])
     return inventory
@@ -496,8 +498,9 @@ class Coordinator:
         if routed:
             needs: dict[int, dict[str, Region] | None] = {}
             for d, p in zip(participants, ranks):
+                declared = {n.rank: dict(n.regions) for n in d.needs}
                 for local, rank in enumerate(p.ranks):
-                    needs[rank] = d.needs.get(local) if d.needs else None
+                    needs[rank] = declared.get(local) if declared else None
             try:
                 routing = plan_routes(manifest, holds or {}, needs, bucket_size)
             except ValueError as e:

@@ -375,8 +375,8 @@ class WeightsyncWorkerExtension:
 
 def _derive_needs(worker: Any, specs: list[TensorSpec]) -> "WorkerNeeds":
     """needs.derive_needs, or every tensor whole (each a fallback) when the derivation itself fails."""
-    from weightsync.engine.needs import WorkerNeeds, derive_needs
     from weightsync.core.regions import Region
+    from weightsync.engine.needs import WorkerNeeds, derive_needs
 
     try:
         needs = derive_needs(worker.model_runner.get_model(), specs, worker.vllm_config)

@@ -44,10 +44,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weightsync.core import TensorSpec
-from weightsync.core.dtypes import DTYPE_ITEMSIZE
+from weightsync.core.rank_regions import RankRegions
 from weightsync.core.regions import Region
 
-__all__ = ["WorkerNeeds", "derive_needs"]
+__all__ = ["WorkerNeeds", "derive_needs", "rank_regions_from_workers"]
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,6 @@ class WorkerNeeds:
     # Names declared whole because their region could not be derived, with why.
     whole_fallbacks: dict[str, str] = field(default_factory=dict)
 
-    def needed_bytes(self, specs: Sequence[TensorSpec]) -> int:
-        return sum(r.numel(s.shape) * DTYPE_ITEMSIZE[s.dtype] for s in specs if (r := self.regions.get(s.name)) is not None)
-
     def to_dict(self) -> dict[str, Any]:
         """Plain lists, so that the result survives collective_rpc across processes."""
         return {
@@ -91,6 +88,15 @@ class WorkerNeeds:
             regions={str(n): Region(int(dim), int(start), int(length)) for n, dim, start, length in d["regions"]},
             whole_fallbacks={str(k): str(v) for k, v in d.get("whole_fallbacks", {}).items()},
         )
+
+
+def rank_regions_from_workers(results: Sequence[dict[str, Any]]) -> tuple[RankRegions, ...]:
+    """Each worker's weightsync_needs result as the RankRegions of its rank (vLLM's worker rank), in rank order."""
+    out = []
+    for result in sorted(results, key=lambda r: int(r["rank"])):
+        needs = WorkerNeeds.from_dict(result)
+        out.append(RankRegions(int(result["rank"]), needs.regions, len(needs.whole_fallbacks)))
+    return tuple(out)
 
 
 @dataclass(slots=True)
@@ -286,10 +292,13 @@ def _read_recorder(probe: _Probe):
                     r.mark(f"its loader writes into a real tensor with {op}")
                     return args[0]
                 return func(*args, **kwargs)
-            out = func(*args, **kwargs)
             if op.endswith("_"):
+                # Values written by any other in-place op are not counted: whole. Never into a real
+                # tensor (it may be the live model's).
                 r.mark(f"its loader writes in place with {op}")
-            elif op == "_to_copy":
+                return func(*args, **kwargs) if args[0].is_meta else args[0]
+            out = func(*args, **kwargs)
+            if op == "_to_copy":
                 dtype = str(kwargs.get("dtype", torch.float32)).removeprefix("torch.")
                 if dtype not in _LOSSLESS_DTYPES and _is_float(out):
                     r.mark(f"its loader casts to {dtype}")
@@ -299,12 +308,20 @@ def _read_recorder(probe: _Probe):
 
         def _count(self, r: _Reads, src: Any) -> None:
             size = r.shape[probe.dim]
-            values = src.detach().reshape(-1)
+            # Along a dim of stride 0 (still a view of the expanded index tensor) every element is
+            # the same memory, so the same value: count one and multiply. The usual loader then
+            # costs O(indices along dim), not O(elements read), whatever the model's size.
+            values, multiplicity = src.detach(), 1
+            for d in range(values.dim()):
+                if values.stride(d) == 0 and values.shape[d] > 1:
+                    multiplicity *= values.shape[d]
+                    values = values.narrow(d, 0, 1)
+            values = values.reshape(-1)
             as_int = values.to(torch.int64)
             if not torch.equal(as_int.to(values.dtype), values) or int(as_int.min()) < 1 or int(as_int.max()) > size:
                 r.mark("its loader copies values that are not indices of the tensor")
                 return
-            counts = torch.bincount(as_int, minlength=size + 1)
+            counts = torch.bincount(as_int, minlength=size + 1) * multiplicity
             prev = r.counts.get(probe.dim)
             r.counts[probe.dim] = counts if prev is None else prev + counts
 

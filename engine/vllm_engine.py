@@ -53,7 +53,7 @@ from weightsync.engine.payload import assignment_to_dict, encode_tensors
 if TYPE_CHECKING:
     import torch
 
-    from weightsync.core.regions import Region
+    from weightsync.core.rank_regions import RankRegions
 
 __all__ = ["ApplyReport", "INFLIGHT_POLICIES", "STAGING_MODES", "VllmEngine", "VllmEngineConfig"]
 
@@ -260,11 +260,11 @@ class VllmEngine:
             raise FailedPrecondition("the engine is closed")
         return await self._engine.collective_rpc(method, args=args, kwargs=kwargs)
 
-    async def needs(self) -> dict[int, dict[str, "Region"]]:
-        """What each worker's loader reads of each inventory tensor (needs.py), by worker rank."""
-        from weightsync.engine.needs import WorkerNeeds
+    async def needs(self) -> "tuple[RankRegions, ...]":
+        """What each worker's loader reads of each inventory tensor, one RankRegions per worker (needs.py)."""
+        from weightsync.engine.needs import rank_regions_from_workers
 
-        return {int(r["rank"]): WorkerNeeds.from_dict(r).regions for r in await self._rpc("weightsync_needs")}
+        return rank_regions_from_workers(await self._rpc("weightsync_needs"))
 
     async def weight_info(self) -> list[dict[str, Any]]:
         """Each worker's weightsync_weight_info; also refreshes served_version and dirty."""

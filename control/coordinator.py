@@ -104,6 +104,16 @@ class CoordinatorConfig:
 
 # Engines whose daemons apply a delta in place (runtime/daemon.py); every other engine gets dense.
 DELTA_ENGINES = frozenset({"memory"})
+# Engines whose daemons receive routed rounds (dataplane/routed.py via runtime/daemon.py, and
+# engine/routed.py in vLLM workers). A round with another engine in it is broadcast as before
+# (needs ignored), or refused if trainer ranks declared holds: their shards cannot be broadcast
+# from rank 0.
+ROUTED_ENGINES = frozenset({"memory", "vllm"})
+# Engines whose declared needs route a round by themselves (a trainer without holds: rank 0 holds
+# all). Not vLLM: every vLLM daemon declares needs, and a trainer that did not ask for routing
+# (WeightSync(routed=False)) keeps the dense path's delta rounds and lazily materialised tensors;
+# WeightSync(routed=True) routes into vLLM, from one rank or many.
+NEEDS_ROUTE_ENGINES = frozenset({"memory"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -427,9 +437,9 @@ class Coordinator:
         owner: str = "",
         holds: dict[int, dict[str, Region]] | None = None,
     ) -> Assignment:
-        """Begins a round. `holds` (trainer rank -> tensor -> Region held) makes it a routed round
-        (core/routing.py), sending each participant only the needs it declared; else rank 0 sends
-        everything to everyone."""
+        """Begins a round. `holds` (trainer rank -> tensor -> Region held), or needs declared by
+        daemons of NEEDS_ROUTE_ENGINES only, makes it a routed round (core/routing.py), sending each
+        participant only the needs it declared; else rank 0 sends everything to everyone."""
         self._check_options(options)
         if not self.accepting:
             raise Unavailable("coordinator is shutting down: retry against its replacement")
@@ -456,14 +466,23 @@ class Coordinator:
                 raise InvalidArgument("holds are invalid", problems[:MAX_LISTED_PROBLEMS])
         participants = self._select_participants(options)
         check_against_inventory(manifest, {d.daemon_id: d.inventory for d in participants})
-        # Only the trainer's holds route: a trainer that sends dense (one rank, gathers, deltas)
-        # does not speak the routed protocol, and every vLLM daemon declares its needs.
-        routed = bool(holds)
+        unrouted = sorted(d.daemon_id for d in participants if d.engine not in ROUTED_ENGINES)
+        if holds and (unrouted or options.transport == "cuda_ipc"):
+            why = f"daemons {unrouted} run engines that cannot receive them yet" if unrouted else "cuda_ipc has no point-to-point sends"
+            raise InvalidArgument(
+                f"holds: a round whose trainer ranks each send what they hold is routed, and {why}: "
+                "push from one rank (no holds), or leave those daemons out (options.daemon_ids)"
+            )
+        routed = bool(holds) or (
+            options.transport != "cuda_ipc"
+            and all(d.engine in NEEDS_ROUTE_ENGINES for d in participants)
+            and any(d.needs for d in participants)
+        )
         num_senders = len(holds) if holds else 1
         if routed and options.delta_base_version is not None:
             raise InvalidArgument(
                 "update options are invalid",
-                ["options.delta_base_version: a routed round (the trainer declared holds) is dense; leave it unset"],
+                ["options.delta_base_version: a routed round (holds, or daemons that declare needs) is dense; leave it unset"],
             )
 
         bucket_size = options.bucket_size_bytes or default_bucket_size(options.transport)
@@ -557,7 +576,7 @@ class Coordinator:
                     f"(rank, piece) pairs that are not the plan's sender {wrong[:10]}"
                 )
             if rnd.trainer_checksums is None:
-                rnd.sender_piece_sums = {i: s for (_, i), s in piece_sums.items()}
+                rnd.sender_piece_sums = {i: s for (_, i), s in (piece_sums or {}).items()}
                 rnd.trainer_checksums = {}
                 self._maybe_judge(rnd)
             await rnd.done.wait()

@@ -68,9 +68,10 @@ def _shapes(assignment: Assignment) -> dict[str, TensorSpec]:
     return {e.name: e.spec for _, e in assignment.plan.entries()}
 
 
-def held_region(t: torch.Tensor) -> Region:
+def held_region(t: torch.Tensor) -> Region | None:
     """The region of the global tensor that this rank's `local_view(t)` holds: from DTensor placements, else whole.
 
+    None when this rank's shard is empty (more ranks than rows: torch gives the last ranks nothing).
     One sharded mesh dim at most (FSDP2's Shard(d) over its mesh, or Replicate); other layouts
     (several sharded mesh dims, Partial) raise ValueError, since a region is one block."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -87,6 +88,8 @@ def held_region(t: torch.Tensor) -> Region:
 
     local_shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     dim = sharded[0][1].dim
+    if local_shape[dim] == 0:
+        return None
     return Region(dim, int(offset[dim]), int(local_shape[dim])).normalized(tuple(t.shape))
 
 

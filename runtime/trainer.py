@@ -17,9 +17,11 @@ import torch
 
 from weightsync.control.trainer_client import RoundFailed, RoundReport, SyncTrainerClient
 from weightsync.core import FailedPrecondition, TensorSpec, WeightsyncError
+from weightsync.core.regions import Region
 from weightsync.dataplane import GroupCache, TitanToHF, TrainerStore, send_assignment
 from weightsync.dataplane import RoundFailed as DataPlaneRoundFailed
 from weightsync.dataplane.delta_round import send_delta_round, wire_tensor
+from weightsync.dataplane.deferred import materialize
 from weightsync.dataplane.layout import dtype_name
 from weightsync.dataplane.routed import held_region, local_view, send_routed
 from weightsync.runtime.failpoints import load_failpoints
@@ -127,7 +129,6 @@ class WeightSync:
         self._titan = titan
         self._device = device
         self._client = SyncTrainerClient(coordinator, credentials=credentials, token=token) if self.rank == 0 else None
-        self._rendezvous_host = rendezvous_host
         # Every transport needs the store on rank 0: cuda_ipc exchanges its handles through it.
         self._store = (
             TrainerStore(rendezvous_host, rendezvous_port, bind_host=bind_host, timeout_s=collective_timeout_s) if self.rank == 0 else None
@@ -193,8 +194,14 @@ class WeightSync:
         if error is not None:
             raise error
         if self.rank != 0:
+            # Gathers in plan order, in lockstep with rank 0 (which materialises the same tensors
+            # also when daemons' needs made the round routed).
             send_assignment(assignment, tensors, None)
             return None
+        if assignment.routing is not None:
+            # Daemons declared needs: routed even from one sender, rank 0 holding every tensor whole.
+            held = {e.name: (materialize(tensors[e.name]), Region.whole()) for _, e in assignment.plan.entries()}
+            return self._send_and_commit(assignment, held, version, raise_on_failure)
         t0 = time.monotonic()
         try:
             group = self._groups.get(assignment, 0)
@@ -243,7 +250,8 @@ class WeightSync:
 
     def _push_routed(self, tensors: dict[str, Any], version: int, raise_on_failure: bool) -> RoundReport | None:
         """A routed round: every trainer rank declares what it holds and sends exactly that (no gathers)."""
-        held = {n: (local_view(t), held_region(t)) for n, t in tensors.items()}
+        regions = {n: held_region(t) for n, t in tensors.items()}
+        held = {n: (local_view(t), r) for n, t in tensors.items() if (r := regions[n]) is not None}
         holds_here = {n: region for n, (_, region) in held.items()}
         all_holds = [holds_here]
         if self.world_size > 1:
@@ -270,7 +278,12 @@ class WeightSync:
             assignment, error = (box[0], None) if not isinstance(box[0], BaseException) else (None, box[0])
         if error is not None:
             raise error
+        return self._send_and_commit(assignment, held, version, raise_on_failure)
+
+    def _send_and_commit(self, assignment, held: dict, version: int, raise_on_failure: bool) -> RoundReport | None:
+        """Sends this rank's pieces of a routed round; rank 0 gathers every rank's piece sums and commits (or aborts)."""
         t0 = time.monotonic()
+        routed_world = self._routed and self.world_size > 1
         outcome: dict | str
         try:
             sent = send_routed(assignment, self.rank, held, self._groups.get(assignment, self.rank))
@@ -279,7 +292,7 @@ class WeightSync:
             outcome = f"trainer rank {self.rank} failed to send: {_describe_failure(e, assignment)}"
             log.warning("update_id=%s: %s", assignment.update_id, outcome, exc_info=True)
         outcomes = [outcome]
-        if self.world_size > 1:
+        if routed_world:
             outcomes = [None] * self.world_size
             try:
                 torch.distributed.all_gather_object(outcomes, outcome)
@@ -303,7 +316,7 @@ class WeightSync:
         report = self._client.commit_update(assignment, {}, sender_s=time.monotonic() - t0, piece_sums=piece_sums)
         self.last_report = report
         log.info("push update_id=%s version=%d state=%s routed senders=%d seconds=%.3f",
-                 report.update_id, version, report.state, self.world_size, time.monotonic() - t0)
+                 report.update_id, version, report.state, len(outcomes), time.monotonic() - t0)
         if raise_on_failure:
             report.raise_if_failed()
         return report

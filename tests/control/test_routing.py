@@ -263,3 +263,18 @@ async def test_routed_round_over_grpc_judges_every_piece_per_engine():
         for agent in agents:
             await agent.close()
         await server.stop()
+
+
+async def test_holds_with_an_engine_that_cannot_take_routed_rounds_are_refused():
+    """Holds with a daemon whose engine has no routed receiver: InvalidArgument naming it and the fix."""
+    from tests.control.helpers import start_agent
+
+    server = await start_coordinator()
+    agent = await start_agent(server.address, "old", engine="other")
+    try:
+        async with TrainerClient(server.address) as client:
+            with pytest.raises(InvalidArgument, match=r"daemons \['old'\] run engines that cannot receive them yet.*daemon_ids"):
+                await client.begin_update(1, INVENTORY, holds=_fsdp_holds(2, list(INVENTORY)), **RDV)
+    finally:
+        await agent.close()
+        await server.stop()

@@ -195,3 +195,20 @@ def test_source_killed_mid_round_fails_fast_and_flags_engines(fleet):
     assert seconds < trainer.COLLECTIVE_TIMEOUT_S, seconds
     info = fleet.daemons()
     assert all(info[d].dirty for d in DAEMONS)
+
+
+def test_one_rank_trainer_is_routed_by_the_daemons_needs(fleet):
+    """A plain single-rank WeightSync (no routed flag) into TP daemons: the round is routed from rank 0, each TP rank gets its half."""
+    from weightsync.runtime.trainer import WeightSync
+
+    fleet.wait_idle(30)
+    specs = trainer.specs()
+    with WeightSync(fleet.address, bucket_size_bytes=trainer.BUCKET_BYTES, collective_timeout_s=trainer.COLLECTIVE_TIMEOUT_S,
+                    deadline_s=trainer.DEADLINE_S) as sync:
+        report = sync.push({s.name: random_tensor(s, 4) for s in specs}, version=4)
+    assert report.committed
+    sharded = sum(s.nbytes for s in specs if len(s.shape) == 2 and s.shape[0] % TP == 0)
+    whole = sum(s.nbytes for s in specs) - sharded
+    assert report.rank_bytes[0][1] == 2 * TP * (sharded // TP + whole)
+    # One sender: receivers are data-plane ranks 1..4.
+    assert {r: b[2] for r, b in report.rank_bytes.items() if r > 0} == {r: sharded // TP + whole for r in range(1, 1 + len(DAEMONS) * TP)}

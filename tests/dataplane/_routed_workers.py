@@ -44,15 +44,14 @@ def _trainer(rank: int, init_file: str, specs, inbox, outbox, opts: Options) -> 
         full = random_tensor(s, opts.seed)
         # FSDP2 shards dim 0; 1-D tensors stay replicated here, so both kinds of hold occur.
         tensors[s.name] = distribute_tensor(full, mesh, [Shard(0)] if len(s.shape) == 2 else [Replicate()])
-    holds = {n: held_region(t) for n, t in tensors.items()}
+    holds = {n: r for n, t in tensors.items() if (r := held_region(t)) is not None}
     store = TrainerStore(HOST) if rank == 0 else None
     outbox.put(("holds", rank, holds, store.port if store else None))
     a = inbox.get(timeout=120)
     cache = GroupCache(trainer_store=store)
     group = cache.get(a, rank)
     if opts.die_after_bucket is not None:
-        from weightsync.dataplane import routed
-
+        # The sender checks for aborts once per bucket: the planted death point.
         real_check = group.check_abort
         seen = []
 
@@ -63,8 +62,7 @@ def _trainer(rank: int, init_file: str, specs, inbox, outbox, opts: Options) -> 
             return real_check(what)
 
         group.check_abort = check_and_die
-        assert routed  # the sender checks for aborts once per bucket: the planted death point
-    result = send_routed(a, rank, {n: (local_view(t), holds[n]) for n, t in tensors.items()}, group)
+    result = send_routed(a, rank, {n: (local_view(tensors[n]), r) for n, r in holds.items()}, group)
     outbox.put(("done", rank, {"piece_sums": result.piece_sums, "bytes": result.num_bytes}))
     torch.distributed.destroy_process_group()
 

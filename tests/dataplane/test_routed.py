@@ -40,7 +40,12 @@ def _sums(reports, ranks):
 
 @pytest.mark.slow
 def test_two_senders_into_tp2_engines(tiny_specs, tmp_path):
-    """Bytes equal where needed and untouched elsewhere, ~half the sharded bytes per TP rank, every piece verified."""
+    """Bytes equal where needed and untouched elsewhere, ~half the sharded bytes per TP rank, every piece verified.
+
+    One tensor has a single row: trainer rank 1's shard of it is empty, so rank 1 declares no hold of it."""
+    from weightsync.core import TensorSpec
+
+    tiny_specs = tiny_specs + [TensorSpec("model.one_row.weight", (1, 8), "float32")]
     needs = _needs(tiny_specs)
     a, reports, _, _ = run_round(tiny_specs, needs, _router(tiny_specs, needs), Options(num_senders=S), str(tmp_path / "init"))
     assert all(kind == "done" for kind, _ in reports.values()), reports
@@ -49,8 +54,8 @@ def test_two_senders_into_tp2_engines(tiny_specs, tmp_path):
     sender_sums = {i: s for r in range(S) for i, s in reports[r][1]["piece_sums"].items()}
     assert judge_pieces(a.routing, sender_sums, _sums(reports, needs)) == {}
     # Each TP rank got half of every dim-0-divisible 2-D tensor plus the replicated ones whole.
-    sharded = sum(s.nbytes for s in tiny_specs if len(s.shape) == 2)
-    replicated = sum(s.nbytes for s in tiny_specs if len(s.shape) != 2)
+    sharded = sum(s.nbytes for s in tiny_specs if len(s.shape) == 2 and s.shape[0] % TP == 0)
+    replicated = sum(s.nbytes for s in tiny_specs) - sharded
     for r in needs:
         assert reports[r][1]["bytes"] == sharded // TP + replicated
     # Both senders sent (FSDP shards: each holds half of every 2-D tensor) and replicated tensors spread.
@@ -96,9 +101,9 @@ def test_source_killed_mid_round_fails_every_rank_fast(tiny_specs, tmp_path):
     assert elapsed < 15.0, elapsed
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "uint8"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "uint8", "float64"])
 def test_piece_sums_compose_to_the_tensor_checksum_at_any_boundary(dtype):
-    """Pieces cut at odd columns and rows (edge words shared by two pieces) still add up to tensor_checksum."""
+    """Pieces cut at odd columns and rows (edge words shared by two pieces; float64: word-aligned rows) add up to tensor_checksum."""
     from weightsync.core import TensorSpec
     from weightsync.core.regions import Region
     from weightsync.core.wordsum import compose_checksum

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from weightsync.core import TensorSpec
+from weightsync.core.rank_regions import RankRegions
 from weightsync.core.regions import Region
 from weightsync.core.routing import RoutingPlan, box_of, plan_routes
 
@@ -200,7 +201,8 @@ class _PieceHandler:
 
 async def _agent(address, daemon_id, handler, *, num_ranks=1, needs=None) -> DaemonAgent:
     ident = DaemonIdentity(
-        daemon_id=daemon_id, engine="memory", model="tiny", host="127.0.0.1", inventory=INVENTORY, num_ranks=num_ranks, needs=needs or {}
+        daemon_id=daemon_id, engine="memory", model="tiny", host="127.0.0.1", inventory=INVENTORY, num_ranks=num_ranks,
+        needs=tuple(RankRegions(r, per) for r, per in sorted((needs or {}).items())),
     )
     agent = DaemonAgent(address, ident, handler, served_version=-1, reconnect_max_s=0.5)
     agent.start()
@@ -268,7 +270,7 @@ async def test_holds_with_an_engine_that_cannot_take_routed_rounds_are_refused()
     from tests.control.helpers import start_agent
 
     server = await start_coordinator()
-    agent = await start_agent(server.address, "old", engine="vllm")
+    agent = await start_agent(server.address, "old", engine="other")
     try:
         async with TrainerClient(server.address) as client:
             with pytest.raises(InvalidArgument, match=r"daemons \['old'\] run engines that cannot receive them yet.*daemon_ids"):

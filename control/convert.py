@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from weightsync.core import Assignment, Bucket, BucketEntry, BucketPlan, Participant, Rendezvous, TensorSpec
+from weightsync.core.rank_regions import RankRegions
 from weightsync.core.regions import Region
 from weightsync.core.routing import RoutingPlan
 from weightsync.v1 import weightsync_pb2 as pb
@@ -14,6 +15,8 @@ __all__ = [
     "assignment_to_pb",
     "checksums_from_pb",
     "checksums_to_pb",
+    "holds_from_pb",
+    "holds_to_pb",
     "piece_sums_from_pb",
     "piece_sums_to_pb",
     "rank_regions_from_pb",
@@ -30,6 +33,32 @@ def spec_to_pb(spec: TensorSpec) -> pb.TensorSpec:
 def spec_from_pb(msg: pb.TensorSpec) -> TensorSpec:
     """Raises ValueError naming the tensor when the spec is malformed."""
     return TensorSpec(msg.name, tuple(msg.shape), msg.dtype)
+
+
+def rank_regions_to_pb(r: RankRegions) -> pb.RankRegions:
+    return pb.RankRegions(
+        rank=r.rank,
+        regions=[
+            pb.TensorRegion(name=n, region=pb.Region(dim=g.dim, start=g.start, length=g.length)) for n, g in r.regions.items()
+        ],
+        whole_fallbacks=r.whole_fallbacks,
+    )
+
+
+def rank_regions_from_pb(msg: pb.RankRegions, what: str) -> RankRegions:
+    """Raises ValueError naming `what` (e.g. "needs[1]") and the tensor: a name twice, or a bad count.
+
+    Whether each region fits its tensor is the caller's check (it needs the inventory).
+    """
+    regions: dict[str, Region] = {}
+    for i, tr in enumerate(msg.regions):
+        if tr.name in regions:
+            raise ValueError(f"{what}.regions[{i}]: tensor {tr.name!r} appears twice: expected one region per tensor")
+        regions[tr.name] = Region(tr.region.dim, tr.region.start, tr.region.length)
+    try:
+        return RankRegions(msg.rank, regions, msg.whole_fallbacks)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from e
 
 
 def checksums_to_pb(checksums: Mapping[str, int]) -> list[pb.TensorChecksum]:
@@ -59,7 +88,8 @@ def piece_sums_from_pb(msgs: Iterable[pb.PieceChecksum]) -> dict[tuple[int, int]
     return out
 
 
-def rank_regions_to_pb(regions: Mapping[int, Mapping[str, Region]]) -> list[pb.RankRegions]:
+def holds_to_pb(regions: Mapping[int, Mapping[str, Region]]) -> list[pb.RankRegions]:
+    """A trainer's holds (rank -> tensor name -> Region) as BeginUpdateRequest.holds."""
     return [
         pb.RankRegions(
             rank=r,
@@ -69,8 +99,8 @@ def rank_regions_to_pb(regions: Mapping[int, Mapping[str, Region]]) -> list[pb.R
     ]
 
 
-def rank_regions_from_pb(msgs: Iterable[pb.RankRegions], what: str) -> dict[int, dict[str, Region]]:
-    """Per rank, tensor name -> Region; ValueError naming the field on duplicates (regions are checked against shapes later)."""
+def holds_from_pb(msgs: Iterable[pb.RankRegions], what: str) -> dict[int, dict[str, Region]]:
+    """BeginUpdateRequest.holds: per rank, tensor name -> Region; ValueError naming the field on duplicates (regions are checked against shapes later)."""
     out: dict[int, dict[str, Region]] = {}
     for i, m in enumerate(msgs):
         if m.rank in out:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from weightsync.control.records import DaemonOutcome, DaemonRecord, DaemonState, ResultStatus, RoundRecord, RoundState
 from weightsync.control.state_file import CommittedState, load_state, save_state
-from weightsync.control.validation import MAX_LISTED_PROBLEMS, check_against_inventory
+from weightsync.control.validation import MAX_LISTED_PROBLEMS, check_against_inventory, check_needs
 from weightsync.core import (
     ALIGN_BYTES,
     AlreadyExists,
@@ -37,6 +37,7 @@ from weightsync.core import (
     default_bucket_size,
     is_full_round,
 )
+from weightsync.core.rank_regions import RankRegions
 from weightsync.core.regions import Region
 from weightsync.core.routing import holds_problems, judge_pieces, plan_routes
 from weightsync.core.types import TRANSPORTS
@@ -108,13 +109,16 @@ DELTA_ENGINES = frozenset({"memory", "vllm"})
 # the base. Others (vLLM: a host shadow per worker, engine/shadow.py) take a delta only while
 # their daemon says its receivers hold the base (Heartbeat/UpdateResult.holds_delta_base).
 IN_PLACE_DELTA_ENGINES = frozenset({"memory"})
-# Engines whose daemons receive routed rounds (dataplane/routed.py via runtime/daemon.py). A round
-# with another engine in it is broadcast as before (needs ignored), or refused if trainer ranks
-# declared holds: their shards cannot be broadcast from rank 0.
-ROUTED_ENGINES = frozenset({"memory"})
-# Of those, engines whose daemons that declare needs take nothing but routed rounds (the memory
-# daemon's --tp ranks each hold only their own region).
-ROUTED_ONLY_ENGINES = frozenset({"memory"})
+# Engines whose daemons receive routed rounds (dataplane/routed.py via runtime/daemon.py, and
+# engine/routed.py in vLLM workers). A round with another engine in it is broadcast as before
+# (needs ignored), or refused if trainer ranks declared holds: their shards cannot be broadcast
+# from rank 0.
+ROUTED_ENGINES = frozenset({"memory", "vllm"})
+# Engines whose declared needs route a round by themselves (a trainer without holds: rank 0 holds
+# all). Not vLLM: every vLLM daemon declares needs, and a trainer that did not ask for routing
+# (WeightSync(routed=False)) keeps the dense path's delta rounds and lazily materialised tensors;
+# WeightSync(routed=True) routes into vLLM, from one rank or many.
+NEEDS_ROUTE_ENGINES = frozenset({"memory"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,8 +150,8 @@ class DaemonRegistration:
     owner: str = ""
     # The session token of this same process's previous registration, if it had one.
     resume_token: str = ""
-    # What each local receiver rank needs (tensor name -> Region); None: every tensor whole.
-    needs: dict[int, dict[str, Region]] | None = None
+    # What each receiver rank needs (core/rank_regions.py); (): every rank needs every tensor whole.
+    needs: tuple[RankRegions, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +218,7 @@ def check_registration(reg: DaemonRegistration, config: CoordinatorConfig) -> di
             f"inventory: {total_bytes} bytes in all: expected at most {config.max_inventory_bytes} "
             "(max_inventory_bytes, --max-inventory-bytes)"
         )
+    problems.extend(check_needs(reg.needs, inventory, reg.num_ranks))
     if problems:
         raise InvalidArgument("registration is invalid", problems[:MAX_LISTED_PROBLEMS])
     return inventory
@@ -450,8 +455,9 @@ class Coordinator:
         owner: str = "",
         holds: dict[int, dict[str, Region]] | None = None,
     ) -> Assignment:
-        """Begins a round. `holds` (trainer rank -> tensor -> Region held), or any participant that
-        declared needs, makes it a routed round (core/routing.py); else rank 0 sends everything."""
+        """Begins a round. `holds` (trainer rank -> tensor -> Region held), or needs declared by
+        daemons of NEEDS_ROUTE_ENGINES only, makes it a routed round (core/routing.py), sending each
+        participant only the needs it declared; else rank 0 sends everything to everyone."""
         self._check_options(options)
         if not self.accepting:
             raise Unavailable("coordinator is shutting down: retry against its replacement")
@@ -490,12 +496,14 @@ class Coordinator:
                 "update options are invalid",
                 ["options.delta_base_version: a round whose trainer ranks send what they hold (holds) is dense; leave it unset"],
             )
-        # Needs alone route a dense round (each receiver gets only what it loads). A delta round
-        # from one rank stays a delta round (its payload is a few % of the model anyway) unless
-        # a participant takes routed rounds only: then the round is routed and dense for all.
-        needy = not unrouted and options.transport != "cuda_ipc" and any(d.needs for d in participants)
-        routed_only = any(d.needs and d.engine in ROUTED_ONLY_ENGINES for d in participants)
-        routed = bool(holds) or (needy and (options.delta_base_version is None or routed_only))
+        # Needs alone route a round when every participant's engine routes on them (each receiver
+        # gets only what it loads). Such a round is dense for all: a delta asked of it (a trainer
+        # with delta=True after a commit) falls back to dense automatically, below.
+        routed = bool(holds) or (
+            options.transport != "cuda_ipc"
+            and all(d.engine in NEEDS_ROUTE_ENGINES for d in participants)
+            and any(d.needs for d in participants)
+        )
         num_senders = len(holds) if holds else 1
 
         bucket_size = options.bucket_size_bytes or default_bucket_size(options.transport)
@@ -530,8 +538,9 @@ class Coordinator:
         if routed:
             needs: dict[int, dict[str, Region] | None] = {}
             for d, p in zip(participants, ranks):
+                declared = {n.rank: dict(n.regions) for n in d.needs}
                 for local, rank in enumerate(p.ranks):
-                    needs[rank] = d.needs.get(local) if d.needs else None
+                    needs[rank] = declared.get(local) if declared else None
             try:
                 routing = plan_routes(manifest, holds or {}, needs, bucket_size)
             except ValueError as e:

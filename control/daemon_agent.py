@@ -11,7 +11,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -19,6 +19,7 @@ import grpc
 from weightsync.control.channel import check_token_transport, make_channel
 from weightsync.control.convert import assignment_from_pb, checksums_to_pb, piece_sums_to_pb, rank_regions_to_pb, spec_to_pb
 from weightsync.core import Assignment, TensorSpec, is_full_round
+from weightsync.core.rank_regions import RankRegions
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
@@ -76,14 +77,18 @@ class DaemonIdentity:
     inventory: tuple[TensorSpec, ...]
     num_ranks: int = 1
     transports: tuple[str, ...] = ("gloo",)
-    # What each local receiver rank needs (rank -> tensor name -> core.regions.Region); empty: every tensor whole.
-    needs: Mapping[int, Mapping] = field(default_factory=dict)
+    # What each receiver rank's loader reads, one per rank (engine/needs.py); (): every tensor whole.
+    needs: tuple[RankRegions, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.daemon_id:
             raise ValueError("daemon_id must be non-empty")
         if self.num_ranks < 1:
             raise ValueError(f"num_ranks must be >= 1, got {self.num_ranks}")
+        if self.needs and sorted(n.rank for n in self.needs) != list(range(self.num_ranks)):
+            raise ValueError(
+                f"needs: expected one entry per rank 0..{self.num_ranks - 1} or none, got ranks {sorted(n.rank for n in self.needs)}"
+            )
 
 
 @dataclass(slots=True)
@@ -256,11 +261,11 @@ class DaemonAgent:
                     host=ident.host,
                     num_ranks=ident.num_ranks,
                     inventory=[spec_to_pb(s) for s in ident.inventory],
+                    needs=[rank_regions_to_pb(n) for n in ident.needs],
                     transports=list(ident.transports),
                     served_version=self.served_version,
                     dirty=self.dirty,
                     resume_token=self._session_token,
-                    needs=rank_regions_to_pb(ident.needs),
                 ),
                 timeout=self._rpc_timeout_s,
             )

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from weightsync.core import Assignment, TensorSpec
-from weightsync.core.regions import Region
+from weightsync.core.rank_regions import RankRegions
 
 __all__ = ["DaemonRecord", "DaemonState", "ResultStatus", "RoundRecord", "RoundState", "DaemonOutcome"]
 
@@ -60,13 +60,13 @@ class DaemonRecord:
     # Its receivers say they hold the bytes of served_version apart from the model (a vLLM
     # worker's shadow), as of its last heartbeat or result: a delta can be applied there.
     holds_delta_base: bool = False
+    # What each receiver rank's loader reads (one per rank), or () when every rank needs every tensor whole.
+    needs: tuple[RankRegions, ...] = ()
     state: DaemonState = DaemonState.LOST
     reason: str = "registered; session not open yet"
     last_heartbeat_mono: float = field(default_factory=time.monotonic)
     last_heartbeat_unix: float = field(default_factory=time.time)
     outbox: asyncio.Queue | None = None
-    # What each local receiver rank needs (tensor name -> Region); None: every tensor whole.
-    needs: dict[int, dict[str, Region]] | None = None
 
     @property
     def healthy(self) -> bool:

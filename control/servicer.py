@@ -7,11 +7,19 @@ import contextlib
 import functools
 import logging
 
-from weightsync.control.convert import assignment_to_pb, checksums_from_pb, piece_sums_from_pb, rank_regions_from_pb, spec_from_pb
+from weightsync.control.convert import (
+    assignment_to_pb,
+    checksums_from_pb,
+    holds_from_pb,
+    piece_sums_from_pb,
+    rank_regions_from_pb,
+    spec_from_pb,
+)
 from weightsync.control.coordinator import Coordinator, DaemonRegistration, SessionEvent, UpdateOptions, check_registration
 from weightsync.control.records import DaemonRecord, RoundRecord
 from weightsync.control.validation import MAX_LISTED_PROBLEMS, parse_manifest
 from weightsync.core import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from weightsync.core.rank_regions import needed_bytes_per_rank
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
 
@@ -77,6 +85,8 @@ def daemon_to_pb(rec: DaemonRecord) -> pb.DaemonInfo:
         transports=list(rec.transports),
         reason=_clip(rec.reason),
         unknown_version=rec.unknown_version,
+        needed_bytes_per_rank=needed_bytes_per_rank(rec.needs, rec.inventory, rec.num_ranks),
+        whole_fallbacks=sum(n.whole_fallbacks for n in rec.needs),
     )
 
 
@@ -123,13 +133,7 @@ def _parse_registration(request: pb.RegisterDaemonRequest, owner: str, coordinat
                 break
     if problems:
         raise InvalidArgument("inventory is invalid", problems)
-    # Minimal parse of the declared needs (engineer C's validation against the inventory replaces it).
-    try:
-        needs = rank_regions_from_pb(request.needs, "needs") or None
-    except ValueError as e:
-        raise InvalidArgument(f"needs: {e}") from e
-    if needs is not None and sorted(needs) != list(range(request.num_ranks)):
-        raise InvalidArgument(f"needs: expected one entry per rank 0..{request.num_ranks - 1}, got ranks {sorted(needs)}")
+    needs = _parse_needs(request, len(inventory))
     reg = DaemonRegistration(
         daemon_id=request.daemon_id,
         engine=request.engine,
@@ -145,6 +149,27 @@ def _parse_registration(request: pb.RegisterDaemonRequest, owner: str, coordinat
         needs=needs,
     )
     return reg, check_registration(reg, coordinator.config)
+
+
+def _parse_needs(request: pb.RegisterDaemonRequest, num_tensors: int) -> tuple:
+    """The needs in core types; bounded like the inventory: one region per tensor per rank at most."""
+    num_entries = sum(len(n.regions) for n in request.needs)
+    if len(request.needs) > max(request.num_ranks, 1) or num_entries > len(request.needs) * num_tensors:
+        raise ResourceExhausted(
+            f"needs: {len(request.needs)} ranks with {num_entries} regions in all: expected at most num_ranks "
+            f"({request.num_ranks}) ranks of at most one region per inventory tensor ({num_tensors}) each"
+        )
+    problems, needs = [], []
+    for i, m in enumerate(request.needs):
+        try:
+            needs.append(rank_regions_from_pb(m, f"needs[{i}]"))
+        except ValueError as e:
+            problems.append(str(e))
+            if len(problems) >= MAX_LISTED_PROBLEMS:
+                break
+    if problems:
+        raise InvalidArgument("needs are invalid", problems)
+    return tuple(needs)
 
 
 class DaemonServicer(pb_grpc.DaemonServiceServicer):
@@ -265,7 +290,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             delta_base_version=o.delta_base_version if o.HasField("delta_base_version") else None,
         ) if request.HasField("options") else UpdateOptions()
         try:
-            holds = rank_regions_from_pb(request.holds, "holds")
+            holds = holds_from_pb(request.holds, "holds")
         except ValueError as e:
             raise InvalidArgument(f"holds: {e}") from e
         assignment = self._c.begin_update(request.version, manifest, options, owner=self._identify(context), holds=holds or None)

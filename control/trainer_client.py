@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from weightsync.control.channel import error_from_rpc, make_channel
-from weightsync.control.convert import assignment_from_pb, checksums_to_pb, piece_sums_to_pb, rank_regions_to_pb, spec_to_pb
+from weightsync.control.convert import assignment_from_pb, checksums_to_pb, holds_to_pb, piece_sums_to_pb, spec_to_pb
 from weightsync.core import Assignment, TensorSpec, WeightsyncError
 from weightsync.v1 import weightsync_pb2 as pb
 from weightsync.v1 import weightsync_pb2_grpc as pb_grpc
@@ -178,7 +178,7 @@ class TrainerClient:
                 collective_timeout_s=collective_timeout_s,
                 delta_base_version=delta_base_version,
             ),
-            holds=rank_regions_to_pb(holds or {}),
+            holds=holds_to_pb(holds or {}),
         )
         resp = await self._call("BeginUpdate", self._trainer.BeginUpdate, req)
         assignment = assignment_from_pb(resp.assignment)

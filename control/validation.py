@@ -8,10 +8,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from weightsync.core import InvalidArgument, TensorSpec, apply_unit
+from weightsync.core.rank_regions import RankRegions
 from weightsync.core.problems import Problems, dtype_fix, examples, group_by_subject
 from weightsync.v1 import weightsync_pb2 as pb
 
-__all__ = ["MAX_MANIFEST_TENSORS", "MAX_LISTED_PROBLEMS", "parse_manifest", "check_against_inventory"]
+__all__ = ["MAX_MANIFEST_TENSORS", "MAX_LISTED_PROBLEMS", "check_against_inventory", "check_needs", "parse_manifest"]
 
 MAX_MANIFEST_TENSORS = 1_000_000
 MAX_LISTED_PROBLEMS = 40
@@ -99,3 +100,36 @@ def _incomplete_fusion_groups(found: Problems, manifest_names: set[str], invento
                       f"but not {missing}", unit)
     if found.count("modules sent in part"):
         found.hint("modules sent in part", "tensors of one module (q/k/v, gate/up, a weight and its bias) travel together")
+
+
+def check_needs(needs: Sequence[RankRegions], inventory: Mapping[str, TensorSpec], num_ranks: int) -> list[str]:
+    """What is wrong with a registration's needs (proto RegisterDaemonRequest.needs), grouped; [] if nothing.
+
+    None at all is fine (every rank needs every tensor whole); otherwise exactly one entry
+    per receiver rank 0..num_ranks-1, each naming inventory tensors with regions that fit
+    their shapes. A rank that names a tensor nowhere does not need it.
+    """
+    if not needs:
+        return []
+    problems: list[str] = []
+    if len(needs) != num_ranks:
+        problems.append(f"needs: expected one entry per receiver rank (num_ranks {num_ranks}) or none, got {len(needs)}")
+    ranks = [n.rank for n in needs]
+    if any(r >= num_ranks for r in ranks) or len(set(ranks)) != len(ranks):
+        problems.append(f"needs: ranks expected 0..{num_ranks - 1} once each, got {sorted(ranks)[:16]}")
+    found = Problems()
+    for i, entry in enumerate(needs):
+        what = f"needs[{i}] (rank {entry.rank})"
+        if len(entry.regions) > len(inventory):
+            found.add("ranks with more regions than tensors", f"{what}: {len(entry.regions)} regions: expected at most "
+                      f"{len(inventory)} (one per inventory tensor)", what)
+            continue
+        for name, region in entry.regions.items():
+            spec = inventory.get(name)
+            if spec is None:
+                found.add("regions of unknown tensors", f"{what}: tensor {name!r} is not in the inventory", name)
+                continue
+            for line in region.problems(spec.shape, f"{what} tensor {name!r}"):
+                found.add("regions that do not fit their tensor", line, f"{name} {region}")
+    found.hint("regions of unknown tensors", "needs name inventory tensors only (the engine's checkpoint names)")
+    return problems + found.render()

@@ -200,6 +200,7 @@ def receive_routed(
     destination: Callable[[str], torch.Tensor | None] | None = None,
     *,
     apply_fn: Callable[[list[tuple[str, torch.Tensor]]], None] | None = None,
+    local_problem: str | None = None,
 ) -> RoutedResult:
     """Receives this rank's pieces of a routed round into full-size tensors; returns each piece's S, recomputed.
 
@@ -208,7 +209,11 @@ def receive_routed(
     (`torch.empty`: parts this rank does not need are never written) and returned in `staged`.
     `apply_fn` gets (name, full-size tensor) pairs once every piece of the tensor that this rank
     needs has landed (a tensor cut over several buckets: at its last). On a local
-    problem the rank still takes every message, then fails the round on every rank with its reason.
+    problem the rank still takes every message, then fails the round on every rank with its reason;
+    `local_problem` (e.g. the plan does not fit this engine) refuses the round at the open handshake
+    instead, on every rank, before any byte moves. Once a tensor is applied and summed this function
+    drops its reference: with a `destination` that hands out fresh staging tensors, staging lasts
+    only as long as `apply_fn` keeps them.
     """
     plan = _routing(assignment)
     if rank not in assignment.receiver_ranks:
@@ -216,7 +221,7 @@ def receive_routed(
     started = time.monotonic()
     specs = _shapes(assignment)
     dev = group.device
-    open_round(group, assignment)
+    open_round(group, assignment, local_problem=local_problem)
     opened = time.monotonic() - started
     problem: BaseException | None = None
     landed: dict[str, torch.Tensor] = {}
@@ -250,6 +255,7 @@ def receive_routed(
                 # Recomputed from the destination after the apply: proves what the engine holds.
                 for p in pending.pop(n):
                     sums[p.index] = piece_sum(landed[n][_slices(p.box)], p.box, specs[n].shape)
+                del landed[n]
         except Exception as e:
             problem = e
     if problem is not None:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from weightsync.core import Assignment
     from weightsync.engine.apply import AppliedWeights
+    from weightsync.engine.needs import WorkerNeeds
     from weightsync.engine.receive import DataPlaneSeat, StagedUpdate
 
 __all__ = ["EXTENSION_CLS", "WeightsyncWorkerExtension"]
@@ -48,6 +49,29 @@ EXTENSION_CLS = "weightsync.engine.extension.WeightsyncWorkerExtension"
 # bounded by its round's collective timeout); discarding never waits: the next
 # round's thread queues behind the old one instead of the engine loop.
 _CLOSE_WAIT_S = 5.0
+
+
+def _answers_failure(method):
+    """With several workers, a failure is answered as {"rank", "error"} instead of raised.
+
+    vLLM 0.32's multiprocess collective_rpc raises at the first worker that failed and leaves
+    the other workers' answers in their queues, so every later call on that engine pairs
+    with a stale answer (seen: a round after a failed streamed round got None from worker 1).
+    VllmEngine raises once it has every worker's answer. One worker: raised as before.
+    """
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:
+            if self.parallel_config.world_size == 1:
+                raise
+            log.warning("worker %d: %s failed: %s", self.rank, method.__name__, e, exc_info=True)
+            return {"rank": self.rank, "error": f"{type(e).__name__}: {e}"}
+
+    return wrapper
 
 
 @dataclass(slots=True)
@@ -68,6 +92,8 @@ class _WorkerState:
     shadow: Shadow = field(default_factory=Shadow)
     # False: no shadow (its host memory matters more than delta rounds): every round is dense here.
     keep_shadow: bool = True
+    # What this worker's loader reads of each inventory tensor (needs.py).
+    needs: "WorkerNeeds | None" = None
 
 
 class WeightsyncWorkerExtension:
@@ -97,6 +123,7 @@ class WeightsyncWorkerExtension:
             )
             if state.inventory_problems:
                 log.warning("worker %d: checkpoint and vLLM's loader disagree: %s", self.rank, state.inventory_problems)
+            state.needs = _derive_needs(self, list(state.inventory.values()))
             self._weightsync_state = state
         return state
 
@@ -147,6 +174,11 @@ class WeightsyncWorkerExtension:
             "holds_delta_base": state.shadow.held and not (state.dirty or state.broken),
             "shadow_bytes": state.shadow.nbytes,
         }
+
+    def weightsync_needs(self) -> dict[str, Any]:
+        """The region of each inventory tensor this worker's loader reads (needs.py), and the whole fallbacks."""
+        state = self._weightsync()
+        return {"rank": self.rank, **state.needs.to_dict()}
 
     def weightsync_set_version(
         self, version: int | None, dirty: bool = False, keep_shadow: bool | None = None
@@ -299,6 +331,7 @@ class WeightsyncWorkerExtension:
         """The staging state of update_id: receiving, staged, failed or discarded, with progress."""
         return self._weightsync_staged(update_id).status()
 
+    @_answers_failure
     def weightsync_commit(self, update_id: str) -> dict[str, Any]:
         """Applies a staged round; run it between engine steps with generation paused."""
         staged = self._weightsync_staged(update_id)
@@ -326,6 +359,7 @@ class WeightsyncWorkerExtension:
 
     # ------------------------------------------------------------------ data plane: streamed
 
+    @_answers_failure
     def weightsync_receive(self, assignment: Mapping[str, Any], ranks: list[int]) -> dict[str, Any]:
         """Receives a round and applies it as it arrives, inside this call; pause generation first."""
         from weightsync.engine.receive import receive_and_apply
@@ -361,6 +395,9 @@ class WeightsyncWorkerExtension:
             "bytes_received": result.bytes_received,
             "receive_s": result.receive_s,
             "apply_s": applied.apply_s,
+            # A routed round (engine/routed.py): this worker's own pieces, [piece index, sum] (msgpack-safe).
+            "piece_sums": [[int(i), int(v)] for i, v in sorted(getattr(result, "piece_sums", {}).items())],
+            "staging_peak_bytes": int(getattr(result, "staging_peak_bytes", 0)),
         }
 
     def weightsync_close(self) -> None:
@@ -374,3 +411,20 @@ class WeightsyncWorkerExtension:
         if state.seat is not None:
             state.seat.close(timeout_s=_CLOSE_WAIT_S)
             state.seat = None
+
+
+def _derive_needs(worker: Any, specs: list[TensorSpec]) -> "WorkerNeeds":
+    """needs.derive_needs, or every tensor whole (each a fallback) when the derivation itself fails."""
+    from weightsync.core.regions import Region
+    from weightsync.engine.needs import WorkerNeeds, derive_needs
+
+    try:
+        needs = derive_needs(worker.model_runner.get_model(), specs, worker.vllm_config)
+    except Exception as e:  # vLLM internals: whole tensors are always correct, only slower
+        log.warning("worker %d: deriving needs failed, every tensor is needed whole: %s", worker.rank, e, exc_info=True)
+        why = f"deriving needs failed: {type(e).__name__}: {e}"
+        return WorkerNeeds({s.name: Region.whole() for s in specs}, {s.name: why for s in specs})
+    if needs.whole_fallbacks:
+        log.info("worker %d: %d tensors needed whole (region not derivable), e.g. %s", worker.rank,
+                 len(needs.whole_fallbacks), next(iter(needs.whole_fallbacks.items())))
+    return needs

@@ -35,7 +35,7 @@ from typing import Any
 
 from weightsync.core import TensorSpec, apply_unit
 
-__all__ = ["LoaderCheck", "dry_run_loader"]
+__all__ = ["LoaderCheck", "dry_run_loader", "swap_weight_loader"]
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def dry_run_loader(model: Any, specs: Sequence[TensorSpec], vllm_config: Any = N
 
     params = dict(model.named_parameters())
     recorder = _Recorder()
-    restores = [_swap_loader(param, recorder.loader_for(name)) for name, param in params.items()]
+    restores = [swap_weight_loader(param, recorder.loader_for(name)) for name, param in params.items()]
     check = LoaderCheck()
     remaining = list(specs)
     if vllm_config is not None:
@@ -133,7 +133,7 @@ def dry_run_loader(model: Any, specs: Sequence[TensorSpec], vllm_config: Any = N
     return check
 
 
-def _swap_loader(param: Any, loader: Any) -> Callable[[], None]:
+def swap_weight_loader(param: Any, loader: Any) -> Callable[[], None]:
     """Sets param.weight_loader; returns the function that puts the original back."""
     if isinstance(getattr(type(param), "weight_loader", None), property):
         # vLLM's parameter classes keep the loader behind a property.

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from weightsync.core import Assignment, Bucket, BucketEntry, BucketPlan, Participant, Rendezvous
+from weightsync.core.routing import RoutingPlan
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +49,8 @@ def assignment_to_dict(a: Assignment) -> dict[str, Any]:
             ],
         },
         "deadline_s": a.deadline_s,
+        # A routed round's plan (core/routing.py), digest-checked again on arrival.
+        "routing": None if a.routing is None else {"plan": a.routing.to_dict(), "digest": a.routing.digest},
     }
 
 
@@ -84,9 +87,16 @@ def assignment_from_dict(d: Mapping[str, Any]) -> Assignment:
             plan=BucketPlan.from_buckets(buckets, str(d["plan"]["digest"])),
             deadline_s=float(d["deadline_s"]),
             delta_base_version=None if d.get("delta_base_version") is None else int(d["delta_base_version"]),
+            routing=_routing_from_dict(d.get("routing")),
         )
     except (KeyError, TypeError) as e:
         raise ValueError(f"malformed assignment dict: {type(e).__name__}: {e}") from e
+
+
+def _routing_from_dict(d: Mapping[str, Any] | None) -> RoutingPlan | None:
+    if d is None:
+        return None
+    return RoutingPlan.from_dict(d["plan"], str(d["digest"]))
 
 
 def encode_tensors(tensors: Mapping[str, "torch.Tensor"]) -> bytes:

@@ -54,6 +54,10 @@ class _Discarded(Exception):
     """Raised in the consumer to end a round that the daemon gave up on."""
 
 
+def _num_buckets(assignment: Assignment) -> int:
+    return assignment.routing.num_buckets if assignment.routing is not None else len(assignment.plan.buckets)
+
+
 class DataPlaneSeat:
     """A worker's place in the data plane: one group cache, used by one round at a time.
 
@@ -163,7 +167,7 @@ class StagedUpdate:
                 "state": self._state,
                 "buckets_done": self._buckets_done,
                 "bytes_done": self._bytes_done,
-                "num_buckets": len(self.assignment.plan.buckets),
+                "num_buckets": _num_buckets(self.assignment),
                 "error": "" if self._error is None else f"{type(self._error).__name__}: {self._error}",
                 "seconds": time.monotonic() - self._started,
             }
@@ -191,6 +195,9 @@ class StagedUpdate:
             self._buckets_done, self._bytes_done = buckets_done, bytes_done
 
     def _run(self) -> None:
+        if self.assignment.routing is not None:
+            self._run_routed()
+            return
         try:
             with self._seat.claim(self.assignment, self.rank) as groups:
                 if self.assignment.delta_base_version is not None:
@@ -230,6 +237,29 @@ class StagedUpdate:
                 staged.extend((name, view.to(self._staging_device, copy=True)) for name, view in batch)
         return staged, stream.result
 
+    def _run_routed(self) -> None:
+        """_run for a routed round: only this worker's pieces arrive (engine/routed.py)."""
+        from weightsync.engine.routed import stage_routed
+
+        try:
+            with self._seat.claim(self.assignment, self.rank) as groups:
+                group = groups.get(self.assignment, self.rank)
+                staged, result = stage_routed(self.assignment, self.rank, group, self._inventory, discarded=self._discard)
+        except Exception as e:  # thread boundary: kept for status() and take(), and logged
+            log.warning("rank %d: staging routed update %s failed: %s", self.rank, self.update_id, e, exc_info=True)
+            with self._lock:
+                self._state = FAILED
+                self._error = e
+            return
+        with self._lock:
+            self._buckets_done, self._bytes_done = _num_buckets(self.assignment), result.bytes_received
+            if self._discard.is_set():
+                self._state = DISCARDED
+                return
+            self._tensors = staged
+            self._result = result
+            self._state = STAGED
+
 
 def receive_and_apply(
     worker: Any,
@@ -248,6 +278,12 @@ def receive_and_apply(
     """
     from weightsync.engine.apply import ApplyFailed, apply_weights
 
+    if assignment.routing is not None:
+        from weightsync.engine.routed import receive_routed_and_apply
+
+        with seat.claim(assignment, rank) as groups:
+            group = groups.get(assignment, rank)
+            return receive_routed_and_apply(worker, assignment, rank, group, inventory, path=path)
     try:
         with seat.claim(assignment, rank) as groups:
             if assignment.delta_base_version is not None:

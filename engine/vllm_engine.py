@@ -53,6 +53,8 @@ from weightsync.engine.payload import assignment_to_dict, encode_tensors
 if TYPE_CHECKING:
     import torch
 
+    from weightsync.core.rank_regions import RankRegions
+
 __all__ = ["ApplyReport", "INFLIGHT_POLICIES", "STAGING_MODES", "VllmEngine", "VllmEngineConfig"]
 
 log = logging.getLogger(__name__)
@@ -149,6 +151,10 @@ class ApplyReport:
     seconds: float  # the whole call
     # Each worker's own checksums, in worker order (all equal to `checksums`, or the update raised).
     worker_checksums: tuple[dict[str, int], ...] = ()
+    # A routed round: (data-plane rank, piece index) -> sum of the piece as the worker received it.
+    piece_sums: dict[tuple[int, int], int] = field(default_factory=dict)
+    # A routed round: the most full-size staging bytes any worker held at once (engine/routed.py).
+    staging_peak_bytes: int = 0
 
 
 class VllmEngine:
@@ -262,6 +268,12 @@ class VllmEngine:
         if self._closed:
             raise FailedPrecondition("the engine is closed")
         return await self._engine.collective_rpc(method, args=args, kwargs=kwargs)
+
+    async def needs(self) -> "tuple[RankRegions, ...]":
+        """What each worker's loader reads of each inventory tensor, one RankRegions per worker (needs.py)."""
+        from weightsync.engine.needs import rank_regions_from_workers
+
+        return rank_regions_from_workers(await self._rpc("weightsync_needs"))
 
     async def weight_info(self) -> list[dict[str, Any]]:
         """Each worker's weightsync_weight_info; also refreshes served_version and dirty."""
@@ -383,12 +395,17 @@ class VllmEngine:
                 ) from e
             finally:
                 await self._refresh_state()
-        report = self._report(assignment.update_id, assignment.version, results, paused_s, started)
+        report = self._report(
+            assignment.update_id, assignment.version, results, paused_s, started, routed=assignment.routing is not None
+        )
         log.info(
             "update %s applied: version %d, %d tensors, %d bytes, receive %.3f s, apply %.3f s, paused %.3f s",
             report.update_id, assignment.version, report.num_tensors, report.bytes_received,
             report.receive_s, report.apply_s, report.paused_s,
         )
+        if assignment.routing is not None:
+            log.info("update %s routed: staging peak %d bytes per worker (%s)", report.update_id,
+                     report.staging_peak_bytes, staging)
         return report
 
     async def _refresh_state(self) -> None:
@@ -451,6 +468,7 @@ class VllmEngine:
             ) from e
         try:
             results = await engine.collective_rpc(method, args=args)
+            _raise_answered_failures(method, results)
             if version is not None:
                 await engine.update_weight_version(str(version))
         finally:
@@ -471,6 +489,7 @@ class VllmEngine:
         started = time.monotonic()
         try:
             results = llm.collective_rpc(method, args=args)
+            _raise_answered_failures(method, results)
             if version is not None:
                 llm.llm_engine.set_weight_version(str(version))
         finally:
@@ -484,6 +503,8 @@ class VllmEngine:
         results: list[Mapping[str, Any]],
         paused_s: float,
         started: float,
+        *,
+        routed: bool = False,
     ) -> ApplyReport:
         checksums = dict(results[0]["checksums"])
         differing = [r["rank"] for r in results[1:] if r["checksums"] != checksums]
@@ -496,12 +517,17 @@ class VllmEngine:
             version=version,
             checksums=checksums,
             num_tensors=int(results[0]["num_tensors"]),
-            bytes_received=int(results[0].get("bytes_received", 0)),
+            # Routed: each worker received its own pieces, so the engine's bytes are their sum.
+            bytes_received=(
+                sum(int(r.get("bytes_received", 0)) for r in results) if routed else int(results[0].get("bytes_received", 0))
+            ),
             receive_s=max(float(r.get("receive_s", 0.0)) for r in results),
             apply_s=max(float(r["apply_s"]) for r in results),
             paused_s=paused_s,
             seconds=time.monotonic() - started,
             worker_checksums=tuple(dict(r["checksums"]) for r in results),
+            piece_sums={(int(r["data_plane_rank"]), int(i)): int(v) for r in results for i, v in r.get("piece_sums", ())},
+            staging_peak_bytes=max(int(r.get("staging_peak_bytes", 0)) for r in results),
         )
 
     # ------------------------------------------------------------------ generation
@@ -553,6 +579,15 @@ class VllmEngine:
         # Dropped now so the engine is collected while the interpreter is whole: vLLM's
         # __del__ shuts down again and fails on a half torn-down interpreter.
         self._engine = None
+
+
+def _raise_answered_failures(method: str, results: Sequence[Any]) -> None:
+    """Raises what the workers answered instead of raising (extension._answers_failure), once all have answered."""
+    failed = [r for r in results if isinstance(r, Mapping) and r.get("error")]
+    if failed:
+        raise TransferError(
+            f"{method} failed on worker(s) {[r['rank'] for r in failed]}: " + "; ".join(r["error"] for r in failed)
+        )
 
 
 def engine_world_size(engine: Any, mode: str) -> int:

@@ -83,6 +83,7 @@ async def _run_memory_daemon(args: argparse.Namespace) -> int:
 
     from weightsync.control.daemon_agent import DaemonAgent, DaemonIdentity
     from weightsync.dataplane import MemoryEngine
+    from weightsync.core.rank_regions import RankRegions
     from weightsync.dataplane.memory_engine import tp_needs
     from weightsync.runtime.daemon import TPMemoryHandler, memory_engine_handler
     from weightsync.runtime.security import channel_credentials_from_args
@@ -106,7 +107,7 @@ async def _run_memory_daemon(args: argparse.Namespace) -> int:
         inventory=tuple(engine.inventory()),
         transports=transports,
         num_ranks=len(own_ranks),
-        needs={i: tp_needs(engine.inventory(), args.tp)[t] for i, t in enumerate(own_ranks)} if args.tp > 1 else {},
+        needs=tuple(RankRegions(i, tp_needs(engine.inventory(), args.tp)[t]) for i, t in enumerate(own_ranks)) if args.tp > 1 else (),
     )
 
     def on_verdict(v: pb.UpdateVerdict) -> None:
@@ -254,7 +255,7 @@ def add_subcommands(sub, add_security) -> None:
                         "(default: keep retrying forever)")
     d.add_argument("--tp", type=int, default=1, metavar="T",
                    help="receiver ranks standing in for T tensor-parallel workers: rank t needs block t of dim 0 of "
-                        "2-D tensors, the rest whole (dataplane/memory_engine.py tp_needs); rounds are routed")
+                        "2-D tensors, the rest whole (dataplane/memory_engine.py tp_needs); push with WeightSync(routed=True)")
     d.add_argument("--tp-rank", type=int, default=None, metavar="t",
                    help="with --tp T: host only TP rank t (one receiver rank with rank t's needs)")
     d.add_argument("--drain-s", type=float, default=30.0, metavar="SECONDS", help="on SIGTERM, wait this long for the current round")

@@ -45,7 +45,7 @@ class VllmHandler:
                     "(the serve process's log has the engine's traceback)"
                 ) from (e.__cause__ or e.__context__)
             raise
-        return HandlerResult(report.checksums, report.bytes_received, report.receive_s, report.apply_s)
+        return HandlerResult(report.checksums, report.bytes_received, report.receive_s, report.apply_s, report.piece_sums)
 
 
 async def _serve(args: argparse.Namespace, vargs: argparse.Namespace) -> int:
@@ -78,6 +78,7 @@ async def _serve(args: argparse.Namespace, vargs: argparse.Namespace) -> int:
                 host=args.host,
                 inventory=engine.inventory(),
                 num_ranks=engine.num_workers,
+                needs=await engine.needs(),
                 transports=("gloo", "nccl") if _cuda() else ("gloo",),
             )
             agent = DaemonAgent(

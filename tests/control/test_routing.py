@@ -7,6 +7,7 @@ import math
 import pytest
 
 from weightsync.core import TensorSpec
+from weightsync.core.rank_regions import RankRegions
 from weightsync.core.regions import Region
 from weightsync.core.routing import RoutingPlan, box_of, plan_routes
 
@@ -200,7 +201,8 @@ class _PieceHandler:
 
 async def _agent(address, daemon_id, handler, *, num_ranks=1, needs=None) -> DaemonAgent:
     ident = DaemonIdentity(
-        daemon_id=daemon_id, engine="memory", model="tiny", host="127.0.0.1", inventory=INVENTORY, num_ranks=num_ranks, needs=needs or {}
+        daemon_id=daemon_id, engine="memory", model="tiny", host="127.0.0.1", inventory=INVENTORY, num_ranks=num_ranks,
+        needs=tuple(RankRegions(r, per) for r, per in sorted((needs or {}).items())),
     )
     agent = DaemonAgent(address, ident, handler, served_version=-1, reconnect_max_s=0.5)
     agent.start()
@@ -268,11 +270,35 @@ async def test_holds_with_an_engine_that_cannot_take_routed_rounds_are_refused()
     from tests.control.helpers import start_agent
 
     server = await start_coordinator()
-    agent = await start_agent(server.address, "old", engine="vllm")
+    agent = await start_agent(server.address, "old", engine="other")
     try:
         async with TrainerClient(server.address) as client:
             with pytest.raises(InvalidArgument, match=r"daemons \['old'\] run engines that cannot receive them yet.*daemon_ids"):
                 await client.begin_update(1, INVENTORY, holds=_fsdp_holds(2, list(INVENTORY)), **RDV)
+    finally:
+        await agent.close()
+        await server.stop()
+
+
+async def test_a_delta_asked_of_a_needs_routed_round_is_dense_for_all_and_holds_with_a_delta_are_refused():
+    """Daemons whose needs route a round by themselves (memory --tp): a trainer asking for a delta (as
+    WeightSync(delta=True) does after a commit) gets the routed round, dense for every participant, not
+    an error; trainer ranks declaring holds and a delta base at once are refused, naming the field."""
+    server = await start_coordinator()
+    tp_needs = {
+        t: {s.name: (Region(0, t * s.shape[0] // 2, s.shape[0] // 2) if len(s.shape) == 2 else W) for s in INVENTORY} for t in range(2)
+    }
+    agent = await _agent(server.address, "tp", _PieceHandler(), num_ranks=2, needs=tp_needs)
+    try:
+        async with TrainerClient(server.address) as client:
+            a = await client.begin_update(2, INVENTORY, delta_base_version=1, **RDV)
+            assert a.routing is not None and a.delta_base_version is None
+            assert [p.encoding for p in a.participants] == ["dense"]
+            await client.abort_update(a.update_id, "test: the plan was all it was for")
+            with pytest.raises(InvalidArgument) as e:
+                await client.begin_update(3, INVENTORY, holds=_fsdp_holds(2, list(INVENTORY)), delta_base_version=2, **RDV)
+            text = str(e.value) + " ".join(getattr(e.value, "details", []) or [])
+            assert "options.delta_base_version" in text and "holds" in text, text
     finally:
         await agent.close()
         await server.stop()

@@ -499,7 +499,7 @@ class RoundEvent(_message.Message):
     def __init__(self, update_id: _Optional[str] = ..., state: _Optional[_Union[RoundState, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class DaemonInfo(_message.Message):
-    __slots__ = ("daemon_id", "state", "engine", "model", "host", "num_ranks", "served_version", "last_heartbeat_unix_s", "dirty", "stale", "num_tensors", "transports", "reason", "unknown_version")
+    __slots__ = ("daemon_id", "state", "engine", "model", "host", "num_ranks", "served_version", "last_heartbeat_unix_s", "dirty", "stale", "num_tensors", "transports", "reason", "unknown_version", "needed_bytes_per_rank", "whole_fallbacks")
     DAEMON_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
@@ -514,6 +514,8 @@ class DaemonInfo(_message.Message):
     TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NEEDED_BYTES_PER_RANK_FIELD_NUMBER: _ClassVar[int]
+    WHOLE_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
     daemon_id: str
     state: DaemonState
     engine: str
@@ -528,7 +530,9 @@ class DaemonInfo(_message.Message):
     transports: _containers.RepeatedScalarFieldContainer[str]
     reason: str
     unknown_version: bool
-    def __init__(self, daemon_id: _Optional[str] = ..., state: _Optional[_Union[DaemonState, str]] = ..., engine: _Optional[str] = ..., model: _Optional[str] = ..., host: _Optional[str] = ..., num_ranks: _Optional[int] = ..., served_version: _Optional[int] = ..., last_heartbeat_unix_s: _Optional[float] = ..., dirty: _Optional[bool] = ..., stale: _Optional[bool] = ..., num_tensors: _Optional[int] = ..., transports: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., unknown_version: _Optional[bool] = ...) -> None: ...
+    needed_bytes_per_rank: _containers.RepeatedScalarFieldContainer[int]
+    whole_fallbacks: int
+    def __init__(self, daemon_id: _Optional[str] = ..., state: _Optional[_Union[DaemonState, str]] = ..., engine: _Optional[str] = ..., model: _Optional[str] = ..., host: _Optional[str] = ..., num_ranks: _Optional[int] = ..., served_version: _Optional[int] = ..., last_heartbeat_unix_s: _Optional[float] = ..., dirty: _Optional[bool] = ..., stale: _Optional[bool] = ..., num_tensors: _Optional[int] = ..., transports: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., unknown_version: _Optional[bool] = ..., needed_bytes_per_rank: _Optional[_Iterable[int]] = ..., whole_fallbacks: _Optional[int] = ...) -> None: ...
 
 class ListDaemonsRequest(_message.Message):
     __slots__ = ()

@@ -195,19 +195,9 @@ class StagedUpdate:
             self._buckets_done, self._bytes_done = buckets_done, bytes_done
 
     def _run(self) -> None:
-        if self.assignment.routing is not None:
-            self._run_routed()
-            return
         try:
             with self._seat.claim(self.assignment, self.rank) as groups:
-                if self.assignment.delta_base_version is not None:
-                    staged, result = receive_delta(
-                        self.assignment, self.rank, groups, self._inventory, self.base,
-                        progress=self._on_progress, stop=self._discard,
-                    )
-                    staged = [(name, t.to(self._staging_device)) for name, t in staged]
-                else:
-                    staged, result = self._receive_dense(groups)
+                staged, result = self._receive(groups)
         except Exception as e:  # thread boundary: kept for status() and take(), and logged
             log.warning("rank %d: staging update %s failed: %s", self.rank, self.update_id, e, exc_info=True)
             with self._lock:
@@ -215,6 +205,8 @@ class StagedUpdate:
                 self._error = e
             return
         with self._lock:
+            if self.assignment.routing is not None:  # routed rounds report no progress on the way
+                self._buckets_done, self._bytes_done = _num_buckets(self.assignment), result.bytes_received
             if self._discard.is_set():
                 self._state = DISCARDED
                 return
@@ -222,6 +214,22 @@ class StagedUpdate:
             self._result = result
             self._state = STAGED
         log.debug("rank %d: update %s staged (%d tensors)", self.rank, self.update_id, len(staged))
+
+    def _receive(self, groups: "GroupCache") -> tuple[list[tuple[str, "torch.Tensor"]], Any]:
+        """This rank's tensors of the round, as it travels: routed (only this worker's pieces,
+        engine/routed.py), a delta against the shadow, or dense."""
+        if self.assignment.routing is not None:
+            from weightsync.engine.routed import stage_routed
+
+            group = groups.get(self.assignment, self.rank)
+            return stage_routed(self.assignment, self.rank, group, self._inventory, discarded=self._discard)
+        if self.assignment.delta_base_version is not None:
+            staged, result = receive_delta(
+                self.assignment, self.rank, groups, self._inventory, self.base,
+                progress=self._on_progress, stop=self._discard,
+            )
+            return [(name, t.to(self._staging_device)) for name, t in staged], result
+        return self._receive_dense(groups)
 
     def _receive_dense(self, groups: "GroupCache") -> tuple[list[tuple[str, "torch.Tensor"]], "ReceiveResult"]:
         staged: list[tuple[str, torch.Tensor]] = []
@@ -236,29 +244,6 @@ class StagedUpdate:
                 # Views point into the receiver's reused ring buffers.
                 staged.extend((name, view.to(self._staging_device, copy=True)) for name, view in batch)
         return staged, stream.result
-
-    def _run_routed(self) -> None:
-        """_run for a routed round: only this worker's pieces arrive (engine/routed.py)."""
-        from weightsync.engine.routed import stage_routed
-
-        try:
-            with self._seat.claim(self.assignment, self.rank) as groups:
-                group = groups.get(self.assignment, self.rank)
-                staged, result = stage_routed(self.assignment, self.rank, group, self._inventory, discarded=self._discard)
-        except Exception as e:  # thread boundary: kept for status() and take(), and logged
-            log.warning("rank %d: staging routed update %s failed: %s", self.rank, self.update_id, e, exc_info=True)
-            with self._lock:
-                self._state = FAILED
-                self._error = e
-            return
-        with self._lock:
-            self._buckets_done, self._bytes_done = _num_buckets(self.assignment), result.bytes_received
-            if self._discard.is_set():
-                self._state = DISCARDED
-                return
-            self._tensors = staged
-            self._result = result
-            self._state = STAGED
 
 
 def receive_and_apply(

@@ -94,13 +94,15 @@ class ReceiverHandler:
         return HandlerResult(checksums, res.bytes_received, res.receive_s, res.apply_s)
 
 
-def _corrupting_apply(held: Mapping[str, torch.Tensor]) -> ApplyFn:
-    """The failpoints of an apply that wrote in place already (the data plane landed the bytes)."""
+def _failpoint_apply(held: Mapping[str, torch.Tensor], write: ApplyFn | None = None) -> ApplyFn:
+    """An apply with the test failpoints around `write` (None: the data plane landed the bytes in place already)."""
 
     def apply(batch) -> None:
         faults = load_failpoints()
         if faults.mark_apply:
             open(faults.mark_apply, "w").close()
+        if write is not None:
+            write(batch)
         if faults.corrupt_applied:
             for name, _ in batch:
                 if name == faults.corrupt_applied:
@@ -154,27 +156,14 @@ class TPMemoryHandler:
     def _run(self, assignment: Assignment, rank: int, t: int):
         engine = self._engines[t]
         group = self._groups[t].get(assignment, rank)
-        return receive_routed(assignment, rank, group, engine.destination, apply_fn=_corrupting_apply(engine.state_dict()))
+        return receive_routed(assignment, rank, group, engine.destination, apply_fn=_failpoint_apply(engine.state_dict()))
 
 
 def memory_engine_handler(engine: MemoryEngine) -> ReceiverHandler:
     """A handler that applies into a MemoryEngine and reports checksums of the tensors it then holds."""
     held = engine.state_dict()
-
-    def apply(batch) -> None:
-        faults = load_failpoints()
-        if faults.mark_apply:
-            open(faults.mark_apply, "w").close()
-        engine.apply(batch)
-        if faults.corrupt_applied:
-            for name, _ in batch:
-                if name == faults.corrupt_applied:
-                    held[name].view(-1).view(torch.uint8)[0] ^= 1
-        if faults.apply_delay_s:
-            time.sleep(faults.apply_delay_s)
-
     return ReceiverHandler(
-        apply,
+        _failpoint_apply(held, engine.apply),
         held_checksums=lambda names: {n: tensor_checksum(held[n]) for n in names},
         destination=engine.destination,
     )

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from weightsync.control.trainer_client import RoundFailed, RoundReport, SyncTrainerClient
-from weightsync.core import FailedPrecondition, TensorSpec, WeightsyncError
+from weightsync.core import Assignment, FailedPrecondition, TensorSpec, WeightsyncError
 from weightsync.core.regions import Region
 from weightsync.dataplane import GroupCache, TitanToHF, TrainerStore, send_assignment
 from weightsync.dataplane import RoundFailed as DataPlaneRoundFailed
@@ -241,13 +241,8 @@ class WeightSync:
             except (WeightsyncError, ValueError) as e:
                 # Raised below on every rank (after the broadcast), so no rank waits in a collective.
                 error = e
-        if self.world_size > 1:
-            # Every trainer rank needs the plan to gather in lockstep (or to learn that there is none).
-            box = [assignment if error is None else error]
-            torch.distributed.broadcast_object_list(box, src=0)
-            assignment, error = (box[0], None) if not isinstance(box[0], BaseException) else (None, box[0])
-        if error is not None:
-            raise error
+        # Every trainer rank needs the plan to gather in lockstep (or to learn that there is none).
+        assignment = self._share_plan(assignment, error)
         if base is not None and assignment.delta_base_version is not None:
             # An explicit base may be sharded too: gathered on every rank, in plan order, before the round.
             base = _gather_in_plan_order(assignment, base, keep=self.rank == 0)
@@ -338,13 +333,18 @@ class WeightSync:
                 )
             except WeightsyncError as e:
                 error = e
+        assignment = self._share_plan(assignment, error)
+        return self._send_and_commit(assignment, held, version, raise_on_failure)
+
+    def _share_plan(self, assignment: Assignment | None, error: BaseException | None) -> Assignment:
+        """Rank 0's plan, or its error raised on every rank (after the broadcast, so no rank waits in a collective)."""
         if self.world_size > 1:
             box = [assignment if error is None else error]
             torch.distributed.broadcast_object_list(box, src=0)
             assignment, error = (box[0], None) if not isinstance(box[0], BaseException) else (None, box[0])
         if error is not None:
             raise error
-        return self._send_and_commit(assignment, held, version, raise_on_failure)
+        return assignment
 
     def _send_and_commit(self, assignment, held: dict, version: int, raise_on_failure: bool) -> RoundReport | None:
         """Sends this rank's pieces of a routed round; rank 0 gathers every rank's piece sums and commits (or aborts)."""

@@ -42,6 +42,11 @@ _NUM_WARPS = 8
 _COMPACT_WARPS = 4
 # Output slots per pass of compact (one per thread at 4 warps).
 _CHUNK = 128
+# mark stages up to BLOCK / _CAP_DIVISOR changes per block (6.25%: a 2% step averages 82 of
+# 4096, and a block's count rarely passes twice that); fuller blocks fall back to the search
+# from the bits. The staging costs (2 + element size) / 16 bytes per element: 1/8 of a bf16
+# tensor's bytes, transient, on the device.
+_CAP_DIVISOR = 16
 # Addresses travel as element offsets from one anchor tensor; all offsets are multiples of
 # this many bytes, so that the compiler may use 16-byte loads.
 _ALIGN_BYTES = 16
@@ -67,6 +72,33 @@ if triton is not None:
         v = (v & 0x33) + ((v >> 2) & 0x33)
         return (v + (v >> 4)) & 0x0F
 
+    @triton.jit
+    def _emit(
+        at, val, p, live, first, last, idx_out_ptr, val_out_ptr, gap_out_ptr, code_out_ptr,
+        CHUNK: tl.constexpr, STORE_IDX: tl.constexpr, STORE_VAL: tl.constexpr,
+    ):  # fmt: skip
+        """Stores one chunk of a block's changes (element indices `at`, in order, at output slots
+        first + p); returns its escapes8, escapes16 and its last index. Each change's predecessor
+        is the thread before it, or `last` (the chunk before's)."""
+        esc8 = tl.sum(live.to(tl.int32), axis=0) * 0
+        esc16 = esc8
+        if STORE_VAL:
+            tl.store(val_out_ptr + first + p, val, mask=live)
+        if STORE_IDX:
+            tl.store(idx_out_ptr + first + p, at.to(idx_out_ptr.dtype.element_ty), mask=live)
+            t = tl.arange(0, CHUNK)
+            prev = tl.where(t > 0, tl.gather(at, tl.maximum(t - 1, 0), 0), last)
+            gap = at - prev - 1
+            counted = live & (p > 0)  # a block's first gap is set later
+            esc8 = tl.sum((counted & (gap >= 0xFF)).to(tl.int32), axis=0)
+            esc16 = tl.sum((counted & (gap >= 0xFFFF)).to(tl.int32), axis=0)
+            tl.store(gap_out_ptr + first + p, gap.to(gap_out_ptr.dtype.element_ty), mask=counted)
+            tl.store(code_out_ptr + first + p, tl.minimum(gap, 0xFF).to(tl.uint8), mask=counted)
+        # (STORE_IDX/STORE_VAL off: bench/delta_codec.py --probe times the parts.)
+        if not STORE_IDX and not STORE_VAL:
+            tl.store(idx_out_ptr + first, tl.sum(at, axis=0).to(idx_out_ptr.dtype.element_ty))
+        return esc8, esc16, tl.max(tl.where(live, at, -1), axis=0)
+
 
 @functools.cache
 def _kernels():
@@ -85,9 +117,12 @@ def _kernels():
         span_ptr,  # per span: numel, base offset, new offset, bits offset (elements; bits in bytes)
         bits_ptr,
         counts_ptr,
+        stage_pos_ptr,
+        stage_val_ptr,
         num_spans,
         BLOCK: tl.constexpr,
         ALIGN: tl.constexpr,
+        CAP: tl.constexpr,
     ):
         pid = tl.program_id(0)
         span = tl.load(block_span_ptr + pid)
@@ -103,8 +138,18 @@ def _kernels():
         y = tl.load(anchor_ptr + new_off + offs, mask=inside, other=0, eviction_policy="evict_first")
         changed = (x != y).to(tl.int32)
         packed = tl.sum(changed << tl.arange(0, 8)[None, :], axis=1)
-        tl.store(counts_ptr + pid, tl.sum(tl.sum(changed, axis=1), axis=0))
+        per_row = tl.sum(changed, axis=1)
+        tl.store(counts_ptr + pid, tl.sum(per_row, axis=0))
         tl.store(bits_ptr + bits_off + rows, packed.to(tl.uint8), mask=rows < n // 8)
+        # The values are in registers here; staging the first CAP changes of the block at their
+        # rank (a scan over the block's rows, then over a row's 8 lanes inside one thread) spares
+        # compact its binary search and its scattered reads of `new`.
+        rank = (tl.cumsum(per_row, axis=0) - per_row)[:, None] + (tl.cumsum(changed, axis=1) - changed)
+        keep = (changed != 0) & (rank < CAP)
+        local = tl.arange(0, BLOCK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
+        slot = pid.to(tl.int64) * CAP + rank
+        tl.store(stage_pos_ptr + slot, local.to(tl.int16), mask=keep)
+        tl.store(stage_val_ptr + slot, y, mask=keep)
 
     @triton.jit
     def compact(
@@ -113,6 +158,8 @@ def _kernels():
         bits_ptr,
         counts_ptr,
         slots_ptr,
+        stage_pos_ptr,
+        stage_val_ptr,
         idx_out_ptr,
         val_out_ptr,
         gap_out_ptr,
@@ -123,18 +170,18 @@ def _kernels():
         ALIGN: tl.constexpr,
         CHUNK: tl.constexpr,
         LOG2_ROWS: tl.constexpr,
+        CAP: tl.constexpr,
         STORE_IDX: tl.constexpr = True,
         STORE_VAL: tl.constexpr = True,
     ):
-        # Writes are what cost here (measured: a version that stored each of the 8 lanes of
-        # every row in turn spent two thirds of its time in partial-sector stores), so this one
-        # works from the OUTPUT side: thread t of a chunk produces output slot p = t, finds the
-        # row holding the p-th change of the block by a binary search over the rows' running
-        # counts and the lane by the bits of that row, and a warp's stores land in consecutive
-        # slots, whole sectors. Only the values' loads are scattered, and loads are cheaper.
-        # Gaps and escape counts come from the same pass (each change's predecessor is the
-        # thread before it, or the chunk before); a block's first gap needs the change before
-        # it, written by another program, so `_fix_first_gaps` sets it afterwards.
+        # A block of at most CAP changes copies them from mark's staging, in order: contiguous
+        # loads and stores. A fuller block finds them from its bits, working from the OUTPUT
+        # side: thread t of a chunk produces output slot p = t, finds the row holding the p-th
+        # change of the block by a binary search over the rows' running counts and the lane by
+        # the bits of that row, and loads the value from `new` (measured: storing from the row
+        # side, lane by lane, spent two thirds of its time in partial-sector stores).
+        # A block's first gap needs the change before it, written by another program, so
+        # `_fix_first_gaps` sets it afterwards.
         pid = tl.program_id(0)
         count = tl.load(counts_ptr + pid)
         left = tl.load(block_tab_ptr + pid)
@@ -145,7 +192,7 @@ def _kernels():
         last = e0 * 0
         esc8 = count * 0
         esc16 = count * 0
-        if count > 0:
+        if count > CAP:
             r = tl.arange(0, BLOCK // 8)
             byte = tl.load(bits_ptr + bits_at + r, mask=r < left // 8, other=0).to(tl.int32)
             per_row = _popcount8(byte)
@@ -166,22 +213,26 @@ def _kernels():
                     is_kth = (((b >> j) & 1) != 0) & (_popcount8(b & ((1 << j) - 1)) == k)
                     lane = tl.where(is_kth, j, lane)
                 at = e0 + row.to(tl.int64) * 8 + lane
-                if STORE_VAL:
-                    tl.store(val_out_ptr + first + p, tl.load(anchor_ptr + new_at + at - e0, mask=live, other=0), mask=live)
-                if STORE_IDX:
-                    tl.store(idx_out_ptr + first + p, at.to(idx_out_ptr.dtype.element_ty), mask=live)
-                    t = tl.arange(0, CHUNK)
-                    prev = tl.where(t > 0, tl.gather(at, tl.maximum(t - 1, 0), 0), last)
-                    gap = at - prev - 1
-                    counted = live & (p > 0)  # a block's first gap is set later
-                    esc8 += tl.sum((counted & (gap >= 0xFF)).to(tl.int32), axis=0)
-                    esc16 += tl.sum((counted & (gap >= 0xFFFF)).to(tl.int32), axis=0)
-                    tl.store(gap_out_ptr + first + p, gap.to(gap_out_ptr.dtype.element_ty), mask=counted)
-                    tl.store(code_out_ptr + first + p, tl.minimum(gap, 0xFF).to(tl.uint8), mask=counted)
-                last = tl.max(tl.where(live, at, -1), axis=0)
-                # (STORE_IDX/STORE_VAL off: bench/delta_codec.py --probe times the parts.)
-                if not STORE_IDX and not STORE_VAL:
-                    tl.store(idx_out_ptr + first, tl.sum(at, axis=0).to(idx_out_ptr.dtype.element_ty))
+                val = tl.load(anchor_ptr + new_at + at - e0, mask=live, other=0)
+                e8, e16, last = _emit(
+                    at, val, p, live, first, last, idx_out_ptr, val_out_ptr, gap_out_ptr, code_out_ptr,
+                    CHUNK, STORE_IDX, STORE_VAL,
+                )  # fmt: skip
+                esc8 += e8
+                esc16 += e16
+        elif count > 0:
+            for c0 in range(0, count, CHUNK):
+                p = c0 + tl.arange(0, CHUNK)
+                live = p < count
+                src = pid.to(tl.int64) * CAP + p
+                at = e0 + tl.load(stage_pos_ptr + src, mask=live, other=0).to(tl.int64)
+                val = tl.load(stage_val_ptr + src, mask=live, other=0)
+                e8, e16, last = _emit(
+                    at, val, p, live, first, last, idx_out_ptr, val_out_ptr, gap_out_ptr, code_out_ptr,
+                    CHUNK, STORE_IDX, STORE_VAL,
+                )  # fmt: skip
+                esc8 += e8
+                esc16 += e16
         tl.store(esc_out_ptr + pid, esc8.to(tl.int64))
         tl.store(esc_out_ptr + num_blocks + pid, esc16.to(tl.int64))
 
@@ -354,12 +405,15 @@ def _run(
     span_table = torch.tensor(table, dtype=torch.int64).to(device)
     bits = torch.empty(sum(numels) // 8, dtype=torch.uint8, device=device)
     counts = torch.empty(nb, dtype=torch.int32, device=device)
+    cap = block // _CAP_DIVISOR
+    stage_pos = torch.empty(nb * cap, dtype=torch.int16, device=device)
+    stage_val = torch.empty(nb * cap, dtype=anchor.dtype, device=device)
     extra = {} if interpret else {"num_warps": _NUM_WARPS}
     align = _ALIGN_BYTES // es
     if nb:
         mark[(nb,)](
-            anchor, layout.block_span, layout.block_elem, span_table, bits, counts, num_spans,
-            BLOCK=block, ALIGN=align, **extra,
+            anchor, layout.block_span, layout.block_elem, span_table, bits, counts, stage_pos, stage_val, num_spans,
+            BLOCK=block, ALIGN=align, CAP=cap, **extra,
         )  # fmt: skip
     ends = torch.cumsum(counts, 0, dtype=torch.int64)
     slots = ends - counts
@@ -381,8 +435,8 @@ def _run(
     tab = layout.compact_tab.clone()
     tab[2] += span_table[2 * num_spans : 3 * num_spans][layout.block_span]
     compact[(nb,)](
-        anchor, tab, bits, counts, slots, idx_out, val_out, gaps, codes8, per_block, nb,
-        BLOCK=block, ALIGN=align, CHUNK=_CHUNK, LOG2_ROWS=(block // 8).bit_length() - 1,
+        anchor, tab, bits, counts, slots, stage_pos, stage_val, idx_out, val_out, gaps, codes8, per_block, nb,
+        BLOCK=block, ALIGN=align, CHUNK=_CHUNK, LOG2_ROWS=(block // 8).bit_length() - 1, CAP=cap,
         STORE_IDX=probe[0], STORE_VAL=probe[1],
         **({} if interpret else {"num_warps": _COMPACT_WARPS}),
     )  # fmt: skip

@@ -5,18 +5,19 @@ nonzero reads the compare's output again, and every tensor costs several launche
 batch of tensors (one dtype, one device) costs:
 
 1. `mark`: one program per block of _BLOCK elements of any tensor reads base and new once,
-   compares them as integers, and writes the block's change count and its packed change bits
-   (one bit per element: 1/16 of a bf16 tensor's bytes).
-2. A torch cumsum over the block counts gives every block its first output slot (blocks are
-   in tensor order, then element order, so the output is sorted per tensor).
-3. `compact`: blocks with changes read their bits back and fill their output slots from the
-   output side (thread t finds the t-th change of its block by a binary search over the rows'
-   running counts), so stores are whole sectors; only the sectors of `new` that hold a change
-   are read. It writes each change's index, new value, gap and gaps8 code, and per block the
-   escapes among its gaps.
-4. `_fix_first_gaps`: each block's first gap, from the change before its first slot (the
-   outputs are in batch order), a few torch gathers over the blocks; then one read-back of
-   the escape counts per tensor.
+   compares them as integers, and writes the block's change count, its packed change bits
+   (one bit per element: 1/16 of a bf16 tensor's bytes), its escapes (gaps of 255+ among its
+   own changes), its first and last change, and stages its first BLOCK/16 changes (local
+   position and value) at their rank, while the values are in registers.
+2. Torch ops over the blocks: a cumsum gives every block its first output slot (blocks are in
+   tensor order, then element order, so the output is sorted per tensor), a binary search the
+   change before each block's first (`_first_gaps`); then the one read-back, per tensor: its
+   changes, escapes8 and escapes16, all that choosing an encoding needs.
+3. `compact`: a block that fits its staging copies it to its output slots in order; a fuller
+   one reads its bits back and fills its slots from the output side (thread t finds the t-th
+   change of its block by a binary search over the rows' running counts), so stores are whole
+   sectors. It writes each change's index, new value, gap and gaps8 code; each block's first
+   gap is set behind it, without a read-back, so the caller's host work overlaps the kernel.
 
 The bits double as the bitmask encoding, so the chooser and every encoding need no further
 pass over the tensors. `scatter` writes values through per-tensor offsets from one anchor, so
@@ -78,10 +79,8 @@ if triton is not None:
         CHUNK: tl.constexpr, STORE_IDX: tl.constexpr, STORE_VAL: tl.constexpr,
     ):  # fmt: skip
         """Stores one chunk of a block's changes (element indices `at`, in order, at output slots
-        first + p); returns its escapes8, escapes16 and its last index. Each change's predecessor
-        is the thread before it, or `last` (the chunk before's)."""
-        esc8 = tl.sum(live.to(tl.int32), axis=0) * 0
-        esc16 = esc8
+        first + p); returns its last index. Each change's predecessor is the thread before it, or
+        `last` (the chunk before's)."""
         if STORE_VAL:
             tl.store(val_out_ptr + first + p, val, mask=live)
         if STORE_IDX:
@@ -90,14 +89,12 @@ if triton is not None:
             prev = tl.where(t > 0, tl.gather(at, tl.maximum(t - 1, 0), 0), last)
             gap = at - prev - 1
             counted = live & (p > 0)  # a block's first gap is set later
-            esc8 = tl.sum((counted & (gap >= 0xFF)).to(tl.int32), axis=0)
-            esc16 = tl.sum((counted & (gap >= 0xFFFF)).to(tl.int32), axis=0)
             tl.store(gap_out_ptr + first + p, gap.to(gap_out_ptr.dtype.element_ty), mask=counted)
             tl.store(code_out_ptr + first + p, tl.minimum(gap, 0xFF).to(tl.uint8), mask=counted)
         # (STORE_IDX/STORE_VAL off: bench/delta_codec.py --probe times the parts.)
         if not STORE_IDX and not STORE_VAL:
             tl.store(idx_out_ptr + first, tl.sum(at, axis=0).to(idx_out_ptr.dtype.element_ty))
-        return esc8, esc16, tl.max(tl.where(live, at, -1), axis=0)
+        return tl.max(tl.where(live, at, -1), axis=0)
 
 
 @functools.cache
@@ -119,7 +116,9 @@ def _kernels():
         counts_ptr,
         stage_pos_ptr,
         stage_val_ptr,
+        info_ptr,  # 3 rows of num_blocks: escapes8 among the block's gaps but its first, its first and last change (local)
         num_spans,
+        num_blocks,
         BLOCK: tl.constexpr,
         ALIGN: tl.constexpr,
         CAP: tl.constexpr,
@@ -150,6 +149,21 @@ def _kernels():
         slot = pid.to(tl.int64) * CAP + rank
         tl.store(stage_pos_ptr + slot, local.to(tl.int16), mask=keep)
         tl.store(stage_val_ptr + slot, y, mask=keep)
+        # The block's escapes, so that one read-back after this pass gives every count the
+        # encodings' sizes need. Only a row's first change can have a gap of 255+ (a row is 8
+        # elements), and it has one where some change precedes it in the block and none lies in
+        # the 255 elements before it: a difference of two running counts, the one at the
+        # window's start from its row's count and bits. Gaps inside a block stay below BLOCK,
+        # so 65535+ happens only at a block's first change, which `_first_gaps` handles.
+        excl = tl.cumsum(per_row, axis=0) - per_row
+        lrow = tl.arange(0, BLOCK // 8)
+        first_lane = tl.min(tl.where(changed != 0, tl.arange(0, 8)[None, :], 8), axis=1)
+        w = tl.maximum(lrow * 8 + first_lane - 255, 0)
+        before = tl.gather(excl, w // 8, 0) + _popcount8(tl.gather(packed, w // 8, 0) & ((1 << (w % 8)) - 1))
+        opens = (per_row > 0) & (excl > 0) & (lrow * 8 + first_lane >= 255) & (before == excl)
+        tl.store(info_ptr + pid, tl.sum(opens.to(tl.int32), axis=0))
+        tl.store(info_ptr + num_blocks + pid, tl.min(tl.where(changed != 0, local, BLOCK)))
+        tl.store(info_ptr + 2 * num_blocks + pid, tl.max(tl.where(changed != 0, local, -1)))
 
     @triton.jit
     def compact(
@@ -164,7 +178,6 @@ def _kernels():
         val_out_ptr,
         gap_out_ptr,
         code_out_ptr,
-        esc_out_ptr,  # 2 rows of num_blocks: escapes8, escapes16 among the block's gaps but its first
         num_blocks,
         BLOCK: tl.constexpr,
         ALIGN: tl.constexpr,
@@ -180,8 +193,7 @@ def _kernels():
         # change of the block by a binary search over the rows' running counts and the lane by
         # the bits of that row, and loads the value from `new` (measured: storing from the row
         # side, lane by lane, spent two thirds of its time in partial-sector stores).
-        # A block's first gap needs the change before it, written by another program, so
-        # `_fix_first_gaps` sets it afterwards.
+        # A block's first gap is computed before this launch (`_first_gaps`) and set after it.
         pid = tl.program_id(0)
         count = tl.load(counts_ptr + pid)
         left = tl.load(block_tab_ptr + pid)
@@ -190,8 +202,6 @@ def _kernels():
         bits_at = tl.load(block_tab_ptr + 3 * num_blocks + pid)
         first = tl.load(slots_ptr + pid)
         last = e0 * 0
-        esc8 = count * 0
-        esc16 = count * 0
         if count > CAP:
             r = tl.arange(0, BLOCK // 8)
             byte = tl.load(bits_ptr + bits_at + r, mask=r < left // 8, other=0).to(tl.int32)
@@ -214,12 +224,10 @@ def _kernels():
                     lane = tl.where(is_kth, j, lane)
                 at = e0 + row.to(tl.int64) * 8 + lane
                 val = tl.load(anchor_ptr + new_at + at - e0, mask=live, other=0)
-                e8, e16, last = _emit(
+                last = _emit(
                     at, val, p, live, first, last, idx_out_ptr, val_out_ptr, gap_out_ptr, code_out_ptr,
                     CHUNK, STORE_IDX, STORE_VAL,
                 )  # fmt: skip
-                esc8 += e8
-                esc16 += e16
         elif count > 0:
             for c0 in range(0, count, CHUNK):
                 p = c0 + tl.arange(0, CHUNK)
@@ -227,14 +235,10 @@ def _kernels():
                 src = pid.to(tl.int64) * CAP + p
                 at = e0 + tl.load(stage_pos_ptr + src, mask=live, other=0).to(tl.int64)
                 val = tl.load(stage_val_ptr + src, mask=live, other=0)
-                e8, e16, last = _emit(
+                last = _emit(
                     at, val, p, live, first, last, idx_out_ptr, val_out_ptr, gap_out_ptr, code_out_ptr,
                     CHUNK, STORE_IDX, STORE_VAL,
                 )  # fmt: skip
-                esc8 += e8
-                esc16 += e16
-        tl.store(esc_out_ptr + pid, esc8.to(tl.int64))
-        tl.store(esc_out_ptr + num_blocks + pid, esc16.to(tl.int64))
 
     @triton.jit
     def scatter(
@@ -388,6 +392,8 @@ def _run(
     """Launches mark and compact; `interpret` lets Triton's CPU interpreter run them on CPU tensors
     (where a smaller `block` keeps the test fast and puts more block boundaries in it)."""
     mark, compact, _ = kernels
+    # Staged positions are int16, and gaps inside a block stay below 65535 (see mark).
+    assert 8 <= block <= 1 << 15 and block % 8 == 0, block
     device = base_ints[0].device
     es = base_ints[0].element_size()
     anchor = base_ints[0]
@@ -408,18 +414,29 @@ def _run(
     cap = block // _CAP_DIVISOR
     stage_pos = torch.empty(nb * cap, dtype=torch.int16, device=device)
     stage_val = torch.empty(nb * cap, dtype=anchor.dtype, device=device)
+    info = torch.empty((3, nb), dtype=torch.int32, device=device)
     extra = {} if interpret else {"num_warps": _NUM_WARPS}
     align = _ALIGN_BYTES // es
     if nb:
         mark[(nb,)](
-            anchor, layout.block_span, layout.block_elem, span_table, bits, counts, stage_pos, stage_val, num_spans,
-            BLOCK=block, ALIGN=align, CAP=cap, **extra,
+            anchor, layout.block_span, layout.block_elem, span_table, bits, counts, stage_pos, stage_val, info,
+            num_spans, nb, BLOCK=block, ALIGN=align, CAP=cap, **extra,
         )  # fmt: skip
     ends = torch.cumsum(counts, 0, dtype=torch.int64)
     slots = ends - counts
     present = layout.has_blocks
-    at_ends = ends[layout.last_block].tolist() if nb else []
-    span_counts = _per_span([v for v, p in zip(at_ends, present) if p], present)
+    first_gaps = esc8_of = esc16_of = None
+    if nb:
+        first_gaps, esc8_of, esc16_of = _first_gaps(counts, ends, slots, info, layout)
+        # The one read-back: per tensor, running sums over the blocks read at its last block. On
+        # the H200 for Llama-8B's 2M blocks, 1-D cumsums take microseconds where index_add took
+        # 1.0 ms (atomics on 291 bins) and a cumsum along rows of a 2 x blocks table 3.6 ms.
+        running = torch.stack(
+            (ends, torch.cumsum(esc8_of, 0), torch.cumsum(esc16_of, 0))
+        )[:, layout.last_block].tolist()
+    else:
+        running = [[], [], []]
+    span_counts, esc8, esc16 = (_per_span([v for v, p in zip(row, present) if p], present) for row in running)
     total = sum(span_counts)
     idx_dtype = torch.int32 if max(numels, default=0) <= 1 << 31 else torch.int64
     idx_out = torch.empty(total, dtype=idx_dtype, device=device)
@@ -428,57 +445,45 @@ def _run(
     if not total:
         empty = torch.empty(0, dtype=idx_dtype, device=device)
         return BatchChanges(idx_out, val_out, empty, span_counts, [0] * num_spans, [0] * num_spans, bit_views)
-    # One spare slot at the end, where _fix_first_gaps writes for blocks without changes.
+    # One spare slot at the end, where blocks without changes write their (unused) first gap.
     gaps = torch.empty(total + 1, dtype=idx_dtype, device=device)
     codes8 = torch.empty(total + 1, dtype=torch.uint8, device=device)
-    per_block = torch.empty((2, nb), dtype=torch.int64, device=device)
     tab = layout.compact_tab.clone()
     tab[2] += span_table[2 * num_spans : 3 * num_spans][layout.block_span]
     compact[(nb,)](
-        anchor, tab, bits, counts, slots, stage_pos, stage_val, idx_out, val_out, gaps, codes8, per_block, nb,
+        anchor, tab, bits, counts, slots, stage_pos, stage_val, idx_out, val_out, gaps, codes8, nb,
         BLOCK=block, ALIGN=align, CHUNK=_CHUNK, LOG2_ROWS=(block // 8).bit_length() - 1, CAP=cap,
         STORE_IDX=probe[0], STORE_VAL=probe[1],
         **({} if interpret else {"num_warps": _COMPACT_WARPS}),
     )  # fmt: skip
-    _fix_first_gaps(gaps, codes8, per_block, idx_out, counts, slots, layout.span_first_block)
-    # Per tensor: running sums over the blocks read at each tensor's last block, as for the
-    # counts. On the H200 for Llama-8B's 2M blocks, two 1-D cumsums take microseconds where
-    # index_add took 1.0 ms (atomics on 291 bins) and a cumsum along rows of the 2 x blocks
-    # table 3.6 ms.
-    running = torch.stack([torch.cumsum(row, 0)[layout.last_block] for row in per_block]).tolist()
-    esc8 = _per_span([v for v, p in zip(running[0], present) if p], present)
-    esc16 = _per_span([v for v, p in zip(running[1], present) if p], present)
+    # Queued behind compact, no read-back: the caller's host work (choosing and building the
+    # deltas) overlaps the kernel.
+    at = torch.where(counts > 0, slots, total)
+    gaps[at] = first_gaps.to(gaps.dtype)
+    codes8[at] = first_gaps.clamp(max=0xFF).to(torch.uint8)
     return BatchChanges(idx_out, val_out, gaps[:total], span_counts, esc8, esc16, bit_views, codes8[:total])
 
 
-def _fix_first_gaps(
-    gaps: torch.Tensor,
-    codes8: torch.Tensor,
-    per_block: torch.Tensor,
-    indices: torch.Tensor,
-    counts: torch.Tensor,
-    slots: torch.Tensor,
-    span_first_block: torch.Tensor,
-) -> None:
-    """Sets the first gap of every block that has changes, and counts it in its block's escapes.
+def _first_gaps(
+    counts: torch.Tensor, ends: torch.Tensor, slots: torch.Tensor, info: torch.Tensor, layout: _Layout
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each block's first gap (garbage where it has no changes) and per block its escapes8 and
+    escapes16, from mark's per-block counts and first and last changes.
 
-    The outputs are in batch order, so the change before slot s is slot s - 1: of the same
-    tensor when s is past the tensor's first slot (then the gap is the distance), else s is the
-    tensor's first change (the gap is its index). Gathers over the blocks only: no scan (torch's
-    cummax over 2M blocks measured 5.4 ms on the H200), no read-back."""
-    # Boolean indexing would read the count back; blocks without changes write a spare slot.
-    total = gaps.numel() - 1
+    The outputs are in batch order, so the change before a block's first slot s is the last
+    change of the block holding slot s - 1 (a binary search over the running counts), of the
+    same tensor when s is past the tensor's first slot (then the gap is the distance), else the
+    block's first change is its tensor's first (the gap is its index). No scan over the blocks
+    (torch's cummax over 2M blocks measured 5.4 ms on the H200)."""
     has = counts > 0
-    s = torch.where(has, slots, total)
-    at = s.clamp(max=total - 1)
-    same = slots > slots[span_first_block]
-    here = indices[at].to(torch.int64)
-    before = indices[(at - 1).clamp(min=0)].to(torch.int64)
-    first = torch.where(same, here - before - 1, here)
-    gaps[s] = first.to(gaps.dtype)
-    codes8[s] = first.clamp(max=0xFF).to(torch.uint8)
-    per_block[0] += (has & (first >= 0xFF)).to(torch.int64)
-    per_block[1] += (has & (first >= 0xFFFF)).to(torch.int64)
+    holder = torch.searchsorted(ends, (slots - 1).clamp(min=0), right=True).clamp(max=ends.numel() - 1)
+    first_at = layout.block_elem + info[1]
+    prev_at = layout.block_elem[holder] + info[2][holder]
+    same = slots > slots[layout.span_first_block]
+    first = torch.where(same, first_at - prev_at - 1, first_at)
+    esc8 = info[0] + (has & (first >= 0xFF))
+    esc16 = (has & (first >= 0xFFFF)).to(torch.int32)
+    return first, esc8, esc16
 
 
 def gaps_and_escapes(indices: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, list[int], list[int]]:

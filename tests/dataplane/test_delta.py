@@ -291,7 +291,8 @@ for dtype in (torch.int16, torch.int32, torch.uint8):
     news[1][0] += 1
     news[1][-1] += 1
     if dtype == torch.int16:
-        for i in (1023, 1024, 1400, 70000, 139999):
+        # Gaps of exactly 254 and 255 inside a block (2313, 2569) and across blocks (3326).
+        for i in (1023, 1024, 1400, 2058, 2313, 2569, 3071, 3326, 70000, 139999):
             news[5][i] += 1
     got = delta_kernel._run(delta_kernel._kernels(), bases, news, interpret=True, block=1024)
     want = delta._find_changes_torch(bases, news)

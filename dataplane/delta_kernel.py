@@ -99,7 +99,7 @@ if triton is not None:
 
 @functools.cache
 def _kernels():
-    """(mark, compact, scatter), or None where Triton is missing."""
+    """(mark, tally, compact, scatter), or None where Triton is missing."""
     if triton is None:
         return None
 
@@ -114,14 +114,12 @@ def _kernels():
         span_ptr,  # per span: numel, base offset, new offset, bits offset (elements; bits in bytes)
         bits_ptr,
         counts_ptr,
-        stage_pos_ptr,
-        stage_val_ptr,
-        info_ptr,  # 3 rows of num_blocks: escapes8 among the block's gaps but its first, its first and last change (local)
+        stage_ptr,  # per block, CAP entries: (local position << EBITS) | the value's bits
         num_spans,
-        num_blocks,
         BLOCK: tl.constexpr,
         ALIGN: tl.constexpr,
         CAP: tl.constexpr,
+        EBITS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         span = tl.load(block_span_ptr + pid)
@@ -142,28 +140,71 @@ def _kernels():
         tl.store(bits_ptr + bits_off + rows, packed.to(tl.uint8), mask=rows < n // 8)
         # The values are in registers here; staging the first CAP changes of the block at their
         # rank (a scan over the block's rows, then over a row's 8 lanes inside one thread) spares
-        # compact its binary search and its scattered reads of `new`.
+        # compact its binary search and its scattered reads of `new`. Position and value travel
+        # packed in one integer: one predicated store per element, not two (mark's extra work
+        # is instructions over every element, changed or not).
         rank = (tl.cumsum(per_row, axis=0) - per_row)[:, None] + (tl.cumsum(changed, axis=1) - changed)
         keep = (changed != 0) & (rank < CAP)
         local = tl.arange(0, BLOCK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
-        slot = pid.to(tl.int64) * CAP + rank
-        tl.store(stage_pos_ptr + slot, local.to(tl.int16), mask=keep)
-        tl.store(stage_val_ptr + slot, y, mask=keep)
-        # The block's escapes, so that one read-back after this pass gives every count the
-        # encodings' sizes need. Only a row's first change can have a gap of 255+ (a row is 8
-        # elements), and it has one where some change precedes it in the block and none lies in
-        # the 255 elements before it: a difference of two running counts, the one at the
-        # window's start from its row's count and bits. Gaps inside a block stay below BLOCK,
-        # so 65535+ happens only at a block's first change, which `_first_gaps` handles.
-        excl = tl.cumsum(per_row, axis=0) - per_row
-        lrow = tl.arange(0, BLOCK // 8)
-        first_lane = tl.min(tl.where(changed != 0, tl.arange(0, 8)[None, :], 8), axis=1)
-        w = tl.maximum(lrow * 8 + first_lane - 255, 0)
-        before = tl.gather(excl, w // 8, 0) + _popcount8(tl.gather(packed, w // 8, 0) & ((1 << (w % 8)) - 1))
-        opens = (per_row > 0) & (excl > 0) & (lrow * 8 + first_lane >= 255) & (before == excl)
-        tl.store(info_ptr + pid, tl.sum(opens.to(tl.int32), axis=0))
-        tl.store(info_ptr + num_blocks + pid, tl.min(tl.where(changed != 0, local, BLOCK)))
-        tl.store(info_ptr + 2 * num_blocks + pid, tl.max(tl.where(changed != 0, local, -1)))
+        ety = stage_ptr.dtype.element_ty
+        entry = (local.to(ety) << EBITS) | (y.to(ety) & ((1 << EBITS) - 1))
+        tl.store(stage_ptr + pid.to(tl.int64) * CAP + rank, entry, mask=keep)
+
+    @triton.jit
+    def tally(
+        stage_ptr,
+        block_tab_ptr,  # compact's
+        bits_ptr,
+        counts_ptr,
+        info_ptr,  # 3 rows of num_blocks: escapes8 among the block's gaps but its first, its first and last change (local)
+        num_blocks,
+        BLOCK: tl.constexpr,
+        CAP: tl.constexpr,
+        EBITS: tl.constexpr,
+    ):
+        # Per block, what the chooser needs besides the counts, before compact: one read-back
+        # then gives every size. A staged block reads its positions (contiguous, about 1% of
+        # the tensor's bytes at 2% changed). A fuller block works from its bits: only a row's
+        # first change can have a gap of 255+ (a row is 8 elements), and it has one where some
+        # change precedes it in the block and none lies in the 255 elements before it, a
+        # difference of two running counts. Gaps inside a block stay below BLOCK <= 32768, so
+        # 65535+ happens only at a block's first change, which `_first_gaps` handles.
+        pid = tl.program_id(0)
+        count = tl.load(counts_ptr + pid)
+        esc = count * 0
+        first = count * 0 + BLOCK
+        last = count * 0 - 1
+        if count > CAP:
+            r = tl.arange(0, BLOCK // 8)
+            left = tl.load(block_tab_ptr + pid)
+            bits_at = tl.load(block_tab_ptr + 3 * num_blocks + pid)
+            byte = tl.load(bits_ptr + bits_at + r, mask=r < left // 8, other=0).to(tl.int32)
+            per_row = _popcount8(byte)
+            excl = tl.cumsum(per_row, axis=0) - per_row
+            lo = tl.zeros_like(byte) + 8
+            hi = tl.zeros_like(byte) - 1
+            for j in tl.static_range(8):
+                on = ((byte >> j) & 1) != 0
+                lo = tl.where(on & (lo == 8), j, lo)
+                hi = tl.where(on, j, hi)
+            p = r * 8 + lo
+            w = tl.maximum(p - 255, 0)
+            before = tl.gather(excl, w // 8, 0) + _popcount8(tl.gather(byte, w // 8, 0) & ((1 << (w % 8)) - 1))
+            opens = (per_row > 0) & (excl > 0) & (p >= 255) & (before == excl)
+            esc = tl.sum(opens.to(tl.int32), axis=0)
+            first = tl.min(tl.where(per_row > 0, p, BLOCK), axis=0)
+            last = tl.max(tl.where(per_row > 0, r * 8 + hi, -1), axis=0)
+        elif count > 0:
+            k = tl.arange(0, CAP)
+            at = stage_ptr + pid.to(tl.int64) * CAP + k
+            pos = (tl.load(at, mask=k < count, other=0) >> EBITS).to(tl.int32)
+            prev = (tl.load(at - 1, mask=(k > 0) & (k < count), other=0) >> EBITS).to(tl.int32)
+            esc = tl.sum(((k > 0) & (k < count) & (pos - prev - 1 >= 0xFF)).to(tl.int32), axis=0)
+            first = tl.min(tl.where(k < count, pos, BLOCK), axis=0)
+            last = tl.max(tl.where(k < count, pos, -1), axis=0)
+        tl.store(info_ptr + pid, esc)
+        tl.store(info_ptr + num_blocks + pid, first)
+        tl.store(info_ptr + 2 * num_blocks + pid, last)
 
     @triton.jit
     def compact(
@@ -172,8 +213,7 @@ def _kernels():
         bits_ptr,
         counts_ptr,
         slots_ptr,
-        stage_pos_ptr,
-        stage_val_ptr,
+        stage_ptr,
         idx_out_ptr,
         val_out_ptr,
         gap_out_ptr,
@@ -184,6 +224,7 @@ def _kernels():
         CHUNK: tl.constexpr,
         LOG2_ROWS: tl.constexpr,
         CAP: tl.constexpr,
+        EBITS: tl.constexpr,
         STORE_IDX: tl.constexpr = True,
         STORE_VAL: tl.constexpr = True,
     ):
@@ -232,9 +273,9 @@ def _kernels():
             for c0 in range(0, count, CHUNK):
                 p = c0 + tl.arange(0, CHUNK)
                 live = p < count
-                src = pid.to(tl.int64) * CAP + p
-                at = e0 + tl.load(stage_pos_ptr + src, mask=live, other=0).to(tl.int64)
-                val = tl.load(stage_val_ptr + src, mask=live, other=0)
+                entry = tl.load(stage_ptr + pid.to(tl.int64) * CAP + p, mask=live, other=0)
+                at = e0 + (entry >> EBITS).to(tl.int64)
+                val = (entry & ((1 << EBITS) - 1)).to(val_out_ptr.dtype.element_ty)
                 last = _emit(
                     at, val, p, live, first, last, idx_out_ptr, val_out_ptr, gap_out_ptr, code_out_ptr,
                     CHUNK, STORE_IDX, STORE_VAL,
@@ -271,7 +312,7 @@ def _kernels():
         if bad > 0:
             tl.atomic_add(err_ptr, bad)
 
-    return mark, compact, scatter
+    return mark, tally, compact, scatter
 
 
 def kernel_available() -> bool:
@@ -279,7 +320,8 @@ def kernel_available() -> bool:
 
 
 def _takes(t: torch.Tensor) -> bool:
-    return t.is_cuda and t.numel() % 8 == 0 and t.data_ptr() % _ALIGN_BYTES == 0
+    # 8-byte elements do not pack beside a position into mark's 64-bit staging entries.
+    return t.is_cuda and t.element_size() <= 4 and t.numel() % 8 == 0 and t.data_ptr() % _ALIGN_BYTES == 0
 
 
 @dataclass(slots=True)
@@ -391,9 +433,9 @@ def _run(
 ) -> BatchChanges:
     """Launches mark and compact; `interpret` lets Triton's CPU interpreter run them on CPU tensors
     (where a smaller `block` keeps the test fast and puts more block boundaries in it)."""
-    mark, compact, _ = kernels
+    mark, tally, compact, _ = kernels
     # Staged positions are int16, and gaps inside a block stay below 65535 (see mark).
-    assert 8 <= block <= 1 << 15 and block % 8 == 0, block
+    assert 128 <= block <= 1 << 15 and block & (block - 1) == 0, block
     device = base_ints[0].device
     es = base_ints[0].element_size()
     anchor = base_ints[0]
@@ -412,15 +454,21 @@ def _run(
     bits = torch.empty(sum(numels) // 8, dtype=torch.uint8, device=device)
     counts = torch.empty(nb, dtype=torch.int32, device=device)
     cap = block // _CAP_DIVISOR
-    stage_pos = torch.empty(nb * cap, dtype=torch.int16, device=device)
-    stage_val = torch.empty(nb * cap, dtype=anchor.dtype, device=device)
+    ebits = 8 * es
+    stage = torch.empty(nb * cap, dtype=torch.int32 if es <= 2 else torch.int64, device=device)
     info = torch.empty((3, nb), dtype=torch.int32, device=device)
+    tab = layout.compact_tab.clone()
+    tab[2] += span_table[2 * num_spans : 3 * num_spans][layout.block_span]
     extra = {} if interpret else {"num_warps": _NUM_WARPS}
     align = _ALIGN_BYTES // es
     if nb:
         mark[(nb,)](
-            anchor, layout.block_span, layout.block_elem, span_table, bits, counts, stage_pos, stage_val, info,
-            num_spans, nb, BLOCK=block, ALIGN=align, CAP=cap, **extra,
+            anchor, layout.block_span, layout.block_elem, span_table, bits, counts, stage, num_spans,
+            BLOCK=block, ALIGN=align, CAP=cap, EBITS=ebits, **extra,
+        )  # fmt: skip
+        tally[(nb,)](
+            stage, tab, bits, counts, info, nb, BLOCK=block, CAP=cap, EBITS=ebits,
+            **({} if interpret else {"num_warps": _COMPACT_WARPS}),
         )  # fmt: skip
     ends = torch.cumsum(counts, 0, dtype=torch.int64)
     slots = ends - counts
@@ -448,11 +496,9 @@ def _run(
     # One spare slot at the end, where blocks without changes write their (unused) first gap.
     gaps = torch.empty(total + 1, dtype=idx_dtype, device=device)
     codes8 = torch.empty(total + 1, dtype=torch.uint8, device=device)
-    tab = layout.compact_tab.clone()
-    tab[2] += span_table[2 * num_spans : 3 * num_spans][layout.block_span]
     compact[(nb,)](
-        anchor, tab, bits, counts, slots, stage_pos, stage_val, idx_out, val_out, gaps, codes8, nb,
-        BLOCK=block, ALIGN=align, CHUNK=_CHUNK, LOG2_ROWS=(block // 8).bit_length() - 1, CAP=cap,
+        anchor, tab, bits, counts, slots, stage, idx_out, val_out, gaps, codes8, nb,
+        BLOCK=block, ALIGN=align, CHUNK=_CHUNK, LOG2_ROWS=(block // 8).bit_length() - 1, CAP=cap, EBITS=ebits,
         STORE_IDX=probe[0], STORE_VAL=probe[1],
         **({} if interpret else {"num_warps": _COMPACT_WARPS}),
     )  # fmt: skip
@@ -529,7 +575,7 @@ def scatter(
     positions hold running sums of gaps). It lands at anchor_offsets[s] + index elements from
     anchor's first element, unless the index lies outside [0, numels[s]): then it is refused.
     """
-    _, _, kernel = _kernels()
+    kernel = _kernels()[3]
     n = positions.numel()
     if not n:
         return 0

@@ -294,6 +294,10 @@ for dtype in (torch.int16, torch.int32, torch.uint8):
         # Gaps of exactly 254 and 255 inside a block (2313, 2569) and across blocks (3326).
         for i in (1023, 1024, 1400, 2058, 2313, 2569, 3071, 3326, 70000, 139999):
             news[5][i] += 1
+        # A block too full to stage (more than 1024 / 16 changes) with gaps of 304, 254 and 255.
+        news[5][4096:4196] += 1
+        for i in (4500, 4755, 5011):
+            news[5][i] += 1
     got = delta_kernel._run(delta_kernel._kernels(), bases, news, interpret=True, block=1024)
     want = delta._find_changes_torch(bases, news)
     assert got.counts == want.counts, (dtype, got.counts, want.counts)

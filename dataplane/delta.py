@@ -359,8 +359,7 @@ def _build(found: BatchChanges, new_ints: Sequence[torch.Tensor], dtype: torch.d
     codes8 = codes16 = escapes8 = escapes16 = None
     if Encoding.GAPS8 in chosen:
         if found.codes8 is not None:
-            codes8 = found.codes8
-            escapes8 = _select(gaps, codes8 == _ESCAPE8, sum(esc8))
+            codes8, escapes8 = found.codes8, found.escape_gaps8
         else:
             codes8 = gaps.clamp(max=_ESCAPE8).to(torch.uint8)
             escapes8 = _select(gaps, gaps >= _ESCAPE8, sum(esc8))

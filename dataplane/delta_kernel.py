@@ -16,8 +16,8 @@ batch of tensors (one dtype, one device) costs:
 3. `compact`: a block that fits its staging copies it to its output slots in order; a fuller
    one reads its bits back and fills its slots from the output side (thread t finds the t-th
    change of its block by a binary search over the rows' running counts), so stores are whole
-   sectors. It writes each change's index, new value, gap and gaps8 code; each block's first
-   gap is set behind it, without a read-back, so the caller's host work overlaps the kernel.
+   sectors. It writes each change's index, new value, gap and gaps8 code, and the escaped
+   gaps; no read-back follows, so the caller's host work overlaps the kernel.
 
 The bits double as the bitmask encoding, so the chooser and every encoding need no further
 pass over the tensors. `scatter` writes values through per-tensor offsets from one anchor, so
@@ -41,6 +41,7 @@ __all__ = ["BatchChanges", "find_changes", "gaps_and_escapes", "kernel_available
 _BLOCK = 4096
 _NUM_WARPS = 8
 _COMPACT_WARPS = 4
+_TALLY_WARPS = 4
 # Output slots per pass of compact (one per thread at 4 warps).
 _CHUNK = 128
 # mark stages up to BLOCK / _CAP_DIVISOR changes per block (6.25%: a 2% step averages 82 of
@@ -75,26 +76,30 @@ if triton is not None:
 
     @triton.jit
     def _emit(
-        at, val, p, live, first, last, idx_out_ptr, val_out_ptr, gap_out_ptr, code_out_ptr,
-        CHUNK: tl.constexpr, STORE_IDX: tl.constexpr, STORE_VAL: tl.constexpr,
+        at, val, p, live, first, last, first_gap, esc_at, idx_out_ptr, val_out_ptr, gap_out_ptr, code_out_ptr,
+        esc_out_ptr, CHUNK: tl.constexpr, STORE_IDX: tl.constexpr, STORE_VAL: tl.constexpr,
     ):  # fmt: skip
         """Stores one chunk of a block's changes (element indices `at`, in order, at output slots
-        first + p); returns its last index. Each change's predecessor is the thread before it, or
-        `last` (the chunk before's)."""
+        first + p) and its escaped gaps from esc_at on; returns its last index and the next
+        escape slot. Each change's predecessor is the thread before it, or `last` (the chunk
+        before's); the block's first change has `first_gap`."""
         if STORE_VAL:
             tl.store(val_out_ptr + first + p, val, mask=live)
         if STORE_IDX:
             tl.store(idx_out_ptr + first + p, at.to(idx_out_ptr.dtype.element_ty), mask=live)
             t = tl.arange(0, CHUNK)
             prev = tl.where(t > 0, tl.gather(at, tl.maximum(t - 1, 0), 0), last)
-            gap = at - prev - 1
-            counted = live & (p > 0)  # a block's first gap is set later
-            tl.store(gap_out_ptr + first + p, gap.to(gap_out_ptr.dtype.element_ty), mask=counted)
-            tl.store(code_out_ptr + first + p, tl.minimum(gap, 0xFF).to(tl.uint8), mask=counted)
+            gap = tl.where(p == 0, first_gap, at - prev - 1)
+            tl.store(gap_out_ptr + first + p, gap.to(gap_out_ptr.dtype.element_ty), mask=live)
+            tl.store(code_out_ptr + first + p, tl.minimum(gap, 0xFF).to(tl.uint8), mask=live)
+            opens = (live & (gap >= 0xFF)).to(tl.int32)
+            rank = tl.cumsum(opens, axis=0) - opens
+            tl.store(esc_out_ptr + esc_at + rank, gap.to(esc_out_ptr.dtype.element_ty), mask=opens != 0)
+            esc_at += tl.sum(opens, axis=0)
         # (STORE_IDX/STORE_VAL off: bench/delta_codec.py --probe times the parts.)
         if not STORE_IDX and not STORE_VAL:
             tl.store(idx_out_ptr + first, tl.sum(at, axis=0).to(idx_out_ptr.dtype.element_ty))
-        return tl.max(tl.where(live, at, -1), axis=0)
+        return tl.max(tl.where(live, at, -1), axis=0), esc_at
 
 
 @functools.cache
@@ -218,6 +223,9 @@ def _kernels():
         val_out_ptr,
         gap_out_ptr,
         code_out_ptr,
+        first_gap_ptr,  # per block: the gap before its first change
+        esc_first_ptr,  # per block: its first slot in esc_out
+        esc_out_ptr,  # the escaped gaps8 gaps, in batch order
         num_blocks,
         BLOCK: tl.constexpr,
         ALIGN: tl.constexpr,
@@ -234,7 +242,7 @@ def _kernels():
         # change of the block by a binary search over the rows' running counts and the lane by
         # the bits of that row, and loads the value from `new` (measured: storing from the row
         # side, lane by lane, spent two thirds of its time in partial-sector stores).
-        # A block's first gap is computed before this launch (`_first_gaps`) and set after it.
+        # A block's first gap and first escape slot come from before this launch (`_first_gaps`).
         pid = tl.program_id(0)
         count = tl.load(counts_ptr + pid)
         left = tl.load(block_tab_ptr + pid)
@@ -243,6 +251,8 @@ def _kernels():
         bits_at = tl.load(block_tab_ptr + 3 * num_blocks + pid)
         first = tl.load(slots_ptr + pid)
         last = e0 * 0
+        first_gap = tl.load(first_gap_ptr + pid)
+        esc_at = tl.load(esc_first_ptr + pid)
         if count > CAP:
             r = tl.arange(0, BLOCK // 8)
             byte = tl.load(bits_ptr + bits_at + r, mask=r < left // 8, other=0).to(tl.int32)
@@ -265,9 +275,9 @@ def _kernels():
                     lane = tl.where(is_kth, j, lane)
                 at = e0 + row.to(tl.int64) * 8 + lane
                 val = tl.load(anchor_ptr + new_at + at - e0, mask=live, other=0)
-                last = _emit(
-                    at, val, p, live, first, last, idx_out_ptr, val_out_ptr, gap_out_ptr, code_out_ptr,
-                    CHUNK, STORE_IDX, STORE_VAL,
+                last, esc_at = _emit(
+                    at, val, p, live, first, last, first_gap, esc_at, idx_out_ptr, val_out_ptr, gap_out_ptr,
+                    code_out_ptr, esc_out_ptr, CHUNK, STORE_IDX, STORE_VAL,
                 )  # fmt: skip
         elif count > 0:
             for c0 in range(0, count, CHUNK):
@@ -276,9 +286,9 @@ def _kernels():
                 entry = tl.load(stage_ptr + pid.to(tl.int64) * CAP + p, mask=live, other=0)
                 at = e0 + (entry >> EBITS).to(tl.int64)
                 val = (entry & ((1 << EBITS) - 1)).to(val_out_ptr.dtype.element_ty)
-                last = _emit(
-                    at, val, p, live, first, last, idx_out_ptr, val_out_ptr, gap_out_ptr, code_out_ptr,
-                    CHUNK, STORE_IDX, STORE_VAL,
+                last, esc_at = _emit(
+                    at, val, p, live, first, last, first_gap, esc_at, idx_out_ptr, val_out_ptr, gap_out_ptr,
+                    code_out_ptr, esc_out_ptr, CHUNK, STORE_IDX, STORE_VAL,
                 )  # fmt: skip
 
     @triton.jit
@@ -393,6 +403,7 @@ class BatchChanges:
     escapes16: list[int]
     bits: list[torch.Tensor] | None
     codes8: torch.Tensor | None = None  # the gaps clamped to 255 as uint8 (the gaps8 codes), where made
+    escape_gaps8: torch.Tensor | None = None  # the gaps >= 255 in order (the gaps8 escapes), where codes8 is made
 
 
 def _per_span(running: list[int], present: list[bool]) -> list[int]:
@@ -468,20 +479,20 @@ def _run(
         )  # fmt: skip
         tally[(nb,)](
             stage, tab, bits, counts, info, nb, BLOCK=block, CAP=cap, EBITS=ebits,
-            **({} if interpret else {"num_warps": _COMPACT_WARPS}),
+            **({} if interpret else {"num_warps": _TALLY_WARPS}),
         )  # fmt: skip
     ends = torch.cumsum(counts, 0, dtype=torch.int64)
     slots = ends - counts
     present = layout.has_blocks
-    first_gaps = esc8_of = esc16_of = None
+    first_gaps = esc8_first = None
     if nb:
         first_gaps, esc8_of, esc16_of = _first_gaps(counts, ends, slots, info, layout)
         # The one read-back: per tensor, running sums over the blocks read at its last block. On
         # the H200 for Llama-8B's 2M blocks, 1-D cumsums take microseconds where index_add took
         # 1.0 ms (atomics on 291 bins) and a cumsum along rows of a 2 x blocks table 3.6 ms.
-        running = torch.stack(
-            (ends, torch.cumsum(esc8_of, 0), torch.cumsum(esc16_of, 0))
-        )[:, layout.last_block].tolist()
+        esc8_ends = torch.cumsum(esc8_of, 0)
+        esc8_first = esc8_ends - esc8_of
+        running = torch.stack((ends, esc8_ends, torch.cumsum(esc16_of, 0)))[:, layout.last_block].tolist()
     else:
         running = [[], [], []]
     span_counts, esc8, esc16 = (_per_span([v for v, p in zip(row, present) if p], present) for row in running)
@@ -493,21 +504,19 @@ def _run(
     if not total:
         empty = torch.empty(0, dtype=idx_dtype, device=device)
         return BatchChanges(idx_out, val_out, empty, span_counts, [0] * num_spans, [0] * num_spans, bit_views)
-    # One spare slot at the end, where blocks without changes write their (unused) first gap.
-    gaps = torch.empty(total + 1, dtype=idx_dtype, device=device)
-    codes8 = torch.empty(total + 1, dtype=torch.uint8, device=device)
+    gaps = torch.empty(total, dtype=idx_dtype, device=device)
+    codes8 = torch.empty(total, dtype=torch.uint8, device=device)
+    escape_gaps8 = torch.empty(sum(esc8), dtype=idx_dtype, device=device)
+    # Launched with no read-back behind it: the caller's host work (choosing and building the
+    # deltas) overlaps the kernel.
     compact[(nb,)](
-        anchor, tab, bits, counts, slots, stage, idx_out, val_out, gaps, codes8, nb,
+        anchor, tab, bits, counts, slots, stage, idx_out, val_out, gaps, codes8, first_gaps, esc8_first,
+        escape_gaps8, nb,
         BLOCK=block, ALIGN=align, CHUNK=_CHUNK, LOG2_ROWS=(block // 8).bit_length() - 1, CAP=cap, EBITS=ebits,
         STORE_IDX=probe[0], STORE_VAL=probe[1],
         **({} if interpret else {"num_warps": _COMPACT_WARPS}),
     )  # fmt: skip
-    # Queued behind compact, no read-back: the caller's host work (choosing and building the
-    # deltas) overlaps the kernel.
-    at = torch.where(counts > 0, slots, total)
-    gaps[at] = first_gaps.to(gaps.dtype)
-    codes8[at] = first_gaps.clamp(max=0xFF).to(torch.uint8)
-    return BatchChanges(idx_out, val_out, gaps[:total], span_counts, esc8, esc16, bit_views, codes8[:total])
+    return BatchChanges(idx_out, val_out, gaps, span_counts, esc8, esc16, bit_views, codes8, escape_gaps8)
 
 
 def _first_gaps(
@@ -522,7 +531,8 @@ def _first_gaps(
     block's first change is its tensor's first (the gap is its index). No scan over the blocks
     (torch's cummax over 2M blocks measured 5.4 ms on the H200)."""
     has = counts > 0
-    holder = torch.searchsorted(ends, (slots - 1).clamp(min=0), right=True).clamp(max=ends.numel() - 1)
+    # slots - 1 < ends[-1] for every block, so the holder is a block (the first's is 0, unused).
+    holder = torch.searchsorted(ends, slots - 1, right=True)
     first_at = layout.block_elem + info[1]
     prev_at = layout.block_elem[holder] + info[2][holder]
     same = slots > slots[layout.span_first_block]

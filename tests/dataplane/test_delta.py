@@ -305,6 +305,8 @@ for dtype in (torch.int16, torch.int32, torch.uint8):
     assert got.indices.dtype == torch.int32
     assert torch.equal(got.indices.long(), want.indices), dtype
     assert torch.equal(got.gaps.long(), want.gaps), dtype
+    assert torch.equal(got.codes8, want.gaps.clamp(max=255).to(torch.uint8)), dtype
+    assert torch.equal(got.escape_gaps8.long(), want.gaps[want.gaps >= 255]), dtype
     assert torch.equal(got.values, want.values), dtype
     for b, n, bits in zip(bases, news, got.bits):
         assert torch.equal(bits, delta._pack_bits(b != n)), dtype

@@ -40,7 +40,7 @@ __all__ = ["BatchChanges", "find_changes", "gaps_and_escapes", "kernel_available
 # Elements per program. A multiple of 8 (whole bit bytes); 4096 bf16 = 8 KiB per tensor read.
 _BLOCK = 4096
 _NUM_WARPS = 8
-_COMPACT_WARPS = 4
+_COMPACT_WARPS = 1
 _TALLY_WARPS = 4
 # Output slots per pass of compact (one per thread at 4 warps).
 _CHUNK = 128

@@ -6,9 +6,11 @@ batch of tensors (one dtype, one device) costs:
 
 1. `mark`: one program per block of _BLOCK elements of any tensor reads base and new once,
    compares them as integers, and writes the block's change count, its packed change bits
-   (one bit per element: 1/16 of a bf16 tensor's bytes), its escapes (gaps of 255+ among its
-   own changes), its first and last change, and stages its first BLOCK/16 changes (local
-   position and value) at their rank, while the values are in registers.
+   (one bit per element: 1/16 of a bf16 tensor's bytes), and stages its first BLOCK/16
+   changes (local position and value, packed in one integer) at their rank, while the values
+   are in registers.
+   `tally`: per block, its escapes (gaps of 255+ among its own changes) and its first and last
+   change, from the staging (from the bits for a block too full to stage).
 2. Torch ops over the blocks: a cumsum gives every block its first output slot (blocks are in
    tensor order, then element order, so the output is sorted per tensor), a binary search the
    change before each block's first (`_first_gaps`); then the one read-back, per tensor: its
@@ -23,7 +25,8 @@ The bits double as the bitmask encoding, so the chooser and every encoding need 
 pass over the tensors. `scatter` writes values through per-tensor offsets from one anchor, so
 one launch applies deltas into many tensors. Tensors the kernels cannot take (numel not a
 multiple of 8, an address not 16-byte aligned, no Triton) make `find_changes` return None, and
-the caller uses torch ops.
+the caller uses torch ops; so do 8-byte elements (they do not pack beside a position).
+Measured on an H100 for Llama-8B shapes at 2% changed: BENCHMARKS.md.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ kept base would), the new tensors are separate allocations (as a trainer's casts
 Times (median of --iters after a warm-up, synchronised):
   copy         one torch copy_ of the whole payload as one flat buffer (the device copy bound);
   encode       encode_many over all tensors: find changes, choose, build each tensor's delta;
-  find         the change finder alone (Triton mark + compact, or torch where it cannot run);
+  find         the change finder alone (Triton mark + tally + compact, or torch where it cannot run);
   torch_encode the torch-only encode FACTS.md measured (int16 compare, nonzero, gather), for reference;
   apply        apply_many of every tensor's delta into a copy of its base (batched decode, one scatter);
   apply_update apply_delta tensor by tensor with base_checksum (the checksum updated from the changed words).

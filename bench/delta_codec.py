@@ -12,7 +12,7 @@ kept base would), the new tensors are separate allocations (as a trainer's casts
 Times (median of --iters after a warm-up, synchronised):
   copy         one torch copy_ of the whole payload as one flat buffer (the device copy bound);
   encode       encode_many over all tensors: find changes, choose, build each tensor's delta;
-  find         the change finder alone (Triton mark + compact, or torch where it cannot run);
+  find         the change finder alone (Triton mark + tally + compact, or torch where it cannot run);
   torch_encode the torch-only encode FACTS.md measured (int16 compare, nonzero, gather), for reference;
   apply        apply_many of every tensor's delta into a copy of its base (batched decode, one scatter);
   apply_update apply_delta tensor by tensor with base_checksum (the checksum updated from the changed words).
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sweep",
         default="",
-        help="kernel settings to time the finder with, comma-separated BLOCK:MARK_WARPS:COMPACT_WARPS",
+        help="kernel settings to time the finder with, comma-separated BLOCK:MARK_WARPS:COMPACT_WARPS[:TALLY_WARPS]",
     )
     parser.add_argument("--probe", action="store_true", help="time the compact kernel with parts left out")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of one encode and one apply")
@@ -130,12 +130,13 @@ def main(argv: list[str] | None = None) -> int:
 
     sweep = {}
     for item in filter(None, args.sweep.split(",")):
-        block, mark_warps, compact_warps = (int(v) for v in item.split(":"))
-        saved = (delta_kernel._BLOCK, delta_kernel._NUM_WARPS, delta_kernel._COMPACT_WARPS)
+        block, mark_warps, compact_warps, *tally = (int(v) for v in item.split(":"))
+        saved = (delta_kernel._BLOCK, delta_kernel._NUM_WARPS, delta_kernel._COMPACT_WARPS, delta_kernel._TALLY_WARPS)
         delta_kernel._NUM_WARPS, delta_kernel._COMPACT_WARPS = mark_warps, compact_warps
+        delta_kernel._TALLY_WARPS = tally[0] if tally else saved[3]
         run = lambda: delta_kernel._run(delta_kernel._kernels(), ints_b, ints_n, interpret=False, block=block)  # noqa: E731
         sweep[item] = _timed(run, args.iters)
-        delta_kernel._BLOCK, delta_kernel._NUM_WARPS, delta_kernel._COMPACT_WARPS = saved
+        delta_kernel._BLOCK, delta_kernel._NUM_WARPS, delta_kernel._COMPACT_WARPS, delta_kernel._TALLY_WARPS = saved
         print(f"sweep {item}: find {sweep[item] * 1e3:.2f} ms", flush=True)
     if args.probe:
         # The compact kernel's parts: indices only, values only, neither (ranks only).

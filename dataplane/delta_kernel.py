@@ -5,24 +5,28 @@ nonzero reads the compare's output again, and every tensor costs several launche
 batch of tensors (one dtype, one device) costs:
 
 1. `mark`: one program per block of _BLOCK elements of any tensor reads base and new once,
-   compares them as integers, and writes the block's change count and its packed change bits
-   (one bit per element: 1/16 of a bf16 tensor's bytes).
-2. A torch cumsum over the block counts gives every block its first output slot (blocks are
-   in tensor order, then element order, so the output is sorted per tensor).
-3. `compact`: blocks with changes read their bits back and fill their output slots from the
-   output side (thread t finds the t-th change of its block by a binary search over the rows'
-   running counts), so stores are whole sectors; only the sectors of `new` that hold a change
-   are read. It writes each change's index, new value, gap and gaps8 code, and per block the
-   escapes among its gaps.
-4. `_fix_first_gaps`: each block's first gap, from the change before its first slot (the
-   outputs are in batch order), a few torch gathers over the blocks; then one read-back of
-   the escape counts per tensor.
+   compares them as integers, and writes the block's change count, its packed change bits
+   (one bit per element: 1/16 of a bf16 tensor's bytes), and stages its first BLOCK/16
+   changes (local position and value, packed in one integer) at their rank, while the values
+   are in registers.
+   `tally`: per block, its escapes (gaps of 255+ among its own changes) and its first and last
+   change, from the staging (from the bits for a block too full to stage).
+2. Torch ops over the blocks: a cumsum gives every block its first output slot (blocks are in
+   tensor order, then element order, so the output is sorted per tensor), a binary search the
+   change before each block's first (`_first_gaps`); then the one read-back, per tensor: its
+   changes, escapes8 and escapes16, all that choosing an encoding needs.
+3. `compact`: a block that fits its staging copies it to its output slots in order; a fuller
+   one reads its bits back and fills its slots from the output side (thread t finds the t-th
+   change of its block by a binary search over the rows' running counts), so stores are whole
+   sectors. It writes each change's index, new value, gap and gaps8 code, and the escaped
+   gaps; no read-back follows, so the caller's host work overlaps the kernel.
 
 The bits double as the bitmask encoding, so the chooser and every encoding need no further
 pass over the tensors. `scatter` writes values through per-tensor offsets from one anchor, so
 one launch applies deltas into many tensors. Tensors the kernels cannot take (numel not a
 multiple of 8, an address not 16-byte aligned, no Triton) make `find_changes` return None, and
-the caller uses torch ops.
+the caller uses torch ops; so do 8-byte elements (they do not pack beside a position).
+Measured on an H100 for Llama-8B shapes at 2% changed: BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -39,9 +43,15 @@ __all__ = ["BatchChanges", "find_changes", "gaps_and_escapes", "kernel_available
 # Elements per program. A multiple of 8 (whole bit bytes); 4096 bf16 = 8 KiB per tensor read.
 _BLOCK = 4096
 _NUM_WARPS = 8
-_COMPACT_WARPS = 4
+_COMPACT_WARPS = 1
+_TALLY_WARPS = 4
 # Output slots per pass of compact (one per thread at 4 warps).
 _CHUNK = 128
+# mark stages up to BLOCK / _CAP_DIVISOR changes per block (6.25%: a 2% step averages 82 of
+# 4096, and a block's count rarely passes twice that); fuller blocks fall back to the search
+# from the bits. The staging costs (2 + element size) / 16 bytes per element: 1/8 of a bf16
+# tensor's bytes, transient, on the device.
+_CAP_DIVISOR = 16
 # Addresses travel as element offsets from one anchor tensor; all offsets are multiples of
 # this many bytes, so that the compiler may use 16-byte loads.
 _ALIGN_BYTES = 16
@@ -67,10 +77,37 @@ if triton is not None:
         v = (v & 0x33) + ((v >> 2) & 0x33)
         return (v + (v >> 4)) & 0x0F
 
+    @triton.jit
+    def _emit(
+        at, val, p, live, first, last, first_gap, esc_at, idx_out_ptr, val_out_ptr, gap_out_ptr, code_out_ptr,
+        esc_out_ptr, CHUNK: tl.constexpr, STORE_IDX: tl.constexpr, STORE_VAL: tl.constexpr,
+    ):  # fmt: skip
+        """Stores one chunk of a block's changes (element indices `at`, in order, at output slots
+        first + p) and its escaped gaps from esc_at on; returns its last index and the next
+        escape slot. Each change's predecessor is the thread before it, or `last` (the chunk
+        before's); the block's first change has `first_gap`."""
+        if STORE_VAL:
+            tl.store(val_out_ptr + first + p, val, mask=live)
+        if STORE_IDX:
+            tl.store(idx_out_ptr + first + p, at.to(idx_out_ptr.dtype.element_ty), mask=live)
+            t = tl.arange(0, CHUNK)
+            prev = tl.where(t > 0, tl.gather(at, tl.maximum(t - 1, 0), 0), last)
+            gap = tl.where(p == 0, first_gap, at - prev - 1)
+            tl.store(gap_out_ptr + first + p, gap.to(gap_out_ptr.dtype.element_ty), mask=live)
+            tl.store(code_out_ptr + first + p, tl.minimum(gap, 0xFF).to(tl.uint8), mask=live)
+            opens = (live & (gap >= 0xFF)).to(tl.int32)
+            rank = tl.cumsum(opens, axis=0) - opens
+            tl.store(esc_out_ptr + esc_at + rank, gap.to(esc_out_ptr.dtype.element_ty), mask=opens != 0)
+            esc_at += tl.sum(opens, axis=0)
+        # (STORE_IDX/STORE_VAL off: bench/delta_codec.py --probe times the parts.)
+        if not STORE_IDX and not STORE_VAL:
+            tl.store(idx_out_ptr + first, tl.sum(at, axis=0).to(idx_out_ptr.dtype.element_ty))
+        return tl.max(tl.where(live, at, -1), axis=0), esc_at
+
 
 @functools.cache
 def _kernels():
-    """(mark, compact, scatter), or None where Triton is missing."""
+    """(mark, tally, compact, scatter), or None where Triton is missing."""
     if triton is None:
         return None
 
@@ -85,9 +122,12 @@ def _kernels():
         span_ptr,  # per span: numel, base offset, new offset, bits offset (elements; bits in bytes)
         bits_ptr,
         counts_ptr,
+        stage_ptr,  # per block, CAP entries: (local position << EBITS) | the value's bits
         num_spans,
         BLOCK: tl.constexpr,
         ALIGN: tl.constexpr,
+        CAP: tl.constexpr,
+        EBITS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         span = tl.load(block_span_ptr + pid)
@@ -103,8 +143,76 @@ def _kernels():
         y = tl.load(anchor_ptr + new_off + offs, mask=inside, other=0, eviction_policy="evict_first")
         changed = (x != y).to(tl.int32)
         packed = tl.sum(changed << tl.arange(0, 8)[None, :], axis=1)
-        tl.store(counts_ptr + pid, tl.sum(tl.sum(changed, axis=1), axis=0))
+        per_row = tl.sum(changed, axis=1)
+        tl.store(counts_ptr + pid, tl.sum(per_row, axis=0))
         tl.store(bits_ptr + bits_off + rows, packed.to(tl.uint8), mask=rows < n // 8)
+        # The values are in registers here; staging the first CAP changes of the block at their
+        # rank (a scan over the block's rows, then over a row's 8 lanes inside one thread) spares
+        # compact its binary search and its scattered reads of `new`. Position and value travel
+        # packed in one integer: one predicated store per element, not two (mark's extra work
+        # is instructions over every element, changed or not).
+        rank = (tl.cumsum(per_row, axis=0) - per_row)[:, None] + (tl.cumsum(changed, axis=1) - changed)
+        keep = (changed != 0) & (rank < CAP)
+        local = tl.arange(0, BLOCK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
+        ety = stage_ptr.dtype.element_ty
+        entry = (local.to(ety) << EBITS) | (y.to(ety) & ((1 << EBITS) - 1))
+        tl.store(stage_ptr + pid.to(tl.int64) * CAP + rank, entry, mask=keep)
+
+    @triton.jit
+    def tally(
+        stage_ptr,
+        block_tab_ptr,  # compact's
+        bits_ptr,
+        counts_ptr,
+        info_ptr,  # 3 rows of num_blocks: escapes8 among the block's gaps but its first, its first and last change (local)
+        num_blocks,
+        BLOCK: tl.constexpr,
+        CAP: tl.constexpr,
+        EBITS: tl.constexpr,
+    ):
+        # Per block, what the chooser needs besides the counts, before compact: one read-back
+        # then gives every size. A staged block reads its positions (contiguous, about 1% of
+        # the tensor's bytes at 2% changed). A fuller block works from its bits: only a row's
+        # first change can have a gap of 255+ (a row is 8 elements), and it has one where some
+        # change precedes it in the block and none lies in the 255 elements before it, a
+        # difference of two running counts. Gaps inside a block stay below BLOCK <= 32768, so
+        # 65535+ happens only at a block's first change, which `_first_gaps` handles.
+        pid = tl.program_id(0)
+        count = tl.load(counts_ptr + pid)
+        esc = count * 0
+        first = count * 0 + BLOCK
+        last = count * 0 - 1
+        if count > CAP:
+            r = tl.arange(0, BLOCK // 8)
+            left = tl.load(block_tab_ptr + pid)
+            bits_at = tl.load(block_tab_ptr + 3 * num_blocks + pid)
+            byte = tl.load(bits_ptr + bits_at + r, mask=r < left // 8, other=0).to(tl.int32)
+            per_row = _popcount8(byte)
+            excl = tl.cumsum(per_row, axis=0) - per_row
+            lo = tl.zeros_like(byte) + 8
+            hi = tl.zeros_like(byte) - 1
+            for j in tl.static_range(8):
+                on = ((byte >> j) & 1) != 0
+                lo = tl.where(on & (lo == 8), j, lo)
+                hi = tl.where(on, j, hi)
+            p = r * 8 + lo
+            w = tl.maximum(p - 255, 0)
+            before = tl.gather(excl, w // 8, 0) + _popcount8(tl.gather(byte, w // 8, 0) & ((1 << (w % 8)) - 1))
+            opens = (per_row > 0) & (excl > 0) & (p >= 255) & (before == excl)
+            esc = tl.sum(opens.to(tl.int32), axis=0)
+            first = tl.min(tl.where(per_row > 0, p, BLOCK), axis=0)
+            last = tl.max(tl.where(per_row > 0, r * 8 + hi, -1), axis=0)
+        elif count > 0:
+            k = tl.arange(0, CAP)
+            at = stage_ptr + pid.to(tl.int64) * CAP + k
+            pos = (tl.load(at, mask=k < count, other=0) >> EBITS).to(tl.int32)
+            prev = (tl.load(at - 1, mask=(k > 0) & (k < count), other=0) >> EBITS).to(tl.int32)
+            esc = tl.sum(((k > 0) & (k < count) & (pos - prev - 1 >= 0xFF)).to(tl.int32), axis=0)
+            first = tl.min(tl.where(k < count, pos, BLOCK), axis=0)
+            last = tl.max(tl.where(k < count, pos, -1), axis=0)
+        tl.store(info_ptr + pid, esc)
+        tl.store(info_ptr + num_blocks + pid, first)
+        tl.store(info_ptr + 2 * num_blocks + pid, last)
 
     @triton.jit
     def compact(
@@ -113,28 +221,31 @@ def _kernels():
         bits_ptr,
         counts_ptr,
         slots_ptr,
+        stage_ptr,
         idx_out_ptr,
         val_out_ptr,
         gap_out_ptr,
         code_out_ptr,
-        esc_out_ptr,  # 2 rows of num_blocks: escapes8, escapes16 among the block's gaps but its first
+        first_gap_ptr,  # per block: the gap before its first change
+        esc_first_ptr,  # per block: its first slot in esc_out
+        esc_out_ptr,  # the escaped gaps8 gaps, in batch order
         num_blocks,
         BLOCK: tl.constexpr,
         ALIGN: tl.constexpr,
         CHUNK: tl.constexpr,
         LOG2_ROWS: tl.constexpr,
+        CAP: tl.constexpr,
+        EBITS: tl.constexpr,
         STORE_IDX: tl.constexpr = True,
         STORE_VAL: tl.constexpr = True,
     ):
-        # Writes are what cost here (measured: a version that stored each of the 8 lanes of
-        # every row in turn spent two thirds of its time in partial-sector stores), so this one
-        # works from the OUTPUT side: thread t of a chunk produces output slot p = t, finds the
-        # row holding the p-th change of the block by a binary search over the rows' running
-        # counts and the lane by the bits of that row, and a warp's stores land in consecutive
-        # slots, whole sectors. Only the values' loads are scattered, and loads are cheaper.
-        # Gaps and escape counts come from the same pass (each change's predecessor is the
-        # thread before it, or the chunk before); a block's first gap needs the change before
-        # it, written by another program, so `_fix_first_gaps` sets it afterwards.
+        # A block of at most CAP changes copies them from mark's staging, in order: contiguous
+        # loads and stores. A fuller block finds them from its bits, working from the OUTPUT
+        # side: thread t of a chunk produces output slot p = t, finds the row holding the p-th
+        # change of the block by a binary search over the rows' running counts and the lane by
+        # the bits of that row, and loads the value from `new` (measured: storing from the row
+        # side, lane by lane, spent two thirds of its time in partial-sector stores).
+        # A block's first gap and first escape slot come from before this launch (`_first_gaps`).
         pid = tl.program_id(0)
         count = tl.load(counts_ptr + pid)
         left = tl.load(block_tab_ptr + pid)
@@ -143,9 +254,9 @@ def _kernels():
         bits_at = tl.load(block_tab_ptr + 3 * num_blocks + pid)
         first = tl.load(slots_ptr + pid)
         last = e0 * 0
-        esc8 = count * 0
-        esc16 = count * 0
-        if count > 0:
+        first_gap = tl.load(first_gap_ptr + pid)
+        esc_at = tl.load(esc_first_ptr + pid)
+        if count > CAP:
             r = tl.arange(0, BLOCK // 8)
             byte = tl.load(bits_ptr + bits_at + r, mask=r < left // 8, other=0).to(tl.int32)
             per_row = _popcount8(byte)
@@ -166,24 +277,22 @@ def _kernels():
                     is_kth = (((b >> j) & 1) != 0) & (_popcount8(b & ((1 << j) - 1)) == k)
                     lane = tl.where(is_kth, j, lane)
                 at = e0 + row.to(tl.int64) * 8 + lane
-                if STORE_VAL:
-                    tl.store(val_out_ptr + first + p, tl.load(anchor_ptr + new_at + at - e0, mask=live, other=0), mask=live)
-                if STORE_IDX:
-                    tl.store(idx_out_ptr + first + p, at.to(idx_out_ptr.dtype.element_ty), mask=live)
-                    t = tl.arange(0, CHUNK)
-                    prev = tl.where(t > 0, tl.gather(at, tl.maximum(t - 1, 0), 0), last)
-                    gap = at - prev - 1
-                    counted = live & (p > 0)  # a block's first gap is set later
-                    esc8 += tl.sum((counted & (gap >= 0xFF)).to(tl.int32), axis=0)
-                    esc16 += tl.sum((counted & (gap >= 0xFFFF)).to(tl.int32), axis=0)
-                    tl.store(gap_out_ptr + first + p, gap.to(gap_out_ptr.dtype.element_ty), mask=counted)
-                    tl.store(code_out_ptr + first + p, tl.minimum(gap, 0xFF).to(tl.uint8), mask=counted)
-                last = tl.max(tl.where(live, at, -1), axis=0)
-                # (STORE_IDX/STORE_VAL off: bench/delta_codec.py --probe times the parts.)
-                if not STORE_IDX and not STORE_VAL:
-                    tl.store(idx_out_ptr + first, tl.sum(at, axis=0).to(idx_out_ptr.dtype.element_ty))
-        tl.store(esc_out_ptr + pid, esc8.to(tl.int64))
-        tl.store(esc_out_ptr + num_blocks + pid, esc16.to(tl.int64))
+                val = tl.load(anchor_ptr + new_at + at - e0, mask=live, other=0)
+                last, esc_at = _emit(
+                    at, val, p, live, first, last, first_gap, esc_at, idx_out_ptr, val_out_ptr, gap_out_ptr,
+                    code_out_ptr, esc_out_ptr, CHUNK, STORE_IDX, STORE_VAL,
+                )  # fmt: skip
+        elif count > 0:
+            for c0 in range(0, count, CHUNK):
+                p = c0 + tl.arange(0, CHUNK)
+                live = p < count
+                entry = tl.load(stage_ptr + pid.to(tl.int64) * CAP + p, mask=live, other=0)
+                at = e0 + (entry >> EBITS).to(tl.int64)
+                val = (entry & ((1 << EBITS) - 1)).to(val_out_ptr.dtype.element_ty)
+                last, esc_at = _emit(
+                    at, val, p, live, first, last, first_gap, esc_at, idx_out_ptr, val_out_ptr, gap_out_ptr,
+                    code_out_ptr, esc_out_ptr, CHUNK, STORE_IDX, STORE_VAL,
+                )  # fmt: skip
 
     @triton.jit
     def scatter(
@@ -216,7 +325,7 @@ def _kernels():
         if bad > 0:
             tl.atomic_add(err_ptr, bad)
 
-    return mark, compact, scatter
+    return mark, tally, compact, scatter
 
 
 def kernel_available() -> bool:
@@ -224,7 +333,8 @@ def kernel_available() -> bool:
 
 
 def _takes(t: torch.Tensor) -> bool:
-    return t.is_cuda and t.numel() % 8 == 0 and t.data_ptr() % _ALIGN_BYTES == 0
+    # 8-byte elements do not pack beside a position into mark's 64-bit staging entries.
+    return t.is_cuda and t.element_size() <= 4 and t.numel() % 8 == 0 and t.data_ptr() % _ALIGN_BYTES == 0
 
 
 @dataclass(slots=True)
@@ -296,6 +406,7 @@ class BatchChanges:
     escapes16: list[int]
     bits: list[torch.Tensor] | None
     codes8: torch.Tensor | None = None  # the gaps clamped to 255 as uint8 (the gaps8 codes), where made
+    escape_gaps8: torch.Tensor | None = None  # the gaps >= 255 in order (the gaps8 escapes), where codes8 is made
 
 
 def _per_span(running: list[int], present: list[bool]) -> list[int]:
@@ -336,7 +447,9 @@ def _run(
 ) -> BatchChanges:
     """Launches mark and compact; `interpret` lets Triton's CPU interpreter run them on CPU tensors
     (where a smaller `block` keeps the test fast and puts more block boundaries in it)."""
-    mark, compact, _ = kernels
+    mark, tally, compact, _ = kernels
+    # Staged positions are int16, and gaps inside a block stay below 65535 (see mark).
+    assert 128 <= block <= 1 << 15 and block & (block - 1) == 0, block
     device = base_ints[0].device
     es = base_ints[0].element_size()
     anchor = base_ints[0]
@@ -354,18 +467,38 @@ def _run(
     span_table = torch.tensor(table, dtype=torch.int64).to(device)
     bits = torch.empty(sum(numels) // 8, dtype=torch.uint8, device=device)
     counts = torch.empty(nb, dtype=torch.int32, device=device)
+    cap = block // _CAP_DIVISOR
+    ebits = 8 * es
+    stage = torch.empty(nb * cap, dtype=torch.int32 if es <= 2 else torch.int64, device=device)
+    info = torch.empty((3, nb), dtype=torch.int32, device=device)
+    tab = layout.compact_tab.clone()
+    tab[2] += span_table[2 * num_spans : 3 * num_spans][layout.block_span]
     extra = {} if interpret else {"num_warps": _NUM_WARPS}
     align = _ALIGN_BYTES // es
     if nb:
         mark[(nb,)](
-            anchor, layout.block_span, layout.block_elem, span_table, bits, counts, num_spans,
-            BLOCK=block, ALIGN=align, **extra,
+            anchor, layout.block_span, layout.block_elem, span_table, bits, counts, stage, num_spans,
+            BLOCK=block, ALIGN=align, CAP=cap, EBITS=ebits, **extra,
+        )  # fmt: skip
+        tally[(nb,)](
+            stage, tab, bits, counts, info, nb, BLOCK=block, CAP=cap, EBITS=ebits,
+            **({} if interpret else {"num_warps": _TALLY_WARPS}),
         )  # fmt: skip
     ends = torch.cumsum(counts, 0, dtype=torch.int64)
     slots = ends - counts
     present = layout.has_blocks
-    at_ends = ends[layout.last_block].tolist() if nb else []
-    span_counts = _per_span([v for v, p in zip(at_ends, present) if p], present)
+    first_gaps = esc8_first = None
+    if nb:
+        first_gaps, esc8_of, esc16_of = _first_gaps(counts, ends, slots, info, layout)
+        # The one read-back: per tensor, running sums over the blocks read at its last block. On
+        # the H200 for Llama-8B's 2M blocks, 1-D cumsums take microseconds where index_add took
+        # 1.0 ms (atomics on 291 bins) and a cumsum along rows of a 2 x blocks table 3.6 ms.
+        esc8_ends = torch.cumsum(esc8_of, 0)
+        esc8_first = esc8_ends - esc8_of
+        running = torch.stack((ends, esc8_ends, torch.cumsum(esc16_of, 0)))[:, layout.last_block].tolist()
+    else:
+        running = [[], [], []]
+    span_counts, esc8, esc16 = (_per_span([v for v, p in zip(row, present) if p], present) for row in running)
     total = sum(span_counts)
     idx_dtype = torch.int32 if max(numels, default=0) <= 1 << 31 else torch.int64
     idx_out = torch.empty(total, dtype=idx_dtype, device=device)
@@ -374,57 +507,42 @@ def _run(
     if not total:
         empty = torch.empty(0, dtype=idx_dtype, device=device)
         return BatchChanges(idx_out, val_out, empty, span_counts, [0] * num_spans, [0] * num_spans, bit_views)
-    # One spare slot at the end, where _fix_first_gaps writes for blocks without changes.
-    gaps = torch.empty(total + 1, dtype=idx_dtype, device=device)
-    codes8 = torch.empty(total + 1, dtype=torch.uint8, device=device)
-    per_block = torch.empty((2, nb), dtype=torch.int64, device=device)
-    tab = layout.compact_tab.clone()
-    tab[2] += span_table[2 * num_spans : 3 * num_spans][layout.block_span]
+    gaps = torch.empty(total, dtype=idx_dtype, device=device)
+    codes8 = torch.empty(total, dtype=torch.uint8, device=device)
+    escape_gaps8 = torch.empty(sum(esc8), dtype=idx_dtype, device=device)
+    # Launched with no read-back behind it: the caller's host work (choosing and building the
+    # deltas) overlaps the kernel.
     compact[(nb,)](
-        anchor, tab, bits, counts, slots, idx_out, val_out, gaps, codes8, per_block, nb,
-        BLOCK=block, ALIGN=align, CHUNK=_CHUNK, LOG2_ROWS=(block // 8).bit_length() - 1,
+        anchor, tab, bits, counts, slots, stage, idx_out, val_out, gaps, codes8, first_gaps, esc8_first,
+        escape_gaps8, nb,
+        BLOCK=block, ALIGN=align, CHUNK=_CHUNK, LOG2_ROWS=(block // 8).bit_length() - 1, CAP=cap, EBITS=ebits,
         STORE_IDX=probe[0], STORE_VAL=probe[1],
         **({} if interpret else {"num_warps": _COMPACT_WARPS}),
     )  # fmt: skip
-    _fix_first_gaps(gaps, codes8, per_block, idx_out, counts, slots, layout.span_first_block)
-    # Per tensor: running sums over the blocks read at each tensor's last block, as for the
-    # counts. On the H200 for Llama-8B's 2M blocks, two 1-D cumsums take microseconds where
-    # index_add took 1.0 ms (atomics on 291 bins) and a cumsum along rows of the 2 x blocks
-    # table 3.6 ms.
-    running = torch.stack([torch.cumsum(row, 0)[layout.last_block] for row in per_block]).tolist()
-    esc8 = _per_span([v for v, p in zip(running[0], present) if p], present)
-    esc16 = _per_span([v for v, p in zip(running[1], present) if p], present)
-    return BatchChanges(idx_out, val_out, gaps[:total], span_counts, esc8, esc16, bit_views, codes8[:total])
+    return BatchChanges(idx_out, val_out, gaps, span_counts, esc8, esc16, bit_views, codes8, escape_gaps8)
 
 
-def _fix_first_gaps(
-    gaps: torch.Tensor,
-    codes8: torch.Tensor,
-    per_block: torch.Tensor,
-    indices: torch.Tensor,
-    counts: torch.Tensor,
-    slots: torch.Tensor,
-    span_first_block: torch.Tensor,
-) -> None:
-    """Sets the first gap of every block that has changes, and counts it in its block's escapes.
+def _first_gaps(
+    counts: torch.Tensor, ends: torch.Tensor, slots: torch.Tensor, info: torch.Tensor, layout: _Layout
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each block's first gap (garbage where it has no changes) and per block its escapes8 and
+    escapes16, from mark's per-block counts and first and last changes.
 
-    The outputs are in batch order, so the change before slot s is slot s - 1: of the same
-    tensor when s is past the tensor's first slot (then the gap is the distance), else s is the
-    tensor's first change (the gap is its index). Gathers over the blocks only: no scan (torch's
-    cummax over 2M blocks measured 5.4 ms on the H200), no read-back."""
-    # Boolean indexing would read the count back; blocks without changes write a spare slot.
-    total = gaps.numel() - 1
+    The outputs are in batch order, so the change before a block's first slot s is the last
+    change of the block holding slot s - 1 (a binary search over the running counts), of the
+    same tensor when s is past the tensor's first slot (then the gap is the distance), else the
+    block's first change is its tensor's first (the gap is its index). No scan over the blocks
+    (torch's cummax over 2M blocks measured 5.4 ms on the H200)."""
     has = counts > 0
-    s = torch.where(has, slots, total)
-    at = s.clamp(max=total - 1)
-    same = slots > slots[span_first_block]
-    here = indices[at].to(torch.int64)
-    before = indices[(at - 1).clamp(min=0)].to(torch.int64)
-    first = torch.where(same, here - before - 1, here)
-    gaps[s] = first.to(gaps.dtype)
-    codes8[s] = first.clamp(max=0xFF).to(torch.uint8)
-    per_block[0] += (has & (first >= 0xFF)).to(torch.int64)
-    per_block[1] += (has & (first >= 0xFFFF)).to(torch.int64)
+    # slots - 1 < ends[-1] for every block, so the holder is a block (the first's is 0, unused).
+    holder = torch.searchsorted(ends, slots - 1, right=True)
+    first_at = layout.block_elem + info[1]
+    prev_at = layout.block_elem[holder] + info[2][holder]
+    same = slots > slots[layout.span_first_block]
+    first = torch.where(same, first_at - prev_at - 1, first_at)
+    esc8 = info[0] + (has & (first >= 0xFF))
+    esc16 = (has & (first >= 0xFFFF)).to(torch.int32)
+    return first, esc8, esc16
 
 
 def gaps_and_escapes(indices: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, list[int], list[int]]:
@@ -470,7 +588,7 @@ def scatter(
     positions hold running sums of gaps). It lands at anchor_offsets[s] + index elements from
     anchor's first element, unless the index lies outside [0, numels[s]): then it is refused.
     """
-    _, _, kernel = _kernels()
+    kernel = _kernels()[3]
     n = positions.numel()
     if not n:
         return 0

@@ -291,7 +291,12 @@ for dtype in (torch.int16, torch.int32, torch.uint8):
     news[1][0] += 1
     news[1][-1] += 1
     if dtype == torch.int16:
-        for i in (1023, 1024, 1400, 70000, 139999):
+        # Gaps of exactly 254 and 255 inside a block (2313, 2569) and across blocks (3326).
+        for i in (1023, 1024, 1400, 2058, 2313, 2569, 3071, 3326, 70000, 139999):
+            news[5][i] += 1
+        # A block too full to stage (more than 1024 / 16 changes) with gaps of 304, 254 and 255.
+        news[5][4096:4196] += 1
+        for i in (4500, 4755, 5011):
             news[5][i] += 1
     got = delta_kernel._run(delta_kernel._kernels(), bases, news, interpret=True, block=1024)
     want = delta._find_changes_torch(bases, news)
@@ -300,6 +305,8 @@ for dtype in (torch.int16, torch.int32, torch.uint8):
     assert got.indices.dtype == torch.int32
     assert torch.equal(got.indices.long(), want.indices), dtype
     assert torch.equal(got.gaps.long(), want.gaps), dtype
+    assert torch.equal(got.codes8, want.gaps.clamp(max=255).to(torch.uint8)), dtype
+    assert torch.equal(got.escape_gaps8.long(), want.gaps[want.gaps >= 255]), dtype
     assert torch.equal(got.values, want.values), dtype
     for b, n, bits in zip(bases, news, got.bits):
         assert torch.equal(bits, delta._pack_bits(b != n)), dtype

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -280,25 +281,40 @@ async def test_holds_with_an_engine_that_cannot_take_routed_rounds_are_refused()
         await server.stop()
 
 
-async def test_a_delta_asked_of_a_needs_routed_round_is_dense_for_all_and_holds_with_a_delta_are_refused():
-    """Daemons whose needs route a round by themselves (memory --tp): a trainer asking for a delta (as
-    WeightSync(delta=True) does after a commit) gets the routed round, dense for every participant, not
-    an error; trainer ranks declaring holds and a delta base at once are refused, naming the field."""
+async def test_a_delta_asked_of_a_routed_round_goes_to_the_engines_clean_on_the_base_and_dense_to_the_rest():
+    """A routed round (holds, or needs alone) with a delta base: each daemon clean on exactly the base takes the delta,
+    a late joiner dense, in the same round; the digest covers the encodings; the record says each daemon's encoding."""
     server = await start_coordinator()
     tp_needs = {
         t: {s.name: (Region(0, t * s.shape[0] // 2, s.shape[0] // 2) if len(s.shape) == 2 else W) for s in INVENTORY} for t in range(2)
     }
-    agent = await _agent(server.address, "tp", _PieceHandler(), num_ranks=2, needs=tp_needs)
+    agents = [await _agent(server.address, "tp", _PieceHandler(), num_ranks=2, needs=tp_needs), await _agent(server.address, "whole", _PieceHandler())]
+    holds = _fsdp_holds(2, list(INVENTORY))
+
+    async def commit(a):
+        sums = {(p.sender, p.index): _fake_sum(a.update_id, p.index) for p in a.routing.pieces}
+        return await client.commit_update(a, {}, piece_sums=sums)
+
     try:
         async with TrainerClient(server.address) as client:
-            a = await client.begin_update(2, INVENTORY, delta_base_version=1, **RDV)
-            assert a.routing is not None and a.delta_base_version is None
-            assert [p.encoding for p in a.participants] == ["dense"]
-            await client.abort_update(a.update_id, "test: the plan was all it was for")
-            with pytest.raises(InvalidArgument) as e:
-                await client.begin_update(3, INVENTORY, holds=_fsdp_holds(2, list(INVENTORY)), delta_base_version=2, **RDV)
-            text = str(e.value) + " ".join(getattr(e.value, "details", []) or [])
-            assert "options.delta_base_version" in text and "holds" in text, text
+            first = await client.begin_update(1, INVENTORY, holds=holds, delta_base_version=0, **RDV)
+            # Nobody holds version 0 verified: dense for all, not a delta round.
+            assert first.delta_base_version is None and {p.encoding for p in first.participants} == {"dense"}
+            assert (await commit(first)).committed
+            agents.append(await _agent(server.address, "late", _PieceHandler()))
+            a = await client.begin_update(2, INVENTORY, holds=holds, delta_base_version=1, **RDV)
+            assert a.routing is not None and a.delta_base_version == 1
+            assert {p.daemon_id: p.encoding for p in a.participants} == {"tp": "delta", "whole": "delta", "late": "dense"}
+            dense_twin = dataclasses.replace(a, delta_base_version=None, participants=tuple(dataclasses.replace(p, encoding="dense") for p in a.participants))
+            assert a.digest != dense_twin.digest
+            report = await commit(a)
+            assert report.committed and {v.daemon_id: v.encoding for v in report.results} == {"tp": "delta", "whole": "delta", "late": "dense"}
+            # Needs alone route the round (every engine memory, one declares needs): still a delta round for those clean on 2.
+            b = await client.begin_update(3, INVENTORY, delta_base_version=2, **RDV)
+            assert b.routing is not None and b.num_senders == 1 and b.delta_base_version == 2
+            assert {p.encoding for p in b.participants} == {"delta"}
+            await client.abort_update(b.update_id, "test: the plan was all it was for")
     finally:
-        await agent.close()
+        for agent in agents:
+            await agent.close()
         await server.stop()

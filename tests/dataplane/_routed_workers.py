@@ -40,13 +40,9 @@ class Options:
 
 
 def stream(specs, seed: int, steps: int) -> dict[str, torch.Tensor]:
-    """Version `steps` of a change stream: random tensors of `seed`, then `steps` synthetic steps of about 2% changed elements."""
-    from bench.fleet.step import step_like
+    from bench.fleet.step import change_stream
 
-    tensors = {s.name: random_tensor(s, seed) for s in specs}
-    for i in range(steps):
-        tensors = step_like(tensors, fraction=0.02, seed=seed * 1000 + i)
-    return tensors
+    return change_stream(specs, seed=seed, steps=steps)
 
 
 def _trainer(rank: int, init_file: str, specs, inbox, outbox, opts: Options) -> None:

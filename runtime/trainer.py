@@ -118,6 +118,17 @@ def _gather_in_plan_order(assignment, tensors: Mapping[str, Any], *, keep: bool)
     return out
 
 
+def _base_misfit(held: Mapping[str, tuple[torch.Tensor, Region]], base: Mapping[str, torch.Tensor]) -> str | None:
+    """Why a kept base cannot encode this rank's held tensors (another layout or set of tensors), or None."""
+    missing = sorted(n for n in held if n not in base)
+    if missing:
+        return f"{len(missing)} held tensor(s) not in the base, e.g. {missing[0]!r}"
+    for n, (t, _) in held.items():
+        if tuple(base[n].shape) != tuple(t.shape):
+            return f"{n}: held {list(t.shape)}, base {list(base[n].shape)}"
+    return None
+
+
 def _trainer_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -333,10 +344,18 @@ class WeightSync:
             local_base, delta_version = {n: local_view(b) for n, b in base.items() if n in held}, base_version
         else:
             local_base, delta_version = self._base, self._base_version
-        all_holds = [holds_here]
+        misfit = _base_misfit(held, local_base) if local_base is not None and base is None else None
+        all_holds = [(holds_here, misfit)]
         if self.world_size > 1:
             all_holds = [None] * self.world_size
-            torch.distributed.all_gather_object(all_holds, holds_here)
+            torch.distributed.all_gather_object(all_holds, (holds_here, misfit))
+        misfits = [f"rank {r}: {m}" for r, (_, m) in enumerate(all_holds) if m]
+        if misfits:
+            # The layout changed since the kept base (resharded, other tensors): a delta could not be
+            # encoded on every rank, and a refused round would flag every engine. This round is dense.
+            log.info("push version=%d is dense: the kept base of version %s no longer fits: %s", version, delta_version, "; ".join(misfits))
+            local_base = None
+        all_holds = [h for h, _ in all_holds]
         assignment = None
         error: BaseException | None = None
         if self.rank == 0:

@@ -354,3 +354,15 @@ def test_routed_delta_rounds_from_a_sharded_trainer(fleet):
         assert not any(fleet.daemons()[d].dirty for d in everyone)
     finally:
         t.close()
+    # A single-rank WeightSync(delta=True): the daemons' needs route its rounds from rank 0 (holding all), and its
+    # kept base (whole tensors) makes the next one a routed delta round.
+    from weightsync.runtime.trainer import WeightSync
+
+    with WeightSync(fleet.address, delta=True, bucket_size_bytes=trainer.BUCKET_BYTES, collective_timeout_s=trainer.COLLECTIVE_TIMEOUT_S,
+                    deadline_s=trainer.DEADLINE_S) as sync:
+        for v, want in ((first + 10, "dense"), (first + 11, "delta")):
+            report = sync.push(trainer.stream_version(v), version=v)
+            assert report.committed and {r.encoding for r in report.results} == {want}, report
+            assert report.rank_bytes and min(report.rank_bytes) == 0 and max(report.rank_bytes) == len(everyone) * TP
+            _assert_holds(fleet, v, everyone)
+        assert all(r.bytes_received < 0.12 * dense_bytes for r in report.results), report.results

@@ -18,6 +18,7 @@ import torch
 from weightsync.control.trainer_client import RoundFailed, RoundReport, SyncTrainerClient
 from weightsync.core import Assignment, FailedPrecondition, TensorSpec, WeightsyncError
 from weightsync.core.regions import Region
+from weightsync.core.routing import box_of
 from weightsync.dataplane import GroupCache, TitanToHF, TrainerStore, send_assignment
 from weightsync.dataplane import RoundFailed as DataPlaneRoundFailed
 from weightsync.dataplane.deferred import DeferredTensor, materialize
@@ -115,6 +116,20 @@ def _gather_in_plan_order(assignment, tensors: Mapping[str, Any], *, keep: bool)
             if keep:
                 out[e.name] = wire_tensor(full, e.dtype, cpu)
             del full
+    return out
+
+
+def _local_base(base: Mapping[str, Any], tensors: Mapping[str, Any], held: Mapping[str, tuple[torch.Tensor, Region]]) -> dict[str, torch.Tensor]:
+    """This rank's part of an explicit base: a DTensor's local shard, or the held region cut out of a whole tensor."""
+    out = {}
+    for n, (_, region) in held.items():
+        b = base.get(n)
+        if b is None:
+            continue
+        if (DTensor is not None and isinstance(b, DTensor)) or region.is_whole or tuple(b.shape) != tuple(tensors[n].shape):
+            out[n] = local_view(b)
+        else:
+            out[n] = materialize(b)[tuple(slice(lo, hi) for lo, hi in box_of(region, tuple(b.shape)))]
     return out
 
 
@@ -332,8 +347,8 @@ class WeightSync:
     ) -> RoundReport | None:
         """A routed round: every trainer rank declares what it holds and sends exactly that (no gathers).
 
-        A delta against the kept base (delta=True, after a commit) or an explicit `base` (the
-        same layout as the model: each rank reads only its local part) makes it a routed delta round.
+        A delta against the kept base (delta=True, after a commit) or an explicit `base` (whole
+        tensors, or the model's layout: each rank takes only its local part) makes it a routed delta round.
         """
         if base is not None and base_version is None:
             raise ValueError("push(base=...): expected base_version, the version whose bytes `base` holds")
@@ -341,7 +356,7 @@ class WeightSync:
         held = {n: (local_view(t), r) for n, t in tensors.items() if (r := regions[n]) is not None}
         holds_here = {n: region for n, (_, region) in held.items()}
         if base is not None:
-            local_base, delta_version = {n: local_view(b) for n, b in base.items() if n in held}, base_version
+            local_base, delta_version = _local_base(base, tensors, held), base_version
         else:
             local_base, delta_version = self._base, self._base_version
         misfit = _base_misfit(held, local_base) if local_base is not None and base is None else None

@@ -97,7 +97,8 @@ def serve(rank: int, world: int, init_file: str, address: str, inbox, outbox) ->
     """One long-lived rank of a WeightSync(routed=True, delta=True) trainer: pushes what `inbox` says, keeping its base between pushes.
 
     A command is (version, base, die_at_bucket): base None pushes against the kept base (or
-    dense), else (content version, claimed base_version) pushes an explicit base; None stops.
+    dense), else (content version, claimed base_version, whole) pushes an explicit base, as
+    whole tensors or sharded like the model; None stops.
     """
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -123,7 +124,9 @@ def serve(rank: int, world: int, init_file: str, address: str, inbox, outbox) ->
                 if die_at_bucket is not None:
                     _die_at_bucket(die_at_bucket)
                 started = time.monotonic()
-                explicit = {} if base is None else {"base": model(base[0]), "base_version": base[1]}
+                explicit = {}
+                if base is not None:
+                    explicit = {"base": stream_version(base[0]) if base[2] else model(base[0]), "base_version": base[1]}
                 try:
                     report = sync.push(model(version), version=version, raise_on_failure=False, **explicit)
                     error = None

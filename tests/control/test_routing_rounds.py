@@ -230,7 +230,7 @@ class _DeltaTrainer:
         for p in self.procs:
             p.start()
 
-    def push(self, version: int, base: tuple[int, int] | None = None, die_at_bucket: dict[int, int] | None = None, timeout_s: float = 120.0):
+    def push(self, version: int, base: tuple[int, int, bool] | None = None, die_at_bucket: dict[int, int] | None = None, timeout_s: float = 120.0):
         """{rank: (summary, error, seconds)} of one push on every rank; a rank killed on the way reports nothing."""
         for r, q in enumerate(self.inboxes):
             q.put((version, base, (die_at_bucket or {}).get(r)))
@@ -312,7 +312,7 @@ def test_routed_delta_rounds_from_a_sharded_trainer(fleet):
         everyone = (*DAEMONS, "tp-c")
         _wait(lambda: all(d in fleet.daemons() and fleet.daemons()[d].state == 1 for d in everyone), 180, f"{everyone} idle")
         v = first + 4
-        summary, error, _ = t.push(v, base=(v - 1, v - 1))[0]
+        summary, error, _ = t.push(v, base=(v - 1, v - 1, True))[0]  # whole tensors: each rank cuts out what it holds
         assert error is None and summary["state"] == "COMMITTED", (summary, error)
         assert encodings(summary) == {"tp-a": "delta", "tp-b": "dense", "tp-c": "dense"}, summary
         assert summary["wire"]["tp-a"][1] < 0.12 * dense_bytes and summary["wire"]["tp-b"][1] == summary["wire"]["tp-c"][1] == dense_bytes
@@ -323,7 +323,7 @@ def test_routed_delta_rounds_from_a_sharded_trainer(fleet):
         _assert_holds(fleet, first + 5, everyone)
         # A wrong base: the bytes of first+4 said to be first+5 (which the engines serve): caught on every engine.
         v = first + 6
-        summary, _, _ = t.push(v, base=(first + 4, first + 5))[0]
+        summary, _, _ = t.push(v, base=(first + 4, first + 5, False))[0]
         assert summary["state"] == "FAILED" and set(encodings(summary).values()) == {"delta"}, summary
         assert {d: r[0] for d, r in summary["results"].items()} == dict.fromkeys(everyone, "CHECKSUM_MISMATCH"), summary
         assert all(fleet.daemons()[d].dirty for d in everyone)

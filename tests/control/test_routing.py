@@ -187,12 +187,16 @@ def _fake_sum(update_id: str, piece: int) -> int:
 class _PieceHandler:
     """Stands in for the routed data plane: reports the sender's sum of every piece its ranks need, one optionally wrong."""
 
-    def __init__(self, corrupt: str | None = None) -> None:
+    def __init__(self, corrupt: str | None = None, holds_delta_base: bool = False) -> None:
         self.corrupt = corrupt
         self.seen = []
+        # What a vLLM daemon says while its workers hold a shadow of the served version.
+        self.holds_delta_base = holds_delta_base
 
     async def __call__(self, assignment, ranks, progress) -> HandlerResult:
         self.seen.append((assignment, ranks))
+        if assignment.routing is None:
+            return HandlerResult({}, 0, 0.0, 0.0)  # a round the test only plans and aborts
         sums = {}
         for r in ranks:
             for p in assignment.routing.received_by(r):
@@ -200,9 +204,9 @@ class _PieceHandler:
         return HandlerResult({}, 0, 0.0, 0.0, sums)
 
 
-async def _agent(address, daemon_id, handler, *, num_ranks=1, needs=None) -> DaemonAgent:
+async def _agent(address, daemon_id, handler, *, num_ranks=1, needs=None, engine="memory") -> DaemonAgent:
     ident = DaemonIdentity(
-        daemon_id=daemon_id, engine="memory", model="tiny", host="127.0.0.1", inventory=INVENTORY, num_ranks=num_ranks,
+        daemon_id=daemon_id, engine=engine, model="tiny", host="127.0.0.1", inventory=INVENTORY, num_ranks=num_ranks,
         needs=tuple(RankRegions(r, per) for r, per in sorted((needs or {}).items())),
     )
     agent = DaemonAgent(address, ident, handler, served_version=-1, reconnect_max_s=0.5)
@@ -282,13 +286,18 @@ async def test_holds_with_an_engine_that_cannot_take_routed_rounds_are_refused()
 
 
 async def test_a_delta_asked_of_a_routed_round_goes_to_the_engines_clean_on_the_base_and_dense_to_the_rest():
-    """A routed round (holds, or needs alone) with a delta base: each daemon clean on exactly the base takes the delta,
-    a late joiner dense, in the same round; the digest covers the encodings; the record says each daemon's encoding."""
+    """A routed round (holds, or needs alone) with a delta base: each memory daemon clean on exactly the base takes the
+    delta, a late joiner dense, and a vLLM daemon dense although it holds its shadow (routed deltas into vLLM are not
+    built), in the same round; the digest covers the encodings; the record says each daemon's encoding."""
     server = await start_coordinator()
     tp_needs = {
         t: {s.name: (Region(0, t * s.shape[0] // 2, s.shape[0] // 2) if len(s.shape) == 2 else W) for s in INVENTORY} for t in range(2)
     }
-    agents = [await _agent(server.address, "tp", _PieceHandler(), num_ranks=2, needs=tp_needs), await _agent(server.address, "whole", _PieceHandler())]
+    agents = [
+        await _agent(server.address, "tp", _PieceHandler(), num_ranks=2, needs=tp_needs),
+        await _agent(server.address, "whole", _PieceHandler()),
+        await _agent(server.address, "vllm", _PieceHandler(holds_delta_base=True), engine="vllm"),
+    ]
     holds = _fsdp_holds(2, list(INVENTORY))
 
     async def commit(a):
@@ -304,13 +313,17 @@ async def test_a_delta_asked_of_a_routed_round_goes_to_the_engines_clean_on_the_
             agents.append(await _agent(server.address, "late", _PieceHandler()))
             a = await client.begin_update(2, INVENTORY, holds=holds, delta_base_version=1, **RDV)
             assert a.routing is not None and a.delta_base_version == 1
-            assert {p.daemon_id: p.encoding for p in a.participants} == {"tp": "delta", "whole": "delta", "late": "dense"}
+            assert {p.daemon_id: p.encoding for p in a.participants} == {"tp": "delta", "whole": "delta", "vllm": "dense", "late": "dense"}
             dense_twin = dataclasses.replace(a, delta_base_version=None, participants=tuple(dataclasses.replace(p, encoding="dense") for p in a.participants))
             assert a.digest != dense_twin.digest
             report = await commit(a)
-            assert report.committed and {v.daemon_id: v.encoding for v in report.results} == {"tp": "delta", "whole": "delta", "late": "dense"}
+            assert report.committed and {v.daemon_id: v.encoding for v in report.results} == {"tp": "delta", "whole": "delta", "vllm": "dense", "late": "dense"}
+            # The same vLLM daemon takes a delta where the round is not routed (its shadow is whole).
+            c = await client.begin_update(3, INVENTORY, delta_base_version=2, daemon_ids=["vllm"], **RDV)
+            assert c.routing is None and [p.encoding for p in c.participants] == ["delta"]
+            await client.abort_update(c.update_id, "test: the plan was all it was for")
             # Needs alone route the round (every engine memory, one declares needs): still a delta round for those clean on 2.
-            b = await client.begin_update(3, INVENTORY, delta_base_version=2, **RDV)
+            b = await client.begin_update(4, INVENTORY, delta_base_version=2, daemon_ids=["tp", "whole", "late"], **RDV)
             assert b.routing is not None and b.num_senders == 1 and b.delta_base_version == 2
             assert {p.encoding for p in b.participants} == {"delta"}
             await client.abort_update(b.update_id, "test: the plan was all it was for")

@@ -102,11 +102,24 @@ def test_source_killed_mid_round_fails_every_rank_fast(tiny_specs, tmp_path):
     assert elapsed < 15.0, elapsed
 
 
+def _column_needs(specs):
+    """Row-parallel TP=2 (o_proj, down_proj style): block t of dim 1 of every 2-D tensor, so against the trainers' dim-0
+    shards every piece is a 2-D box, not contiguous in the tensor."""
+    from weightsync.core.regions import Region
+
+    per = [
+        {s.name: (Region(1, t * s.shape[1] // TP, s.shape[1] // TP) if len(s.shape) == 2 else Region.whole()) for s in specs}
+        for t in range(TP)
+    ]
+    return {S + e * TP + t: per[t] for e in range(2) for t in range(TP)}
+
+
 @pytest.mark.slow
-def test_routed_delta_round_patches_delta_engines_and_lands_dense_ones(tiny_specs, tmp_path):
+@pytest.mark.parametrize("needs_of", [_needs, _column_needs], ids=["dim0", "dim1"])
+def test_routed_delta_round_patches_delta_engines_and_lands_dense_ones(tiny_specs, tmp_path, needs_of):
     """Engine a takes deltas (each sender encodes its own pieces), engine b dense pieces, in one round: both hold the new
     bytes; a's ranks got a small fraction of b's bytes; a rank whose region held another base is caught, no other."""
-    needs = _needs(tiny_specs)
+    needs = needs_of(tiny_specs)
     bad_rank = S + 1  # engine a's second TP rank
     opts = Options(num_senders=S, steps=3)
     a, reports, _, _ = run_round(

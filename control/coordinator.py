@@ -119,9 +119,10 @@ ROUTED_ENGINES = frozenset({"memory", "vllm"})
 # (WeightSync(routed=False)) keeps the dense path's delta rounds and lazily materialised tensors;
 # WeightSync(routed=True) routes into vLLM, from one rank or many.
 NEEDS_ROUTE_ENGINES = frozenset({"memory"})
-# Engines whose daemons patch a routed round's pieces in place (dataplane/routed_delta.py). A vLLM
-# worker would need the base of its own region (its shadow holds whole checkpoint tensors, and a
-# routed receive stages only its pieces): it gets dense pieces in a routed delta round.
+# Engines whose daemons read a routed delta round's frames (dataplane/routed_delta.py: every rank,
+# dense or delta, patches its pieces in place); a routed round with any other engine is dense for
+# all. Not vLLM yet: a worker would need the base of its own region (its shadow holds whole
+# checkpoint tensors, and a routed receive stages only its pieces).
 ROUTED_DELTA_ENGINES = frozenset({"memory"})
 
 
@@ -510,13 +511,14 @@ class Coordinator:
         ranks: list[Participant] = []
         # Trainer ranks are data-plane ranks 0..num_senders-1, receivers come after them.
         next_rank = num_senders
-        encodings = {d.daemon_id: self._encoding_for(d, options, routed) for d in participants}
+        encodings = {d.daemon_id: self._encoding_for(d, options) for d in participants}
         delta_base = options.delta_base_version
-        if "delta" not in encodings.values() or (not routed and any(d.engine not in DELTA_ENGINES for d in participants)):
+        framed = ROUTED_DELTA_ENGINES if routed else DELTA_ENGINES
+        if "delta" not in encodings.values() or any(d.engine not in framed for d in participants):
             # A delta round frames every rank's payload point to point; a receiver that only
-            # takes broadcast buckets would wait for bytes that never come. So the round is
-            # dense for all when one of them is in it, or when nobody takes a delta. A routed
-            # round has no broadcast: its dense ranks take their pieces as in a dense routed round.
+            # takes broadcast buckets (or a dense routed round's pieces) would wait for bytes
+            # that never come. So the round is dense for all when one of them is in it, or
+            # when nobody takes a delta.
             delta_base = None
             encodings = dict.fromkeys(encodings, "dense")
         for d in participants:
@@ -649,7 +651,7 @@ class Coordinator:
 
     # ------------------------------------------------------------------ internals
 
-    def _encoding_for(self, d: DaemonRecord, o: UpdateOptions, routed: bool = False) -> str:
+    def _encoding_for(self, d: DaemonRecord, o: UpdateOptions) -> str:
         """"delta" only for a daemon this coordinator knows holds exactly the base; any doubt is dense.
 
         Dirty (a failed or interrupted round, or never verified), stale, an unproven version
@@ -659,8 +661,6 @@ class Coordinator:
         """
         if o.delta_base_version is None or o.transport == "cuda_ipc":
             # cuda_ipc receivers copy from the trainer's own memory: no link bytes to save.
-            return "dense"
-        if routed and d.engine not in ROUTED_DELTA_ENGINES:
             return "dense"
         clean = not (d.dirty or d.stale or d.unknown_version)
         holds = d.engine in IN_PLACE_DELTA_ENGINES or d.holds_delta_base

@@ -10,11 +10,12 @@ it encodes the change between the piece's contiguous copy in the base and in the
 piece-local (row-major within the box); the receiver applies the delta to the contiguous
 copy of the same box of its destination and writes it back, so no index is ever mapped.
 
-On the wire, per bucket and sender: a dense rank gets every piece's raw bytes, message by
-message in plan order, exactly as `send_routed` sends them (so it runs `receive_routed`
-unchanged); a delta rank gets ONE frame (delta_round.py's header, meta, payload) holding
-the deltas of the bucket's pieces that this sender sends to it, in plan order. Point to
-point, as every routed round: the pieces differ per receiver, so there is nothing to relay.
+On the wire, per bucket and sender, every receiver of a piece from this sender gets ONE frame
+(delta_round.py's header, meta, payload) holding the bucket's pieces for it in plan order:
+deltas for a delta rank, each piece whole as a dense "delta" for a dense rank, so both kinds
+run one code path and this module depends on routed.py's plan and helpers only, not on how
+dense routed rounds move their pieces (which may relay). Point to point: a delta frame goes
+once per receiver (relaying frames between receivers that need the same piece is not built).
 
 Verification is routed.py's, unchanged: a sender reports the sum S of each NEW piece at its
 global positions, a receiver the sum of the same box of its destination after the patch
@@ -37,7 +38,7 @@ from weightsync.core import Assignment, TransferError
 from weightsync.core.regions import Region
 from weightsync.core.routing import Piece, box_of
 from weightsync.dataplane.delta import apply_many, encode_many
-from weightsync.dataplane.delta_round import _frame, _unframe, post_frame, recv_frame
+from weightsync.dataplane.delta_round import _dense, _frame, _unframe, post_frame, recv_frame
 from weightsync.dataplane.groups import DataPlaneGroup
 from weightsync.dataplane.handshake import close_round, open_round, open_round_as_sender
 from weightsync.dataplane.layout import torch_dtype
@@ -75,7 +76,7 @@ def send_routed_delta(
     base: Mapping[str, torch.Tensor],
     group: DataPlaneGroup,
 ) -> RoutedResult:
-    """Sends this trainer rank's pieces of a routed delta round: deltas to the delta ranks, raw bytes to the others.
+    """Sends this trainer rank's pieces of a routed delta round: deltas to the delta ranks, dense frames to the others.
 
     `held` is `send_routed`'s (name -> (local tensor, Region of the global tensor)); `base`
     maps the same names to this rank's local tensors of `assignment.delta_base_version`, in
@@ -115,20 +116,14 @@ def send_routed_delta(
                 bases.append(base[p.name][cut].to(dev).contiguous() if delta_ranks.intersection(p.receivers) else None)
             encoded = [i for i, b in enumerate(bases) if b is not None]
             deltas = dict(zip(encoded, encode_many([bases[i] for i in encoded], [news[i] for i in encoded])))
-            works = []
-            for p, new in zip(pieces, news):
-                raw = new.reshape(-1).view(torch.uint8)
-                for r in p.receivers:
-                    if r not in delta_ranks:
-                        works.append(group.send(raw, r, what))
-                        sent["dense"] += raw.numel()
-            frames = []
-            for r in sorted({r for p in pieces for r in p.receivers if r in delta_ranks}):
+            works, frames = [], []
+            for r in sorted({r for p in pieces for r in p.receivers}):
                 mine = [i for i, p in enumerate(pieces) if r in p.receivers]
-                frame = _frame([pieces[i].name for i in mine], [deltas[i] for i in mine], dev)
+                kind = "delta" if r in delta_ranks else "dense"
+                frame = _frame([pieces[i].name for i in mine], [deltas[i] if kind == "delta" else _dense(news[i]) for i in mine], dev)
                 frames.append(frame)  # alive until its sends complete
                 works.extend(post_frame(group, frame, r, what))
-                sent["delta"] += sum(x.numel() * x.element_size() for x in frame)
+                sent[kind] += sum(x.numel() * x.element_size() for x in frame)
             for w in works:
                 group.wait_p2p(w, what)
     except BaseException as e:
@@ -156,17 +151,19 @@ def receive_routed_delta(
     apply_fn: Callable[[list[tuple[str, torch.Tensor]]], None] | None = None,
     local_problem: str | None = None,
 ) -> RoutedResult:
-    """Patches this delta rank's pieces of a routed delta round into `destination(name)` in place.
+    """Patches this rank's pieces of a routed delta round into `destination(name)` in place (every receiver rank).
 
     `destination(name)` must be the engine's full-size tensor (plan shape and wire dtype, on
-    the group's device) whose needed region holds exactly the base version. A dense rank of
-    the round runs `receive_routed` instead. Returns each piece's S recomputed from the
+    the group's device); on a delta rank its needed region must hold exactly the base
+    version, a dense rank's is overwritten. Returns each piece's S recomputed from the
     destination after the patch and `apply_fn`, and the bytes that arrived (frames).
     On a local problem the rank still takes every frame, then fails the round on every rank.
     """
     plan = _routing(assignment)
-    if rank not in assignment.delta_ranks:
-        raise ValueError(f"rank {rank} is not a delta rank of update {assignment.update_id} ({list(assignment.delta_ranks)}): use receive_routed")
+    if assignment.delta_base_version is None:
+        raise ValueError(f"update {assignment.update_id} is a dense routed round: use receive_routed")
+    if rank not in assignment.receiver_ranks:
+        raise ValueError(f"rank {rank} is not among the receiver ranks {list(assignment.receiver_ranks)}")
     started = time.monotonic()
     specs = _shapes(assignment)
     dev = group.device
@@ -209,7 +206,7 @@ def receive_routed_delta(
 
 
 def _patch(specs, dev, destination, landed: dict[str, torch.Tensor], pieces: list[Piece], meta_t: torch.Tensor, payload: torch.Tensor) -> None:
-    """Applies one sender's frame: each piece's delta to the contiguous copy of its box, written back."""
+    """Applies one sender's frame: each piece's delta (or dense values) to the contiguous copy of its box, written back."""
     staged: dict[str, torch.Tensor] = {}
     views, regions = [], []
     for p in pieces:

@@ -161,8 +161,8 @@ class TPMemoryHandler:
 
 
 def receive_any_routed(assignment: Assignment, rank: int, group, destination: DestinationFn | None, *, apply_fn: ApplyFn) -> RoutedResult:
-    """This rank's side of a routed round: its pieces patched in place if the round gives it a delta, else landed."""
-    if rank not in assignment.delta_ranks:
+    """This rank's side of a routed round: dense, its pieces landed; a routed delta round, its frames patched in place."""
+    if assignment.delta_base_version is None:
         return receive_routed(assignment, rank, group, destination, apply_fn=apply_fn)
     if destination is None:
         # Refused at the open handshake, so no rank waits for bytes this one cannot take.

@@ -287,8 +287,9 @@ async def test_holds_with_an_engine_that_cannot_take_routed_rounds_are_refused()
 
 async def test_a_delta_asked_of_a_routed_round_goes_to_the_engines_clean_on_the_base_and_dense_to_the_rest():
     """A routed round (holds, or needs alone) with a delta base: each memory daemon clean on exactly the base takes the
-    delta, a late joiner dense, and a vLLM daemon dense although it holds its shadow (routed deltas into vLLM are not
-    built), in the same round; the digest covers the encodings; the record says each daemon's encoding."""
+    delta and a late joiner dense, in the same round; the digest covers the encodings; the record says each daemon's
+    encoding. A vLLM daemon (routed deltas into vLLM are not built) makes a routed round dense for all, though it takes
+    a delta in a plain one."""
     server = await start_coordinator()
     tp_needs = {
         t: {s.name: (Region(0, t * s.shape[0] // 2, s.shape[0] // 2) if len(s.shape) == 2 else W) for s in INVENTORY} for t in range(2)
@@ -299,6 +300,7 @@ async def test_a_delta_asked_of_a_routed_round_goes_to_the_engines_clean_on_the_
         await _agent(server.address, "vllm", _PieceHandler(holds_delta_base=True), engine="vllm"),
     ]
     holds = _fsdp_holds(2, list(INVENTORY))
+    memory = ["tp", "whole", "late"]
 
     async def commit(a):
         sums = {(p.sender, p.index): _fake_sum(a.update_id, p.index) for p in a.routing.pieces}
@@ -311,22 +313,26 @@ async def test_a_delta_asked_of_a_routed_round_goes_to_the_engines_clean_on_the_
             assert first.delta_base_version is None and {p.encoding for p in first.participants} == {"dense"}
             assert (await commit(first)).committed
             agents.append(await _agent(server.address, "late", _PieceHandler()))
-            a = await client.begin_update(2, INVENTORY, holds=holds, delta_base_version=1, **RDV)
+            a = await client.begin_update(2, INVENTORY, holds=holds, delta_base_version=1, daemon_ids=memory, **RDV)
             assert a.routing is not None and a.delta_base_version == 1
-            assert {p.daemon_id: p.encoding for p in a.participants} == {"tp": "delta", "whole": "delta", "vllm": "dense", "late": "dense"}
+            assert {p.daemon_id: p.encoding for p in a.participants} == {"tp": "delta", "whole": "delta", "late": "dense"}
             dense_twin = dataclasses.replace(a, delta_base_version=None, participants=tuple(dataclasses.replace(p, encoding="dense") for p in a.participants))
             assert a.digest != dense_twin.digest
             report = await commit(a)
-            assert report.committed and {v.daemon_id: v.encoding for v in report.results} == {"tp": "delta", "whole": "delta", "vllm": "dense", "late": "dense"}
-            # The same vLLM daemon takes a delta where the round is not routed (its shadow is whole).
-            c = await client.begin_update(3, INVENTORY, delta_base_version=2, daemon_ids=["vllm"], **RDV)
-            assert c.routing is None and [p.encoding for p in c.participants] == ["delta"]
-            await client.abort_update(c.update_id, "test: the plan was all it was for")
-            # Needs alone route the round (every engine memory, one declares needs): still a delta round for those clean on 2.
-            b = await client.begin_update(4, INVENTORY, delta_base_version=2, daemon_ids=["tp", "whole", "late"], **RDV)
+            assert report.committed and {v.daemon_id: v.encoding for v in report.results} == {"tp": "delta", "whole": "delta", "late": "dense"}
+            # Needs alone route the round (every engine memory, one declares needs): a delta round for all three, clean on 2.
+            b = await client.begin_update(3, INVENTORY, delta_base_version=2, daemon_ids=memory, **RDV)
             assert b.routing is not None and b.num_senders == 1 and b.delta_base_version == 2
             assert {p.encoding for p in b.participants} == {"delta"}
-            await client.abort_update(b.update_id, "test: the plan was all it was for")
+            assert (await commit(b)).committed
+            # With the vLLM daemon in it, the routed round is dense for all: its receiver takes pieces, not frames.
+            c = await client.begin_update(4, INVENTORY, holds=holds, delta_base_version=3, **RDV)
+            assert c.routing is not None and c.delta_base_version is None and {p.encoding for p in c.participants} == {"dense"}
+            assert (await commit(c)).committed
+            # The same vLLM daemon takes a delta where the round is not routed (its shadow is whole).
+            d = await client.begin_update(5, INVENTORY, delta_base_version=4, daemon_ids=["vllm"], **RDV)
+            assert d.routing is None and [p.encoding for p in d.participants] == ["delta"]
+            await client.abort_update(d.update_id, "test: the plan was all it was for")
     finally:
         for agent in agents:
             await agent.close()

@@ -98,7 +98,7 @@ def _receiver(rank: int, specs, needs, inbox, outbox, opts: Options) -> None:
             if name == opts.corrupt:
                 t.view(-1).view(torch.uint8)[box_start_byte(t, needs[name])] ^= 1
 
-    if delta:
+    if a.delta_base_version is not None:  # a routed delta round: dense ranks take framed pieces too
         result = receive_routed_delta(a, rank, group, engine.destination, apply_fn=apply)
     else:
         result = receive_routed(a, rank, group, engine.destination, apply_fn=apply)

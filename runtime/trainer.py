@@ -133,6 +133,12 @@ def _local_base(base: Mapping[str, Any], tensors: Mapping[str, Any], held: Mappi
     return out
 
 
+def _owned_wire_copy(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """`t` in the wire dtype on CPU, never sharing memory with `t`: the trainer's optimizer writes its parameters in place."""
+    w = wire_tensor(t, dtype, torch.device("cpu"))
+    return w.clone() if w.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() else w
+
+
 def _base_misfit(held: Mapping[str, tuple[torch.Tensor, Region]], base: Mapping[str, torch.Tensor]) -> str | None:
     """Why a kept base cannot encode this rank's held tensors (another layout or set of tensors), or None."""
     missing = sorted(n for n in held if n not in base)
@@ -416,9 +422,7 @@ class WeightSync:
         t0 = time.monotonic()
         routed_world = self._routed and self.world_size > 1
         specs = {e.name: e for _, e in assignment.plan.entries()}
-        keep = (
-            {n: wire_tensor(t, specs[n].dtype, torch.device("cpu")) for n, (t, _) in held.items() if n in specs} if self._delta else None
-        )
+        keep = {n: _owned_wire_copy(t, specs[n].dtype) for n, (t, _) in held.items() if n in specs} if self._delta else None
         outcome: dict | str
         try:
             group = self._groups.get(assignment, self.rank)

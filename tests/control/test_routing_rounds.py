@@ -379,8 +379,12 @@ def test_routed_delta_rounds_from_a_sharded_trainer(fleet):
 
     with WeightSync(fleet.address, delta=True, bucket_size_bytes=trainer.BUCKET_BYTES, collective_timeout_s=trainer.COLLECTIVE_TIMEOUT_S,
                     deadline_s=trainer.DEADLINE_S) as sync:
+        model = trainer.stream_version(first + 10)
         for v, want in ((first + 10, "dense"), (first + 11, "delta")):
-            report = sync.push(trainer.stream_version(v), version=v)
+            # Written in place, as an optimizer step writes parameters: the kept base must be a copy.
+            for name, t in trainer.stream_version(v).items():
+                model[name].copy_(t)
+            report = sync.push(model, version=v)
             assert report.committed and {r.encoding for r in report.results} == {want}, report
             assert report.rank_bytes and min(report.rank_bytes) == 0 and max(report.rank_bytes) == len(everyone) * TP
             _assert_holds(fleet, v, everyone)

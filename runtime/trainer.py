@@ -312,7 +312,7 @@ class WeightSync:
                 sent = send_assignment(assignment, source, group, device=self._device)
                 if keep is not None:
                     keep.update(
-                        (e.name, wire_tensor(tensors[e.name], e.dtype, torch.device("cpu")))
+                        (e.name, _owned_wire_copy(tensors[e.name], e.dtype))
                         for _, e in assignment.plan.entries()
                         if e.name not in keep
                     )

@@ -93,8 +93,8 @@ def stream_version(version: int) -> dict[str, torch.Tensor]:
     return change_stream(specs(), seed=STREAM_SEED, steps=version - STREAM_SEED)
 
 
-def serve(rank: int, world: int, init_file: str, address: str, inbox, outbox) -> None:
-    """One long-lived rank of a WeightSync(routed=True, delta=True) trainer: pushes what `inbox` says, keeping its base between pushes.
+def serve(rank: int, world: int, init_file: str, address: str, inbox, outbox, routed: bool = True) -> None:
+    """One long-lived rank of a WeightSync(routed=routed, delta=True) trainer: pushes what `inbox` says, keeping its base between pushes.
 
     A command is (version, base, die_at_bucket): base None pushes against the kept base (or
     dense), else (content version, claimed base_version, whole) pushes an explicit base, as
@@ -116,7 +116,7 @@ def serve(rank: int, world: int, init_file: str, address: str, inbox, outbox) ->
             return {s.name: distribute_tensor(full[s.name], mesh, [Shard(0)] if len(s.shape) == 2 else [Replicate()]) for s in specs()}
 
         with WeightSync(
-            address, routed=True, delta=True, bucket_size_bytes=BUCKET_BYTES, collective_timeout_s=COLLECTIVE_TIMEOUT_S,
+            address, routed=routed, delta=True, bucket_size_bytes=BUCKET_BYTES, collective_timeout_s=COLLECTIVE_TIMEOUT_S,
             deadline_s=DEADLINE_S,
         ) as sync:
             while (command := inbox.get()) is not None:

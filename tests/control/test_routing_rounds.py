@@ -217,14 +217,14 @@ def test_one_rank_trainer_is_routed_by_the_daemons_needs(fleet):
 class _DeltaTrainer:
     """S long-lived ranks of a WeightSync(routed=True, delta=True) trainer (`_routed_trainer.serve`): the base lives between pushes."""
 
-    def __init__(self, fleet: _Fleet, name: str) -> None:
+    def __init__(self, fleet: _Fleet, name: str, routed: bool = True) -> None:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["torch", "torch.distributed.tensor", "weightsync.runtime.trainer"])
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(S)]
         init_file = str(fleet.tmp / f"init-{name}")
         self.procs = [
-            ctx.Process(target=trainer.serve, args=(r, S, init_file, fleet.address, self.inboxes[r], self.outbox), daemon=True)
+            ctx.Process(target=trainer.serve, args=(r, S, init_file, fleet.address, self.inboxes[r], self.outbox, routed), daemon=True)
             for r in range(S)
         ]
         for p in self.procs:
@@ -288,7 +288,9 @@ def _assert_holds(fleet: _Fleet, version: int, daemons, timeout_s: float = 20.0)
 def test_routed_delta_rounds_from_a_sharded_trainer(fleet):
     """2 DTensor ranks, each encoding what it sends, into --tp 2 memory daemons: dense then routed deltas (bytes equal after each,
     a few % of the dense wire bytes); a dirty engine and a late joiner dense in the same push as a delta; a wrong base caught on
-    every engine and healed; a trainer rank killed mid-delta fails fast and flags both engines; the next push heals them."""
+    every engine and healed; a trainer rank killed mid-delta fails fast and flags both engines; the next push heals them.
+    Then one-rank and sharded trainers without routed=True: the daemons' needs route them, and their kept base makes routed
+    delta rounds from rank 0."""
     fleet.wait_idle(30)
     encodings = lambda summary: {d: w[0] for d, w in summary["wire"].items()}  # noqa: E731
     first = trainer.STREAM_SEED
@@ -389,3 +391,14 @@ def test_routed_delta_rounds_from_a_sharded_trainer(fleet):
             assert report.rank_bytes and min(report.rank_bytes) == 0 and max(report.rank_bytes) == len(everyone) * TP
             _assert_holds(fleet, v, everyone)
         assert all(r.bytes_received < 0.12 * dense_bytes for r in report.results), report.results
+    # A sharded trainer without routed=True keeps its path (every rank gathers in plan order, rank 0 keeps the whole
+    # base and sends); the daemons' needs route its rounds from rank 0, and its second push is a routed delta round.
+    t = _DeltaTrainer(fleet, "delta-c", routed=False)
+    try:
+        for v, want in ((first + 12, "dense"), (first + 13, "delta")):
+            summary, error, _ = t.push(v)[0]
+            assert error is None and summary["state"] == "COMMITTED" and set(encodings(summary).values()) == {want}, (summary, error)
+            assert max(summary["rank_bytes"]) == len(everyone) * TP  # one sender: data-plane rank 0, receivers 1..6
+            _assert_holds(fleet, v, everyone)
+    finally:
+        t.close()

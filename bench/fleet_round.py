@@ -36,7 +36,9 @@ is routed (dataplane/routed.py): trainer ranks t0..t{S-1} each hold a dim-0 chun
 tensor (FSDP2's layout, as DTensors) and send their pieces point to point; with --tp T each
 engine rank declares rank t's needs (block t of dim 0), so it receives ~1/T of the model. The
 bound then takes each receiver's needed bytes from the routing plan and the union of needed
-bytes, once, over the S senders' links.
+bytes, once, over the S senders' links. With --delta too (or --tp above 1 from one rank) the
+delta round is a routed delta round (dataplane/routed_delta.py): each trainer rank encodes the
+pieces it sends against its own part of the base.
 """
 
 from __future__ import annotations
@@ -312,8 +314,6 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     if args.delta is not None and not 0 < args.delta <= 1:
         p.error(f"--delta: expected a fraction in (0, 1], got {args.delta}")
-    if args.delta is not None and args.trainer_ranks > 1:
-        p.error("--delta with --trainer-ranks above 1: a routed round (each trainer rank sends what it holds) is dense")
     if os.geteuid() != 0:
         p.error("an emulated fleet needs root (network namespaces, veth links, tc)")
     result = run(args)

@@ -119,6 +119,11 @@ ROUTED_ENGINES = frozenset({"memory", "vllm"})
 # (WeightSync(routed=False)) keeps the dense path's delta rounds and lazily materialised tensors;
 # WeightSync(routed=True) routes into vLLM, from one rank or many.
 NEEDS_ROUTE_ENGINES = frozenset({"memory"})
+# Engines whose daemons read a routed delta round's frames (dataplane/routed_delta.py: every rank,
+# dense or delta, patches its pieces in place); a routed round with any other engine is dense for
+# all. Not vLLM yet: a worker would need the base of its own region (its shadow holds whole
+# checkpoint tensors, and a routed receive stages only its pieces).
+ROUTED_DELTA_ENGINES = frozenset({"memory"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -491,14 +496,9 @@ class Coordinator:
                 f"holds: a round whose trainer ranks each send what they hold is routed, and {why}: "
                 "push from one rank (no holds), or leave those daemons out (options.daemon_ids)"
             )
-        if holds and options.delta_base_version is not None:
-            raise InvalidArgument(
-                "update options are invalid",
-                ["options.delta_base_version: a round whose trainer ranks send what they hold (holds) is dense; leave it unset"],
-            )
         # Needs alone route a round when every participant's engine routes on them (each receiver
-        # gets only what it loads). Such a round is dense for all: a delta asked of it (a trainer
-        # with delta=True after a commit) falls back to dense automatically, below.
+        # gets only what it loads). A delta asked of a routed round (holds or needs) is a routed
+        # delta round: each sender encodes the pieces it sends for the participants clean on the base.
         routed = bool(holds) or (
             options.transport != "cuda_ipc"
             and all(d.engine in NEEDS_ROUTE_ENGINES for d in participants)
@@ -513,10 +513,12 @@ class Coordinator:
         next_rank = num_senders
         encodings = {d.daemon_id: self._encoding_for(d, options) for d in participants}
         delta_base = options.delta_base_version
-        if routed or "delta" not in encodings.values() or any(d.engine not in DELTA_ENGINES for d in participants):
+        framed = ROUTED_DELTA_ENGINES if routed else DELTA_ENGINES
+        if "delta" not in encodings.values() or any(d.engine not in framed for d in participants):
             # A delta round frames every rank's payload point to point; a receiver that only
-            # takes broadcast buckets would wait for bytes that never come. So the round is
-            # dense for all when one of them is in it, or when nobody takes a delta.
+            # takes broadcast buckets (or a dense routed round's pieces) would wait for bytes
+            # that never come. So the round is dense for all when one of them is in it, or
+            # when nobody takes a delta.
             delta_base = None
             encodings = dict.fromkeys(encodings, "dense")
         for d in participants:

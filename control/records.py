@@ -126,7 +126,11 @@ class RoundRecord:
         return self.assignment.version
 
     def rank_bytes(self) -> list[tuple[int, str, int, int]]:
-        """A routed round: (rank, daemon_id or "" for a trainer rank, bytes sent, bytes received) from the verified pieces."""
+        """A routed round: (rank, daemon_id or "" for a trainer rank, bytes sent, bytes received) from the verified pieces.
+
+        Pieces count at their dense size, also to the delta ranks of a routed delta round: what
+        a delta rank's frames weighed is its daemon's bytes_received (the per-rank split is not reported).
+        """
         routing = self.assignment.routing
         if routing is None:
             return []

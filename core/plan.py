@@ -205,8 +205,6 @@ class Assignment:
 
     def __post_init__(self) -> None:
         if self.routing is not None:
-            if self.delta_base_version is not None:
-                raise ValueError(f"update {self.update_id}: a routed round is dense: expected no delta_base_version")
             low = [r for r in self.receiver_ranks if r < self.routing.num_senders]
             if low:
                 raise ValueError(
@@ -225,6 +223,9 @@ class Assignment:
         """What every rank must agree on: the plan, and for a delta round who takes the delta against which base."""
         if self.routing is not None:
             canon = [self.plan.digest, "routed", self.routing.digest]
+            if self.delta_base_version is not None:
+                # A routed delta round: every sender frames a delta rank's pieces differently.
+                canon += [self.delta_base_version, [[p.daemon_id, p.encoding] for p in self.participants]]
             return hashlib.sha256(json.dumps(canon, separators=(",", ":")).encode()).hexdigest()[:32]
         if self.delta_base_version is None:
             return self.plan.digest  # a dense round: unchanged from before deltas existed

@@ -106,45 +106,59 @@ def _send_frames(group: DataPlaneGroup, frames, what: str) -> None:
         group.wait_future(group.submit(send_all), what)
         return
     works = []
-    for ranks, (header, meta, payload) in frames:
+    for ranks, frame in frames:
         for r in ranks:
-            works.append(group.send(header, r, what))
-            works.append(group.send(meta, r, what))
-            if payload.numel():
-                works.append(group.send(payload, r, what))
+            works.extend(post_frame(group, frame, r, what))
     for w in works:
         group.wait_p2p(w, what)
 
 
-def _take_frame(group: DataPlaneGroup, assignment: Assignment, rank: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's (meta, payload) of one bucket, forwarded along the relay where there is one."""
+def post_frame(group: DataPlaneGroup, frame: tuple[torch.Tensor, torch.Tensor, torch.Tensor], dst: int, what: str) -> list:
+    """Posts one (header, meta, payload) frame to `dst` point to point; the caller waits on the returned works."""
+    header, meta, payload = frame
+    works = [group.send(header, dst, what), group.send(meta, dst, what)]
+    if payload.numel():
+        works.append(group.send(payload, dst, what))
+    return works
+
+
+def _frame_sizes(header: torch.Tensor, rank: int, what: str) -> tuple[int, int]:
+    meta_n, payload_n = (int(x) for x in header.view(torch.int64).tolist())
+    if not 0 <= meta_n <= _MAX_META_BYTES or payload_n < 0:
+        # The framing itself is broken: nothing after it can be read in step.
+        raise ValueError(f"rank {rank}: {what}: header says {meta_n} meta bytes, {payload_n} payload bytes")
+    return meta_n, payload_n
+
+
+def recv_frame(group: DataPlaneGroup, src: int, rank: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (meta, payload) of one frame that `src` posted to this rank with `post_frame`."""
     dev = group.device
-
-    def sizes(header: torch.Tensor) -> tuple[int, int]:
-        meta_n, payload_n = (int(x) for x in header.view(torch.int64).tolist())
-        if not 0 <= meta_n <= _MAX_META_BYTES or payload_n < 0:
-            # The framing itself is broken: nothing after it can be read in step.
-            raise ValueError(f"rank {rank}: {what}: header says {meta_n} meta bytes, {payload_n} payload bytes")
-        return meta_n, payload_n
-
     header = torch.zeros(2, dtype=torch.int64, device=dev)
-    shape = _relay_shape(group)
-    if shape is not None:
-        kind = assignment.delta_ranks if rank in assignment.delta_ranks else assignment.dense_ranks
-        future = group.submit(lambda: relay_message(group, [0, *kind], shape, header.view(torch.uint8), sizes))
-        group.wait_future(future, what)
-        _, meta_t, payload = future.result()
-        return meta_t, payload
-    group.wait_p2p(group.recv(header, 0, what), what)
+    group.wait_p2p(group.recv(header, src, what), what)
     try:
-        meta_n, payload_n = sizes(header)
+        meta_n, payload_n = _frame_sizes(header, rank, what)
     except ValueError as e:
         raise group.fail(str(e)) from e
     meta_t = torch.empty(meta_n, dtype=torch.uint8, device=dev)
-    group.wait_p2p(group.recv(meta_t, 0, what), what)
+    group.wait_p2p(group.recv(meta_t, src, what), what)
     payload = torch.empty(payload_n, dtype=torch.uint8, device=dev)
     if payload_n:
-        group.wait_p2p(group.recv(payload, 0, what), what)
+        group.wait_p2p(group.recv(payload, src, what), what)
+    return meta_t, payload
+
+
+def _take_frame(group: DataPlaneGroup, assignment: Assignment, rank: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (meta, payload) of one bucket, forwarded along the relay where there is one."""
+    shape = _relay_shape(group)
+    if shape is None:
+        return recv_frame(group, 0, rank, what)
+    header = torch.zeros(2, dtype=torch.int64, device=group.device)
+    kind = assignment.delta_ranks if rank in assignment.delta_ranks else assignment.dense_ranks
+    future = group.submit(
+        lambda: relay_message(group, [0, *kind], shape, header.view(torch.uint8), lambda h: _frame_sizes(h, rank, what))
+    )
+    group.wait_future(future, what)
+    _, meta_t, payload = future.result()
     return meta_t, payload
 
 

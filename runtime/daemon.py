@@ -14,7 +14,8 @@ from weightsync.control.daemon_agent import HandlerResult, ProgressFn
 from weightsync.core import Assignment, TransferError
 from weightsync.dataplane import GroupCache, MemoryEngine, receive_assignment, tensor_checksum
 from weightsync.dataplane.delta_round import receive_delta_round
-from weightsync.dataplane.routed import receive_routed
+from weightsync.dataplane.routed import RoutedResult, receive_routed
+from weightsync.dataplane.routed_delta import receive_routed_delta
 from weightsync.dataplane.receiver import DestinationFn
 from weightsync.runtime.failpoints import load_failpoints
 
@@ -67,7 +68,7 @@ class ReceiverHandler:
         try:
             group = self._groups.get(assignment, rank)
             if assignment.routing is not None:
-                routed = receive_routed(assignment, rank, group, self._destination, apply_fn=self._apply)
+                routed = receive_any_routed(assignment, rank, group, self._destination, apply_fn=self._apply)
                 if self._on_applied is not None:
                     self._on_applied(assignment)
                 piece_sums = {(rank, i): v for i, v in routed.piece_sums.items()}
@@ -156,7 +157,18 @@ class TPMemoryHandler:
     def _run(self, assignment: Assignment, rank: int, t: int):
         engine = self._engines[t]
         group = self._groups[t].get(assignment, rank)
-        return receive_routed(assignment, rank, group, engine.destination, apply_fn=_failpoint_apply(engine.state_dict()))
+        return receive_any_routed(assignment, rank, group, engine.destination, apply_fn=_failpoint_apply(engine.state_dict()))
+
+
+def receive_any_routed(assignment: Assignment, rank: int, group, destination: DestinationFn | None, *, apply_fn: ApplyFn) -> RoutedResult:
+    """This rank's side of a routed round: dense, its pieces landed; a routed delta round, its frames patched in place."""
+    if assignment.delta_base_version is None:
+        return receive_routed(assignment, rank, group, destination, apply_fn=apply_fn)
+    if destination is None:
+        # Refused at the open handshake, so no rank waits for bytes this one cannot take.
+        problem = f"rank {rank}: a routed delta round patches the engine's tensors in place; this engine offers none"
+        return receive_routed_delta(assignment, rank, group, lambda name: None, apply_fn=apply_fn, local_problem=problem)
+    return receive_routed_delta(assignment, rank, group, destination, apply_fn=apply_fn)
 
 
 def memory_engine_handler(engine: MemoryEngine) -> ReceiverHandler:

@@ -18,12 +18,14 @@ import torch
 from weightsync.control.trainer_client import RoundFailed, RoundReport, SyncTrainerClient
 from weightsync.core import Assignment, FailedPrecondition, TensorSpec, WeightsyncError
 from weightsync.core.regions import Region
+from weightsync.core.routing import box_of
 from weightsync.dataplane import GroupCache, TitanToHF, TrainerStore, send_assignment
 from weightsync.dataplane import RoundFailed as DataPlaneRoundFailed
 from weightsync.dataplane.deferred import DeferredTensor, materialize
 from weightsync.dataplane.delta_round import send_delta_round, wire_tensor
 from weightsync.dataplane.layout import dtype_name
 from weightsync.dataplane.routed import held_region, local_view, send_routed
+from weightsync.dataplane.routed_delta import send_routed_delta
 from weightsync.dataplane.sender import SendResult
 from weightsync.runtime.failpoints import load_failpoints
 
@@ -117,6 +119,37 @@ def _gather_in_plan_order(assignment, tensors: Mapping[str, Any], *, keep: bool)
     return out
 
 
+def _local_base(base: Mapping[str, Any], tensors: Mapping[str, Any], held: Mapping[str, tuple[torch.Tensor, Region]]) -> dict[str, torch.Tensor]:
+    """This rank's part of an explicit base: a DTensor's local shard, or the held region cut out of a whole tensor."""
+    out = {}
+    for n, (_, region) in held.items():
+        b = base.get(n)
+        if b is None:
+            continue
+        if (DTensor is not None and isinstance(b, DTensor)) or region.is_whole or tuple(b.shape) != tuple(tensors[n].shape):
+            out[n] = local_view(b)
+        else:
+            out[n] = materialize(b)[tuple(slice(lo, hi) for lo, hi in box_of(region, tuple(b.shape)))]
+    return out
+
+
+def _owned_wire_copy(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """`t` in the wire dtype on CPU, never sharing memory with `t`: the trainer's optimizer writes its parameters in place."""
+    w = wire_tensor(t, dtype, torch.device("cpu"))
+    return w.clone() if w.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() else w
+
+
+def _base_misfit(held: Mapping[str, tuple[torch.Tensor, Region]], base: Mapping[str, torch.Tensor]) -> str | None:
+    """Why a kept base cannot encode this rank's held tensors (another layout or set of tensors), or None."""
+    missing = sorted(n for n in held if n not in base)
+    if missing:
+        return f"{len(missing)} held tensor(s) not in the base, e.g. {missing[0]!r}"
+    for n, (t, _) in held.items():
+        if tuple(base[n].shape) != tuple(t.shape):
+            return f"{n}: held {list(t.shape)}, base {list(base[n].shape)}"
+    return None
+
+
 def _trainer_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -153,8 +186,6 @@ class WeightSync:
         routed: bool = False,
     ) -> None:
         self.rank, self.world_size = _trainer_world()
-        if routed and delta:
-            raise ValueError("routed=True with delta=True: a routed round is dense; choose one")
         # routed=True: every trainer rank is a data-plane sender of what it holds (its DTensor
         # shards, replicated tensors), and receivers get only the regions they need.
         self._routed = routed
@@ -166,7 +197,10 @@ class WeightSync:
         # keep nothing and no extra byte is gathered. Keeping each rank's own shard instead would
         # need either a second gather per round (the base's, to encode on rank 0) or every rank
         # encoding its shard with positions in the whole tensor (a sender per shard: the
-        # many-senders design); neither is cheap today.
+        # many-senders design); neither is cheap today. With routed=True every rank is such a
+        # sender: each keeps the base of what it holds (its local shard in the wire dtype, on CPU:
+        # the model's wire size / number of shards per rank, plus replicated tensors whole, and
+        # as much again while a round is in flight) and encodes each piece it sends.
         self._delta = delta
         self._base: dict[str, torch.Tensor] | None = None
         self._base_version: int | None = None
@@ -216,12 +250,10 @@ class WeightSync:
         version to every daemon clean on exactly it, and dense to all others, in this one round.
         """
         tensors = self._prepare(source)
-        if self._routed:
-            if base is not None:
-                raise ValueError("push(base=...) on a routed WeightSync: a routed round is dense")
-            return self._push_routed(tensors, version, raise_on_failure)
         if base is not None:
             base = self._prepare(base)
+        if self._routed:
+            return self._push_routed(tensors, version, raise_on_failure, base, base_version)
         assignment = None
         error: BaseException | None = None
         if self.rank == 0:
@@ -256,7 +288,14 @@ class WeightSync:
         if assignment.routing is not None:
             # Daemons declared needs: routed even from one sender, rank 0 holding every tensor whole.
             held = {e.name: (materialize(tensors[e.name]), Region.whole()) for _, e in assignment.plan.entries()}
-            return self._send_and_commit(assignment, held, version, raise_on_failure)
+            wire_base = None
+            if assignment.delta_base_version is not None:
+                wire_base = {
+                    e.name: wire_tensor(delta_base[e.name], e.dtype, torch.device("cpu"))
+                    for _, e in assignment.plan.entries()
+                    if e.name in delta_base
+                }
+            return self._send_and_commit(assignment, held, version, raise_on_failure, wire_base)
         t0 = time.monotonic()
         try:
             group = self._groups.get(assignment, 0)
@@ -273,7 +312,7 @@ class WeightSync:
                 sent = send_assignment(assignment, source, group, device=self._device)
                 if keep is not None:
                     keep.update(
-                        (e.name, wire_tensor(tensors[e.name], e.dtype, torch.device("cpu")))
+                        (e.name, _owned_wire_copy(tensors[e.name], e.dtype))
                         for _, e in assignment.plan.entries()
                         if e.name not in keep
                     )
@@ -309,15 +348,35 @@ class WeightSync:
             report.raise_if_failed()
         return report
 
-    def _push_routed(self, tensors: dict[str, Any], version: int, raise_on_failure: bool) -> RoundReport | None:
-        """A routed round: every trainer rank declares what it holds and sends exactly that (no gathers)."""
+    def _push_routed(
+        self, tensors: dict[str, Any], version: int, raise_on_failure: bool, base: dict[str, Any] | None, base_version: int | None
+    ) -> RoundReport | None:
+        """A routed round: every trainer rank declares what it holds and sends exactly that (no gathers).
+
+        A delta against the kept base (delta=True, after a commit) or an explicit `base` (whole
+        tensors, or the model's layout: each rank takes only its local part) makes it a routed delta round.
+        """
+        if base is not None and base_version is None:
+            raise ValueError("push(base=...): expected base_version, the version whose bytes `base` holds")
         regions = {n: held_region(t) for n, t in tensors.items()}
         held = {n: (local_view(t), r) for n, t in tensors.items() if (r := regions[n]) is not None}
         holds_here = {n: region for n, (_, region) in held.items()}
-        all_holds = [holds_here]
+        if base is not None:
+            local_base, delta_version = _local_base(base, tensors, held), base_version
+        else:
+            local_base, delta_version = self._base, self._base_version
+        misfit = _base_misfit(held, local_base) if local_base is not None and base is None else None
+        all_holds = [(holds_here, misfit)]
         if self.world_size > 1:
             all_holds = [None] * self.world_size
-            torch.distributed.all_gather_object(all_holds, holds_here)
+            torch.distributed.all_gather_object(all_holds, (holds_here, misfit))
+        misfits = [f"rank {r}: {m}" for r, (_, m) in enumerate(all_holds) if m]
+        if misfits:
+            # The layout changed since the kept base (resharded, other tensors): a delta could not be
+            # encoded on every rank, and a refused round would flag every engine. This round is dense.
+            log.info("push version=%d is dense: the kept base of version %s no longer fits: %s", version, delta_version, "; ".join(misfits))
+            local_base = None
+        all_holds = [h for h, _ in all_holds]
         assignment = None
         error: BaseException | None = None
         if self.rank == 0:
@@ -326,6 +385,7 @@ class WeightSync:
                     version,
                     manifest_for(tensors, self._dtype),
                     holds=dict(enumerate(all_holds)),
+                    delta_base_version=delta_version if local_base is not None else None,
                     rendezvous_host=self._store.host,
                     rendezvous_port=self._store.port,
                     on_round_end=self._on_round_end,
@@ -334,7 +394,11 @@ class WeightSync:
             except WeightsyncError as e:
                 error = e
         assignment = self._share_plan(assignment, error)
-        return self._send_and_commit(assignment, held, version, raise_on_failure)
+        wire_base = None
+        if assignment.delta_base_version is not None:
+            specs = {e.name: e for _, e in assignment.plan.entries()}
+            wire_base = {n: wire_tensor(b, specs[n].dtype, torch.device("cpu")) for n, b in local_base.items() if n in specs}
+        return self._send_and_commit(assignment, held, version, raise_on_failure, wire_base)
 
     def _share_plan(self, assignment: Assignment | None, error: BaseException | None) -> Assignment:
         """Rank 0's plan, or its error raised on every rank (after the broadcast, so no rank waits in a collective)."""
@@ -346,13 +410,26 @@ class WeightSync:
             raise error
         return assignment
 
-    def _send_and_commit(self, assignment, held: dict, version: int, raise_on_failure: bool) -> RoundReport | None:
-        """Sends this rank's pieces of a routed round; rank 0 gathers every rank's piece sums and commits (or aborts)."""
+    def _send_and_commit(
+        self, assignment, held: dict, version: int, raise_on_failure: bool, base: dict[str, torch.Tensor] | None = None
+    ) -> RoundReport | None:
+        """Sends this rank's pieces of a routed round; rank 0 gathers every rank's piece sums and commits (or aborts).
+
+        A routed delta round encodes against `base` (this rank's held tensors of the base
+        version, wire dtype). With delta=True every rank's candidate base is what it holds now,
+        adopted on every rank once rank 0 says the round committed.
+        """
         t0 = time.monotonic()
         routed_world = self._routed and self.world_size > 1
+        specs = {e.name: e for _, e in assignment.plan.entries()}
+        keep = {n: _owned_wire_copy(t, specs[n].dtype) for n, (t, _) in held.items() if n in specs} if self._delta else None
         outcome: dict | str
         try:
-            sent = send_routed(assignment, self.rank, held, self._groups.get(assignment, self.rank))
+            group = self._groups.get(assignment, self.rank)
+            if assignment.delta_base_version is not None:
+                sent = send_routed_delta(assignment, self.rank, held, base or {}, group)
+            else:
+                sent = send_routed(assignment, self.rank, held, group)
             outcome = sent.piece_sums
         except Exception as e:
             outcome = f"trainer rank {self.rank} failed to send: {_describe_failure(e, assignment)}"
@@ -365,9 +442,11 @@ class WeightSync:
             except RuntimeError as e:
                 # A trainer rank is gone: the round cannot commit.
                 outcomes = [outcome, f"trainer ranks could not exchange their piece sums: {e}"]
-        if self.rank != 0:
-            return None
         failures = [o for o in outcomes if not isinstance(o, dict)]
+        if self.rank != 0:
+            if keep is not None and routed_world and not failures:
+                self._adopt_base(keep, version, None)
+            return None
         if failures:
             reason = "; ".join(str(f) for f in failures)[:2000]
             try:
@@ -379,13 +458,28 @@ class WeightSync:
                 raise RoundFailed(report)
             return report
         piece_sums = {(r, i): v for r, sums in enumerate(outcomes) for i, v in sums.items()}
-        report = self._client.commit_update(assignment, {}, sender_s=time.monotonic() - t0, piece_sums=piece_sums)
+        report = None
+        try:
+            report = self._client.commit_update(assignment, {}, sender_s=time.monotonic() - t0, piece_sums=piece_sums)
+        finally:
+            if keep is not None:
+                # Also when the commit raised: the other ranks wait for this word.
+                self._adopt_base(keep, version, report is not None and report.committed, share=routed_world)
         self.last_report = report
         log.info("push update_id=%s version=%d state=%s routed senders=%d seconds=%.3f",
                  report.update_id, version, report.state, len(outcomes), time.monotonic() - t0)
         if raise_on_failure:
             report.raise_if_failed()
         return report
+
+    def _adopt_base(self, keep: dict[str, torch.Tensor], version: int, committed: bool | None, *, share: bool = True) -> None:
+        """Every rank takes `keep` as its base iff the round committed (rank 0 knows; it tells the others)."""
+        if share and self.world_size > 1:
+            box = [committed]
+            torch.distributed.broadcast_object_list(box, src=0)
+            committed = box[0]
+        if committed:
+            self._base, self._base_version = keep, version
 
     def list_daemons(self):
         """The coordinator's daemons (rank 0 only), e.g. to learn which version the engines serve."""

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["changed_fraction", "step_like"]
+__all__ = ["change_stream", "changed_fraction", "step_like"]
 
 # Spread of the per-tensor fraction (log-normal sigma). The real stream's tensors span about a
 # factor of 2-3 either side of the mean at lr 1e-6 (gaps8 for most, indices for the sparser,
@@ -66,3 +66,13 @@ def changed_fraction(base: Mapping[str, torch.Tensor], new: Mapping[str, torch.T
         changed += int((ib != inew).sum())
         total += b.numel()
     return changed / max(1, total)
+
+
+def change_stream(specs, *, seed: int, steps: int, fraction: float = 0.02) -> dict[str, torch.Tensor]:
+    """Version `steps` of a reproducible change stream: random tensors of `seed`, then `steps` calls of `step_like`."""
+    from weightsync.dataplane.synthetic import random_tensor
+
+    tensors = {s.name: random_tensor(s, seed) for s in specs}
+    for i in range(steps):
+        tensors = step_like(tensors, fraction=fraction, seed=seed * 1000 + i)
+    return tensors

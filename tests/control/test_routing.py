@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -186,12 +187,16 @@ def _fake_sum(update_id: str, piece: int) -> int:
 class _PieceHandler:
     """Stands in for the routed data plane: reports the sender's sum of every piece its ranks need, one optionally wrong."""
 
-    def __init__(self, corrupt: str | None = None) -> None:
+    def __init__(self, corrupt: str | None = None, holds_delta_base: bool = False) -> None:
         self.corrupt = corrupt
         self.seen = []
+        # What a vLLM daemon says while its workers hold a shadow of the served version.
+        self.holds_delta_base = holds_delta_base
 
     async def __call__(self, assignment, ranks, progress) -> HandlerResult:
         self.seen.append((assignment, ranks))
+        if assignment.routing is None:
+            return HandlerResult({}, 0, 0.0, 0.0)  # a round the test only plans and aborts
         sums = {}
         for r in ranks:
             for p in assignment.routing.received_by(r):
@@ -199,9 +204,9 @@ class _PieceHandler:
         return HandlerResult({}, 0, 0.0, 0.0, sums)
 
 
-async def _agent(address, daemon_id, handler, *, num_ranks=1, needs=None) -> DaemonAgent:
+async def _agent(address, daemon_id, handler, *, num_ranks=1, needs=None, engine="memory") -> DaemonAgent:
     ident = DaemonIdentity(
-        daemon_id=daemon_id, engine="memory", model="tiny", host="127.0.0.1", inventory=INVENTORY, num_ranks=num_ranks,
+        daemon_id=daemon_id, engine=engine, model="tiny", host="127.0.0.1", inventory=INVENTORY, num_ranks=num_ranks,
         needs=tuple(RankRegions(r, per) for r, per in sorted((needs or {}).items())),
     )
     agent = DaemonAgent(address, ident, handler, served_version=-1, reconnect_max_s=0.5)
@@ -280,25 +285,55 @@ async def test_holds_with_an_engine_that_cannot_take_routed_rounds_are_refused()
         await server.stop()
 
 
-async def test_a_delta_asked_of_a_needs_routed_round_is_dense_for_all_and_holds_with_a_delta_are_refused():
-    """Daemons whose needs route a round by themselves (memory --tp): a trainer asking for a delta (as
-    WeightSync(delta=True) does after a commit) gets the routed round, dense for every participant, not
-    an error; trainer ranks declaring holds and a delta base at once are refused, naming the field."""
+async def test_a_delta_asked_of_a_routed_round_goes_to_the_engines_clean_on_the_base_and_dense_to_the_rest():
+    """A routed round (holds, or needs alone) with a delta base: each memory daemon clean on exactly the base takes the
+    delta and a late joiner dense, in the same round; the digest covers the encodings; the record says each daemon's
+    encoding. A vLLM daemon (routed deltas into vLLM are not built) makes a routed round dense for all, though it takes
+    a delta in a plain one."""
     server = await start_coordinator()
     tp_needs = {
         t: {s.name: (Region(0, t * s.shape[0] // 2, s.shape[0] // 2) if len(s.shape) == 2 else W) for s in INVENTORY} for t in range(2)
     }
-    agent = await _agent(server.address, "tp", _PieceHandler(), num_ranks=2, needs=tp_needs)
+    agents = [
+        await _agent(server.address, "tp", _PieceHandler(), num_ranks=2, needs=tp_needs),
+        await _agent(server.address, "whole", _PieceHandler()),
+        await _agent(server.address, "vllm", _PieceHandler(holds_delta_base=True), engine="vllm"),
+    ]
+    holds = _fsdp_holds(2, list(INVENTORY))
+    memory = ["tp", "whole", "late"]
+
+    async def commit(a):
+        sums = {(p.sender, p.index): _fake_sum(a.update_id, p.index) for p in a.routing.pieces}
+        return await client.commit_update(a, {}, piece_sums=sums)
+
     try:
         async with TrainerClient(server.address) as client:
-            a = await client.begin_update(2, INVENTORY, delta_base_version=1, **RDV)
-            assert a.routing is not None and a.delta_base_version is None
-            assert [p.encoding for p in a.participants] == ["dense"]
-            await client.abort_update(a.update_id, "test: the plan was all it was for")
-            with pytest.raises(InvalidArgument) as e:
-                await client.begin_update(3, INVENTORY, holds=_fsdp_holds(2, list(INVENTORY)), delta_base_version=2, **RDV)
-            text = str(e.value) + " ".join(getattr(e.value, "details", []) or [])
-            assert "options.delta_base_version" in text and "holds" in text, text
+            first = await client.begin_update(1, INVENTORY, holds=holds, delta_base_version=0, **RDV)
+            # Nobody holds version 0 verified: dense for all, not a delta round.
+            assert first.delta_base_version is None and {p.encoding for p in first.participants} == {"dense"}
+            assert (await commit(first)).committed
+            agents.append(await _agent(server.address, "late", _PieceHandler()))
+            a = await client.begin_update(2, INVENTORY, holds=holds, delta_base_version=1, daemon_ids=memory, **RDV)
+            assert a.routing is not None and a.delta_base_version == 1
+            assert {p.daemon_id: p.encoding for p in a.participants} == {"tp": "delta", "whole": "delta", "late": "dense"}
+            dense_twin = dataclasses.replace(a, delta_base_version=None, participants=tuple(dataclasses.replace(p, encoding="dense") for p in a.participants))
+            assert a.digest != dense_twin.digest
+            report = await commit(a)
+            assert report.committed and {v.daemon_id: v.encoding for v in report.results} == {"tp": "delta", "whole": "delta", "late": "dense"}
+            # Needs alone route the round (every engine memory, one declares needs): a delta round for all three, clean on 2.
+            b = await client.begin_update(3, INVENTORY, delta_base_version=2, daemon_ids=memory, **RDV)
+            assert b.routing is not None and b.num_senders == 1 and b.delta_base_version == 2
+            assert {p.encoding for p in b.participants} == {"delta"}
+            assert (await commit(b)).committed
+            # With the vLLM daemon in it, the routed round is dense for all: its receiver takes pieces, not frames.
+            c = await client.begin_update(4, INVENTORY, holds=holds, delta_base_version=3, **RDV)
+            assert c.routing is not None and c.delta_base_version is None and {p.encoding for p in c.participants} == {"dense"}
+            assert (await commit(c)).committed
+            # The same vLLM daemon takes a delta where the round is not routed (its shadow is whole).
+            d = await client.begin_update(5, INVENTORY, delta_base_version=4, daemon_ids=["vllm"], **RDV)
+            assert d.routing is None and [p.encoding for p in d.participants] == ["delta"]
+            await client.abort_update(d.update_id, "test: the plan was all it was for")
     finally:
-        await agent.close()
+        for agent in agents:
+            await agent.close()
         await server.stop()

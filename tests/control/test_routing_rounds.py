@@ -212,3 +212,193 @@ def test_one_rank_trainer_is_routed_by_the_daemons_needs(fleet):
     assert report.rank_bytes[0][1] == 2 * TP * (sharded // TP + whole)
     # One sender: receivers are data-plane ranks 1..4.
     assert {r: b[2] for r, b in report.rank_bytes.items() if r > 0} == {r: sharded // TP + whole for r in range(1, 1 + len(DAEMONS) * TP)}
+
+
+class _DeltaTrainer:
+    """S long-lived ranks of a WeightSync(routed=True, delta=True) trainer (`_routed_trainer.serve`): the base lives between pushes."""
+
+    def __init__(self, fleet: _Fleet, name: str, routed: bool = True) -> None:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "torch.distributed.tensor", "weightsync.runtime.trainer"])
+        self.outbox = ctx.Queue()
+        self.inboxes = [ctx.Queue() for _ in range(S)]
+        init_file = str(fleet.tmp / f"init-{name}")
+        self.procs = [
+            ctx.Process(target=trainer.serve, args=(r, S, init_file, fleet.address, self.inboxes[r], self.outbox, routed), daemon=True)
+            for r in range(S)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def push(self, version: int, base: tuple[int, int, bool] | None = None, die_at_bucket: dict[int, int] | None = None, timeout_s: float = 120.0):
+        """{rank: (summary, error, seconds)} of one push on every rank; a rank killed on the way reports nothing."""
+        for r, q in enumerate(self.inboxes):
+            q.put((version, base, (die_at_bucket or {}).get(r)))
+        out = {}
+        deadline = time.monotonic() + timeout_s
+        while set(out) | {r for r, p in enumerate(self.procs) if p.exitcode is not None} < set(range(S)):
+            assert time.monotonic() < deadline, f"trainer ranks {sorted(set(range(S)) - set(out))} did not report version {version}"
+            try:
+                rank, summary, error, seconds = self.outbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            out[rank] = (summary, error, seconds)
+        return out
+
+    def close(self) -> None:
+        for q, p in zip(self.inboxes, self.procs):
+            if p.is_alive():
+                q.put(None)
+        for p in self.procs:
+            p.join(timeout=20)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def _assert_holds(fleet: _Fleet, version: int, daemons, timeout_s: float = 20.0) -> None:
+    """Every TP rank of `daemons` saved exactly `version`'s bytes in the region it needs.
+
+    A daemon saves when its verdict arrives, which may be after the trainer's report: the files
+    are polled until they hold the version or the deadline passes, then compared once more."""
+    full = trainer.stream_version(version)
+    needs = tp_needs(trainer.specs(), TP)
+
+    def wrong() -> list:
+        out = []
+        for d in daemons:
+            for t in range(TP):
+                try:
+                    held = load_file(fleet.tmp / f"{d}.rank{t}.safetensors")
+                except Exception as e:  # not written yet, or being rewritten
+                    out.append((d, t, type(e).__name__))
+                    continue
+                for s in trainer.specs():
+                    inside = tuple(slice(lo, hi) for lo, hi in box_of(needs[t][s.name], s.shape))
+                    if not torch.equal(held[s.name][inside].view(torch.int16), full[s.name][inside].view(torch.int16)):
+                        out.append((d, t, s.name))
+        return out
+
+    deadline = time.monotonic() + timeout_s
+    while wrong() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert wrong() == [], (version, wrong()[:5])
+
+
+def test_routed_delta_rounds_from_a_sharded_trainer(fleet):
+    """2 DTensor ranks, each encoding what it sends, into --tp 2 memory daemons: dense then routed deltas (bytes equal after each,
+    a few % of the dense wire bytes); a dirty engine and a late joiner dense in the same push as a delta; a wrong base caught on
+    every engine and healed; a trainer rank killed mid-delta fails fast and flags both engines; the next push heals them.
+    Then one-rank and sharded trainers without routed=True: the daemons' needs route them, and their kept base makes routed
+    delta rounds from rank 0."""
+    fleet.wait_idle(30)
+    encodings = lambda summary: {d: w[0] for d, w in summary["wire"].items()}  # noqa: E731
+    first = trainer.STREAM_SEED
+    t = _DeltaTrainer(fleet, "delta-a")
+    try:
+        out = t.push(first)  # a fresh WeightSync has no base: dense
+        summary, error, _ = out[0]
+        assert error is None and summary["state"] == "COMMITTED", (summary, error)
+        assert encodings(summary) == {"tp-a": "dense", "tp-b": "dense"}
+        dense_bytes = summary["wire"]["tp-a"][1]
+        assert dense_bytes == summary["wire"]["tp-b"][1] > 0
+        _assert_holds(fleet, first, DAEMONS)
+        # Deltas against the base every rank kept of its own shard.
+        for v in (first + 1, first + 2):
+            summary, error, _ = t.push(v)[0]
+            assert error is None and summary["state"] == "COMMITTED", (summary, error)
+            assert encodings(summary) == {"tp-a": "delta", "tp-b": "delta"}, summary
+            print(f"version {v}: wire bytes {summary['wire']}, dense {dense_bytes}")
+            for d in DAEMONS:
+                assert 0 < summary["wire"][d][1] < 0.12 * dense_bytes, (d, summary["wire"][d], dense_bytes)
+            _assert_holds(fleet, v, DAEMONS)
+        # A bad apply on tp-b: only tp-b is flagged; tp-a verified (it serves the new version, though the round failed).
+        v = first + 3
+        fleet.failpoints("tp-b").write_text("corrupt_applied model.layers.0.mlp.down_proj.weight\n")
+        try:
+            summary, _, _ = t.push(v)[0]
+        finally:
+            fleet.failpoints("tp-b").write_text("")
+        assert summary["state"] == "FAILED" and encodings(summary) == {"tp-a": "delta", "tp-b": "delta"}, summary
+        assert summary["results"]["tp-a"] == ("OK", []) and summary["results"]["tp-b"] == ("CHECKSUM_MISMATCH", ["model.layers.0.mlp.down_proj.weight"])
+        assert fleet.daemons()["tp-b"].dirty and not fleet.daemons()["tp-a"].dirty
+        # A late joiner (claims version 0) and dirty tp-b get dense in the same push as tp-a's delta (explicit base: tp-a's version).
+        fleet._start(
+            _cli("daemon", "--coordinator", fleet.address, "--weights", str(fleet.tmp / "v0.safetensors"), "--daemon-id", "tp-c",
+                 "--tp", str(TP), "--served-version", "0", "--save-on-commit", str(fleet.tmp / "tp-c.safetensors"), "--drain-s", "2"),
+            "tp-c", {**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        everyone = (*DAEMONS, "tp-c")
+        _wait(lambda: all(d in fleet.daemons() and fleet.daemons()[d].state == 1 for d in everyone), 180, f"{everyone} idle")
+        v = first + 4
+        summary, error, _ = t.push(v, base=(v - 1, v - 1, True))[0]  # whole tensors: each rank cuts out what it holds
+        assert error is None and summary["state"] == "COMMITTED", (summary, error)
+        assert encodings(summary) == {"tp-a": "delta", "tp-b": "dense", "tp-c": "dense"}, summary
+        # Dense ranks of a delta round take their pieces whole in frames: the dense bytes plus headers and meta.
+        assert summary["wire"]["tp-a"][1] < 0.12 * dense_bytes
+        assert dense_bytes < summary["wire"]["tp-b"][1] == summary["wire"]["tp-c"][1] < 1.2 * dense_bytes, summary["wire"]
+        _assert_holds(fleet, v, everyone)
+        # The explicit base's push committed: every rank kept what it sent; all three are clean on it.
+        summary, error, _ = t.push(first + 5)[0]
+        assert summary["state"] == "COMMITTED" and set(encodings(summary).values()) == {"delta"}, (summary, error)
+        _assert_holds(fleet, first + 5, everyone)
+        # A wrong base: the bytes of first+4 said to be first+5 (which the engines serve): caught on every engine.
+        v = first + 6
+        summary, _, _ = t.push(v, base=(first + 4, first + 5, False))[0]
+        assert summary["state"] == "FAILED" and set(encodings(summary).values()) == {"delta"}, summary
+        assert {d: r[0] for d, r in summary["results"].items()} == dict.fromkeys(everyone, "CHECKSUM_MISMATCH"), summary
+        assert all(fleet.daemons()[d].dirty for d in everyone)
+        # Healed: flagged engines get dense (the kept base is still first+5's), and end verified.
+        v = first + 7
+        summary, error, _ = t.push(v)[0]
+        assert error is None and summary["state"] == "COMMITTED" and set(encodings(summary).values()) == {"dense"}, (summary, error)
+        _assert_holds(fleet, v, everyone)
+        # Trainer rank 1 SIGKILLed at its 2nd bucket of a delta round: rank 0 ends within seconds, every engine flagged.
+        v = first + 8
+        out = t.push(v, die_at_bucket={1: 2})
+        assert t.procs[1].exitcode == -9 and 1 not in out
+        summary, error, seconds = out[0]
+        assert summary is not None and summary["state"] in ("ABORTED", "FAILED"), (summary, error)
+        assert set(encodings(summary).values()) == {"delta"}, summary
+        assert seconds < trainer.COLLECTIVE_TIMEOUT_S, seconds
+        assert all(fleet.daemons()[d].dirty for d in everyone)
+    finally:
+        t.close()
+    # The next push (a new trainer: no base) heals every engine.
+    _wait(lambda: all(d in fleet.daemons() and fleet.daemons()[d].state == 1 for d in everyone), 60, f"{everyone} idle")
+    t = _DeltaTrainer(fleet, "delta-b")
+    try:
+        v = first + 9
+        summary, error, _ = t.push(v)[0]
+        assert error is None and summary["state"] == "COMMITTED" and set(encodings(summary).values()) == {"dense"}, (summary, error)
+        _assert_holds(fleet, v, everyone)
+        assert not any(fleet.daemons()[d].dirty for d in everyone)
+    finally:
+        t.close()
+    # A single-rank WeightSync(delta=True): the daemons' needs route its rounds from rank 0 (holding all), and its
+    # kept base (whole tensors) makes the next one a routed delta round.
+    from weightsync.runtime.trainer import WeightSync
+
+    with WeightSync(fleet.address, delta=True, bucket_size_bytes=trainer.BUCKET_BYTES, collective_timeout_s=trainer.COLLECTIVE_TIMEOUT_S,
+                    deadline_s=trainer.DEADLINE_S) as sync:
+        model = trainer.stream_version(first + 10)
+        for v, want in ((first + 10, "dense"), (first + 11, "delta")):
+            # Written in place, as an optimizer step writes parameters: the kept base must be a copy.
+            for name, t in trainer.stream_version(v).items():
+                model[name].copy_(t)
+            report = sync.push(model, version=v)
+            assert report.committed and {r.encoding for r in report.results} == {want}, report
+            assert report.rank_bytes and min(report.rank_bytes) == 0 and max(report.rank_bytes) == len(everyone) * TP
+            _assert_holds(fleet, v, everyone)
+        assert all(r.bytes_received < 0.12 * dense_bytes for r in report.results), report.results
+    # A sharded trainer without routed=True keeps its path (every rank gathers in plan order, rank 0 keeps the whole
+    # base and sends); the daemons' needs route its rounds from rank 0, and its second push is a routed delta round.
+    t = _DeltaTrainer(fleet, "delta-c", routed=False)
+    try:
+        for v, want in ((first + 12, "dense"), (first + 13, "delta")):
+            summary, error, _ = t.push(v)[0]
+            assert error is None and summary["state"] == "COMMITTED" and set(encodings(summary).values()) == {want}, (summary, error)
+            assert max(summary["rank_bytes"]) == len(everyone) * TP  # one sender: data-plane rank 0, receivers 1..6
+            _assert_holds(fleet, v, everyone)
+    finally:
+        t.close()

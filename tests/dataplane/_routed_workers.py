@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from weightsync.core.routing import box_of
 from weightsync.dataplane import GroupCache, MemoryEngine, TrainerStore
 from weightsync.dataplane.routed import held_region, local_view, receive_routed, send_routed
+from weightsync.dataplane.routed_delta import receive_routed_delta, send_routed_delta
 from weightsync.dataplane.synthetic import random_tensor
 
 HOST = "127.0.0.1"
@@ -31,6 +32,17 @@ class Options:
     seed: int = 0
     corrupt: str | None = None  # receivers: flip one bit of this tensor's landed bytes (a bad apply)
     die_after_bucket: int | None = None  # a trainer rank: SIGKILL itself once this many buckets were posted
+    # A routed delta round (the assignment says which receivers take the delta): the trainer sends
+    # version `steps` of a synthetic change stream against version steps - 1; a delta receiver's
+    # engine starts with version steps - 1, or with other bytes when `wrong_base`.
+    steps: int = 0
+    wrong_base: bool = False
+
+
+def stream(specs, seed: int, steps: int) -> dict[str, torch.Tensor]:
+    from bench.fleet.step import change_stream
+
+    return change_stream(specs, seed=seed, steps=steps)
 
 
 def _trainer(rank: int, init_file: str, specs, inbox, outbox, opts: Options) -> None:
@@ -39,11 +51,11 @@ def _trainer(rank: int, init_file: str, specs, inbox, outbox, opts: Options) -> 
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=opts.num_senders)
     mesh = init_device_mesh("cpu", (opts.num_senders,))
-    tensors = {}
-    for s in specs:
-        full = random_tensor(s, opts.seed)
+    def shard(full: dict[str, torch.Tensor]) -> dict:
         # FSDP2 shards dim 0; 1-D tensors stay replicated here, so both kinds of hold occur.
-        tensors[s.name] = distribute_tensor(full, mesh, [Shard(0)] if len(s.shape) == 2 else [Replicate()])
+        return {s.name: distribute_tensor(full[s.name], mesh, [Shard(0)] if len(s.shape) == 2 else [Replicate()]) for s in specs}
+
+    tensors = shard(stream(specs, opts.seed, opts.steps))
     holds = {n: r for n, t in tensors.items() if (r := held_region(t)) is not None}
     store = TrainerStore(HOST) if rank == 0 else None
     outbox.put(("holds", rank, holds, store.port if store else None))
@@ -62,7 +74,12 @@ def _trainer(rank: int, init_file: str, specs, inbox, outbox, opts: Options) -> 
             return real_check(what)
 
         group.check_abort = check_and_die
-    result = send_routed(a, rank, {n: (local_view(tensors[n]), r) for n, r in holds.items()}, group)
+    held = {n: (local_view(tensors[n]), r) for n, r in holds.items()}
+    if a.delta_base_version is not None:
+        base = shard(stream(specs, opts.seed, opts.steps - 1))
+        result = send_routed_delta(a, rank, held, {n: local_view(base[n]) for n in held}, group)
+    else:
+        result = send_routed(a, rank, held, group)
     outbox.put(("done", rank, {"piece_sums": result.piece_sums, "bytes": result.num_bytes}))
     torch.distributed.destroy_process_group()
 
@@ -71,17 +88,25 @@ def _receiver(rank: int, specs, needs, inbox, outbox, opts: Options) -> None:
     engine = MemoryEngine.from_specs(specs)
     a = inbox.get(timeout=120)
     group = GroupCache().get(a, rank)
+    delta = rank in a.delta_ranks
+    if delta:
+        start = {s.name: random_tensor(s, opts.seed + 1) for s in specs} if opts.wrong_base else stream(specs, opts.seed, opts.steps - 1)
+        engine.apply(start.items())
 
     def apply(batch):
         for name, t in batch:
             if name == opts.corrupt:
                 t.view(-1).view(torch.uint8)[box_start_byte(t, needs[name])] ^= 1
 
-    result = receive_routed(a, rank, group, engine.destination, apply_fn=apply)
+    if a.delta_base_version is not None:  # a routed delta round: dense ranks take framed pieces too
+        result = receive_routed_delta(a, rank, group, engine.destination, apply_fn=apply)
+    else:
+        result = receive_routed(a, rank, group, engine.destination, apply_fn=apply)
     held = engine.state_dict()
     wrong, written_outside = [], []
+    new = stream(specs, opts.seed, opts.steps)
     for s in specs:
-        want = random_tensor(s, opts.seed)
+        want = new[s.name]
         region = needs.get(s.name)
         if region is None:
             continue
@@ -90,7 +115,7 @@ def _receiver(rank: int, specs, needs, inbox, outbox, opts: Options) -> None:
             wrong.append(s.name)
         outside = held[s.name].clone()
         outside[inside] = 0
-        if outside.view(torch.uint8).any():
+        if not delta and outside.view(torch.uint8).any():
             written_outside.append(s.name)
     outbox.put(("done", rank, {"piece_sums": result.piece_sums, "bytes": result.num_bytes, "wrong": wrong, "outside": written_outside}))
 

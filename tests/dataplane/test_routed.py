@@ -24,12 +24,13 @@ def _needs(specs):
     return {S + e * TP + t: per[t] for e in range(2) for t in range(TP)}
 
 
-def _router(specs, needs, update_id="u1"):
+def _router(specs, needs, update_id="u1", encodings=("dense", "dense")):
     def route(holds, port):
         routing = plan_routes(specs, holds, needs, 8 << 10)  # small buckets: several per round
         rdv = Rendezvous("gloo", HOST, port, S + len(needs), "routed-" + update_id, 20.0)
-        participants = tuple(Participant(f"d{e}", tuple(S + e * TP + t for t in range(TP))) for e in range(2))
-        return Assignment(update_id, 1, rdv, participants, BucketPlan.build(specs, 1 << 20), 600.0, routing=routing)
+        participants = tuple(Participant(f"d{e}", tuple(S + e * TP + t for t in range(TP)), encodings[e]) for e in range(2))
+        base = 0 if "delta" in encodings else None
+        return Assignment(update_id, 1, rdv, participants, BucketPlan.build(specs, 1 << 20), 600.0, delta_base_version=base, routing=routing)
 
     return route
 
@@ -99,6 +100,50 @@ def test_source_killed_mid_round_fails_every_rank_fast(tiny_specs, tmp_path):
         assert kind == "error" and body["type"] in ("TransferError", "RoundFailed"), (r, kind, body)
     # The group's timeout is 20 s: a lost peer is noticed from its closed connection, not a timeout.
     assert elapsed < 15.0, elapsed
+
+
+def _column_needs(specs):
+    """Row-parallel TP=2 (o_proj, down_proj style): block t of dim 1 of every 2-D tensor, so against the trainers' dim-0
+    shards every piece is a 2-D box, not contiguous in the tensor."""
+    from weightsync.core.regions import Region
+
+    per = [
+        {s.name: (Region(1, t * s.shape[1] // TP, s.shape[1] // TP) if len(s.shape) == 2 else Region.whole()) for s in specs}
+        for t in range(TP)
+    ]
+    return {S + e * TP + t: per[t] for e in range(2) for t in range(TP)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("needs_of", [_needs, _column_needs], ids=["dim0", "dim1"])
+def test_routed_delta_round_patches_delta_engines_and_lands_dense_ones(tiny_specs, tmp_path, needs_of):
+    """Engine a takes deltas (each sender encodes its own pieces), engine b dense pieces, in one round: both hold the new
+    bytes; a's ranks got a small fraction of b's bytes; a rank whose region held another base is caught, no other."""
+    needs = needs_of(tiny_specs)
+    bad_rank = S + 1  # engine a's second TP rank
+    opts = Options(num_senders=S, steps=3)
+    a, reports, _, _ = run_round(
+        tiny_specs, needs, _router(tiny_specs, needs, "u4", ("delta", "dense")), opts, str(tmp_path / "init"),
+        rank_opts={bad_rank: dataclasses.replace(opts, wrong_base=True)},
+    )
+    assert all(kind == "done" for kind, _ in reports.values()), reports
+    assert a.delta_ranks == (S, S + 1) and a.dense_ranks == (S + 2, S + 3)
+    for r in needs:
+        assert (reports[r][1]["wrong"] != []) == (r == bad_rank), (r, reports[r][1]["wrong"])
+    sender_sums = {i: s for r in range(S) for i, s in reports[r][1]["piece_sums"].items()}
+    bad = judge_pieces(a.routing, sender_sums, _sums(reports, needs))
+    assert list(bad) == [bad_rank] and bad[bad_rank] == sorted(reports[bad_rank][1]["wrong"]), bad
+    # A dense rank's frames carry its pieces whole (plus a header and the meta per sender and bucket).
+    for r in (S + 2, S + 3):
+        pieces = sum(p.nbytes for p in a.routing.received_by(r))
+        assert pieces < reports[r][1]["bytes"] < 1.2 * pieces, (r, reports[r][1]["bytes"], pieces)
+    # ~2% of elements changed: a delta rank's frames are a small fraction of its dense pieces.
+    for r in (S, S + 1):
+        dense_bytes = sum(p.nbytes for p in a.routing.received_by(r))
+        assert reports[r][1]["bytes"] < 0.15 * dense_bytes, (reports[r][1]["bytes"], dense_bytes)
+    # The senders' bytes: engine b's dense frames plus engine a's delta frames.
+    sent = sum(reports[r][1]["bytes"] for r in range(S))
+    assert sent == sum(reports[r][1]["bytes"] for r in needs), (sent, {r: reports[r][1]["bytes"] for r in needs})
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "uint8", "float64"])

@@ -124,12 +124,16 @@ def test_trainer_killed_mid_delta_then_weightsync_keeps_the_base(fleet):
     with WeightSync(fleet.address, delta=True, bucket_size_bytes=BUCKET_BYTES, collective_timeout_s=COLLECTIVE_TIMEOUT_S,
                     deadline_s=DEADLINE_S) as sync:
         w = _load(fleet, 3)
+        model = {n: t.clone() for n, t in w.items()}
         encodings = []
         for v in (4, 5, 6, 7):
             w = _checkpoint(fleet, v, _step(w, seed=v))
+            # Written in place, as an optimizer step writes parameters: the kept base must be a copy.
+            for n, t in w.items():
+                model[n].copy_(t)
             if v == 6:
                 fleet.set_failpoints("mem1", corrupt_applied="model.norm.weight")
-            report = sync.push(w, version=v, raise_on_failure=False)
+            report = sync.push(model, version=v, raise_on_failure=False)
             fleet.clear_failpoints()
             encodings.append({r.daemon_id: (r.encoding, r.status) for r in report.results})
     assert encodings == [

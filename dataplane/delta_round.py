@@ -186,8 +186,10 @@ def send_delta_round(
     opened = time.monotonic() - started
     checksums: dict[str, int] = {}
     sent_bytes = {"delta": 0, "dense": 0}
+    encode_s = checksum_s = 0.0
     try:
         for k, bucket in enumerate(plan.buckets):
+            t0 = time.monotonic()
             names = [e.name for e in bucket.entries]
             news = [wire_tensor(source[e.name], e.dtype, dev) for e in bucket.entries]
             frames = []
@@ -196,16 +198,19 @@ def send_delta_round(
                 frames.append((delta_ranks, _frame(names, encode_many(bases, news), dev)))
             if dense_ranks:
                 frames.append((dense_ranks, _frame(names, [_dense(t) for t in news], dev)))
+            encode_s += time.monotonic() - t0
             what = f"delta round bucket {k + 1}/{len(plan.buckets)}"
             _send_frames(group, frames, what)
             for ranks, (_, _, payload) in frames:
                 # What left the trainer: once per kind through a relay, else once per rank.
                 copies = 1 if _relay_shape(group) is not None else len(ranks)
                 sent_bytes["delta" if ranks == delta_ranks else "dense"] += copies * payload.numel()
+            t0 = time.monotonic()
             for n, t in zip(names, news):
                 checksums[n] = tensor_checksum(t)
                 if keep is not None:
                     keep[n] = t.to("cpu", copy=True)
+            checksum_s += time.monotonic() - t0
     except BaseException as e:
         if not isinstance(e, TransferError):
             group.fail(f"sender stopped: {type(e).__name__}: {e}")
@@ -225,8 +230,8 @@ def send_delta_round(
         bytes_sent=sent_bytes["delta"] + sent_bytes["dense"],
         num_buckets=len(plan.buckets),
         seconds=seconds,
-        pack_s=0.0,
-        checksum_s=0.0,
+        pack_s=encode_s,
+        checksum_s=checksum_s,
         timeline={"opened": opened, "sent": sent, "closed": seconds},
     )
 
@@ -297,9 +302,11 @@ def receive_delta_round(
     received = 0
     apply_s = 0.0
     held: dict[str, torch.Tensor] = {}
+    timeline = {"opened": opened}
     for k, bucket in enumerate(plan.buckets):
         what = f"delta round bucket {k + 1}/{len(plan.buckets)}"
         meta_t, payload = _take_frame(group, assignment, rank, what)
+        timeline["received"] = time.monotonic() - started
         received += payload.numel()
         if problem is not None:
             continue
@@ -331,6 +338,7 @@ def receive_delta_round(
         except Exception as e:
             problem = e
         apply_s += time.monotonic() - t0
+        timeline["applied"] = time.monotonic() - started
     if problem is not None:
         close_round(group, assignment, None, local_problem=f"rank {rank}: {type(problem).__name__}: {problem}")
         raise AssertionError("close_round with a local problem raises")
@@ -338,8 +346,14 @@ def receive_delta_round(
     # The whole resulting tensors, recomputed: proves the engine holds the trainer's bytes.
     checksums = {n: tensor_checksum(t) for n, t in held.items()}
     checksum_s = time.monotonic() - t0
+    timeline["checksummed"] = time.monotonic() - started
     close_round(group, assignment, [0] * plan.num_tensors)
     seconds = time.monotonic() - started
+    timeline["closed"] = seconds
+    log.debug(
+        "update %s: rank %d: delta round phases (s from its start) %s, apply %.3f s, checksums %.3f s",
+        assignment.update_id, rank, {k: round(v, 3) for k, v in timeline.items()}, apply_s, checksum_s,
+    )
     return ReceiveResult(
         update_id=assignment.update_id,
         checksums=checksums,
@@ -349,5 +363,5 @@ def receive_delta_round(
         apply_s=apply_s,
         checksum_s=checksum_s,
         seconds=seconds,
-        timeline={"opened": opened, "closed": seconds},
+        timeline=timeline,
     )

@@ -51,6 +51,7 @@ def _report_dict(report) -> dict:
         "bytes_received": {v.daemon_id: v.bytes_received for v in report.results},
         "receive_s": {v.daemon_id: v.receive_s for v in report.results},
         "apply_s": {v.daemon_id: v.apply_s for v in report.results},
+        "timeline": {v.daemon_id: v.timeline for v in report.results},
         "rank_bytes": {str(r): list(b) for r, b in report.rank_bytes.items()},
     }
 

@@ -96,15 +96,16 @@ def _relay_shape(group: DataPlaneGroup) -> str | None:
     return group.relay if group.relay in RELAY_SHAPES else "chain"
 
 
-def _send_frames(group: DataPlaneGroup, frames, what: str) -> None:
+def _start_frames(group: DataPlaneGroup, frames, what: str) -> Callable[[], None]:
+    """Starts sending the frames; returns the wait for their end (the caller works meanwhile)."""
     shape = _relay_shape(group)
     if shape is not None:
         def send_all() -> None:
             for ranks, (header, meta, payload) in frames:
                 send_message(group, [0, *ranks], shape, [header.view(torch.uint8), meta, payload])
 
-        group.wait_future(group.submit(send_all), what)
-        return
+        future = group.submit(send_all)
+        return lambda: group.wait_future(future, what)
     works = []
     for ranks, (header, meta, payload) in frames:
         for r in ranks:
@@ -112,8 +113,12 @@ def _send_frames(group: DataPlaneGroup, frames, what: str) -> None:
             works.append(group.send(meta, r, what))
             if payload.numel():
                 works.append(group.send(payload, r, what))
-    for w in works:
-        group.wait_p2p(w, what)
+
+    def wait() -> None:
+        for w in works:
+            group.wait_p2p(w, what)
+
+    return wait
 
 
 def _take_frame(group: DataPlaneGroup, assignment: Assignment, rank: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,17 +205,19 @@ def send_delta_round(
                 frames.append((dense_ranks, _frame(names, [_dense(t) for t in news], dev)))
             encode_s += time.monotonic() - t0
             what = f"delta round bucket {k + 1}/{len(plan.buckets)}"
-            _send_frames(group, frames, what)
+            wait_sent = _start_frames(group, frames, what)
             for ranks, (_, _, payload) in frames:
                 # What left the trainer: once per kind through a relay, else once per rank.
                 copies = 1 if _relay_shape(group) is not None else len(ranks)
                 sent_bytes["delta" if ranks == delta_ranks else "dense"] += copies * payload.numel()
+            # While the bytes travel: the sums the engines must match, and the next base.
             t0 = time.monotonic()
             for n, t in zip(names, news):
                 checksums[n] = tensor_checksum(t)
                 if keep is not None:
                     keep[n] = t.to("cpu", copy=True)
             checksum_s += time.monotonic() - t0
+            wait_sent()
     except BaseException as e:
         if not isinstance(e, TransferError):
             group.fail(f"sender stopped: {type(e).__name__}: {e}")

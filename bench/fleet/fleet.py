@@ -254,8 +254,8 @@ class EmulatedFleet:
         # emulated host by default: all hosts share this machine's few cores, and torch's default
         # (one thread per core in every process) oversubscribes them, so every small parallel op
         # of a receiver waits at an OpenMP barrier for threads that are not running (measured by
-        # bench/apply_contention.py: 7 processes applying a 2% delta to 64 MiB at once on 2 cores
-        # took 1.0-8.4 s with 2 threads each, 0.06-0.38 s with 1). A real host has its own cores.
+        # bench/apply_contention.py: 7 processes applying a 2% delta to 64 MiB at once on 2 cores,
+        # apply median 6.4 s with 2 threads each, 0.23 s with 1). A real host has its own cores.
         return {
             **os.environ, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": self.net.hosts[host].ifname,
             "OMP_NUM_THREADS": str(self.spec.threads_per_host), **extra,

@@ -11,8 +11,9 @@ second sub-round, no second rendezvous, no second failure path). NCCL sends each
 payload point to point; cuda_ipc rounds are never delta (the coordinator makes them dense:
 the receiver reads the trainer's memory there, nothing to save).
 
-Per plan bucket the sender encodes the bucket's tensors once (`encode_many`, against the
-base it keeps) and sends every delta rank: a header (int64 [meta bytes, payload bytes]),
+Per frame (a run of about 16 MiB of a plan bucket's tensors, `_frame_runs`, cut the same way
+by every rank) the sender encodes the run's tensors once (`encode_many`, against the base it
+keeps; the next run while this one travels) and sends every delta rank: a header (int64 [meta bytes, payload bytes]),
 the meta (JSON: per tensor its name, `Delta.to_dict()` and segment sizes) and the payload
 (positions, escapes, values per tensor, each segment padded to 8 bytes so it can be viewed
 in its dtype). Dense ranks get the same framing with every tensor a dense "delta" (all
@@ -55,12 +56,33 @@ __all__ = ["receive_delta_round", "send_delta_round", "wire_tensor"]
 log = logging.getLogger(__name__)
 
 _PAD = 8
+# Dense bytes per frame: a bucket's tensors are encoded and sent in runs of about this size, so
+# the trainer encodes run j+1 while run j travels and a receiver patches run j while run j+1
+# arrives. Measured on the emulated fleet (BENCHMARKS.md "Where a delta round's time goes"):
+# with one frame per 256 MiB bucket, encoding 64 MiB took 0.076 s before the first byte left.
+_FRAME_DENSE_BYTES = 16 << 20
 # Meta of one bucket is a few hundred bytes per tensor; a header beyond this is damage, not a plan.
 _MAX_META_BYTES = 64 << 20
 
 
 def _pad(n: int) -> int:
     return (n + _PAD - 1) // _PAD * _PAD
+
+
+def _frame_runs(entries) -> list[list]:
+    """A bucket's entries cut into consecutive runs of at most _FRAME_DENSE_BYTES (one entry at least).
+
+    The sender and every receiver cut the same plan the same way: that is the lockstep.
+    """
+    runs: list[list] = [[]]
+    size = 0
+    for e in entries:
+        if runs[-1] and size + e.nbytes > _FRAME_DENSE_BYTES:
+            runs.append([])
+            size = 0
+        runs[-1].append(e)
+        size += e.nbytes
+    return runs
 
 
 def wire_tensor(t: SourceTensor, dtype: str, device: torch.device) -> torch.Tensor:
@@ -124,8 +146,14 @@ def _start_frames(group: DataPlaneGroup, frames, what: str) -> Callable[[], None
     return wait
 
 
-def _take_frame(group: DataPlaneGroup, assignment: Assignment, rank: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's (meta, payload) of one bucket, forwarded along the relay where there is one."""
+def _start_take(
+    group: DataPlaneGroup, assignment: Assignment, rank: int, what: str
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """Starts taking this rank's next frame; returns the wait for its (meta, payload).
+
+    Along a relay the frame is taken and forwarded on the group's worker, so the caller can
+    patch the previous frame meanwhile; point to point it is taken when waited for.
+    """
     dev = group.device
 
     def sizes(header: torch.Tensor) -> tuple[int, int]:
@@ -140,20 +168,28 @@ def _take_frame(group: DataPlaneGroup, assignment: Assignment, rank: int, what: 
     if shape is not None:
         kind = assignment.delta_ranks if rank in assignment.delta_ranks else assignment.dense_ranks
         future = group.submit(lambda: relay_message(group, [0, *kind], shape, header.view(torch.uint8), sizes))
-        group.wait_future(future, what)
-        _, meta_t, payload = future.result()
+
+        def wait_relayed() -> tuple[torch.Tensor, torch.Tensor]:
+            group.wait_future(future, what)
+            _, meta_t, payload = future.result()
+            return meta_t, payload
+
+        return wait_relayed
+
+    def take() -> tuple[torch.Tensor, torch.Tensor]:
+        group.wait_p2p(group.recv(header, 0, what), what)
+        try:
+            meta_n, payload_n = sizes(header)
+        except ValueError as e:
+            raise group.fail(str(e)) from e
+        meta_t = torch.empty(meta_n, dtype=torch.uint8, device=dev)
+        group.wait_p2p(group.recv(meta_t, 0, what), what)
+        payload = torch.empty(payload_n, dtype=torch.uint8, device=dev)
+        if payload_n:
+            group.wait_p2p(group.recv(payload, 0, what), what)
         return meta_t, payload
-    group.wait_p2p(group.recv(header, 0, what), what)
-    try:
-        meta_n, payload_n = sizes(header)
-    except ValueError as e:
-        raise group.fail(str(e)) from e
-    meta_t = torch.empty(meta_n, dtype=torch.uint8, device=dev)
-    group.wait_p2p(group.recv(meta_t, 0, what), what)
-    payload = torch.empty(payload_n, dtype=torch.uint8, device=dev)
-    if payload_n:
-        group.wait_p2p(group.recv(payload, 0, what), what)
-    return meta_t, payload
+
+    return take
 
 
 def send_delta_round(
@@ -195,31 +231,38 @@ def send_delta_round(
     checksums: dict[str, int] = {}
     sent_bytes = {"delta": 0, "dense": 0}
     encode_s = checksum_s = 0.0
+    wait_sent: Callable[[], None] | None = None
     try:
         for k, bucket in enumerate(plan.buckets):
-            t0 = time.monotonic()
-            names = [e.name for e in bucket.entries]
-            news = [wire_tensor(source[e.name], e.dtype, dev) for e in bucket.entries]
-            frames = []
-            if delta_ranks:
-                bases = [base[n].to(dev).contiguous() for n in names]
-                frames.append((delta_ranks, _frame(names, encode_many(bases, news), dev)))
-            if dense_ranks:
-                frames.append((dense_ranks, _frame(names, [_dense(t) for t in news], dev)))
-            encode_s += time.monotonic() - t0
-            what = f"delta round bucket {k + 1}/{len(plan.buckets)}"
-            wait_sent = _start_frames(group, frames, what)
-            for ranks, (_, _, payload) in frames:
-                # What left the trainer: once per kind through a relay, else once per rank.
-                copies = 1 if _relay_shape(group) is not None else len(ranks)
-                sent_bytes["delta" if ranks == delta_ranks else "dense"] += copies * payload.numel()
-            # While the bytes travel: the sums the engines must match, and the next base.
-            t0 = time.monotonic()
-            for n, t in zip(names, news):
-                checksums[n] = tensor_checksum(t)
-                if keep is not None:
-                    keep[n] = t.to("cpu", copy=True)
-            checksum_s += time.monotonic() - t0
+            runs = _frame_runs(bucket.entries)
+            for j, run in enumerate(runs):
+                t0 = time.monotonic()
+                names = [e.name for e in run]
+                news = [wire_tensor(source[e.name], e.dtype, dev) for e in run]
+                frames = []
+                if delta_ranks:
+                    bases = [base[n].to(dev).contiguous() for n in names]
+                    frames.append((delta_ranks, _frame(names, encode_many(bases, news), dev)))
+                if dense_ranks:
+                    frames.append((dense_ranks, _frame(names, [_dense(t) for t in news], dev)))
+                encode_s += time.monotonic() - t0
+                # One frame in flight at a time: this one was encoded while the previous travelled.
+                if wait_sent is not None:
+                    wait_sent()
+                what = f"delta round bucket {k + 1}/{len(plan.buckets)} frame {j + 1}/{len(runs)}"
+                wait_sent = _start_frames(group, frames, what)
+                for ranks, (_, _, payload) in frames:
+                    # What left the trainer: once per kind through a relay, else once per rank.
+                    copies = 1 if _relay_shape(group) is not None else len(ranks)
+                    sent_bytes["delta" if ranks == delta_ranks else "dense"] += copies * payload.numel()
+                # While the bytes travel: the sums the engines must match, and the next base.
+                t0 = time.monotonic()
+                for n, t in zip(names, news):
+                    checksums[n] = tensor_checksum(t)
+                    if keep is not None:
+                        keep[n] = t.to("cpu", copy=True)
+                checksum_s += time.monotonic() - t0
+        if wait_sent is not None:
             wait_sent()
     except BaseException as e:
         if not isinstance(e, TransferError):
@@ -294,7 +337,7 @@ def receive_delta_round(
 
     Each destination must be the engine's own contiguous tensor of the plan's shape and wire
     dtype on the group's device; for a delta rank it must hold exactly the base version.
-    `apply_fn`, if given, is called per bucket with (name, patched tensor) pairs after the
+    `apply_fn`, if given, is called per frame with (name, patched tensor) pairs after the
     patch (the tensors are already written; e.g. for fault injection or bookkeeping).
     Returns checksums of the whole resulting tensors, recomputed. On any local problem the
     rank still takes every message (so the sender is not left waiting) and then fails the
@@ -313,17 +356,24 @@ def receive_delta_round(
     apply_s = 0.0
     held: dict[str, torch.Tensor] = {}
     timeline = {"opened": opened}
+    frames = []  # (bucket index, its run of entries, what), in the sender's order
     for k, bucket in enumerate(plan.buckets):
-        what = f"delta round bucket {k + 1}/{len(plan.buckets)}"
-        meta_t, payload = _take_frame(group, assignment, rank, what)
+        runs = _frame_runs(bucket.entries)
+        frames.extend((k, run, f"delta round bucket {k + 1}/{len(plan.buckets)} frame {j + 1}/{len(runs)}") for j, run in enumerate(runs))
+    pending = _start_take(group, assignment, rank, frames[0][2]) if frames else None
+    for i, (k, run, _) in enumerate(frames):
+        meta_t, payload = pending()
         timeline["received"] = time.monotonic() - started
         received += payload.numel()
+        if i + 1 < len(frames):
+            # The next frame arrives (and is forwarded) while this one is patched.
+            pending = _start_take(group, assignment, rank, frames[i + 1][2])
         if problem is not None:
             continue
         t0 = time.monotonic()
         try:
             targets = []
-            for e in bucket.entries:
+            for e in run:
                 d = destination(e.name)
                 if (
                     not isinstance(d, torch.Tensor)
@@ -338,12 +388,12 @@ def receive_delta_round(
                         f"{list(e.shape)} {e.dtype} tensor on {dev}, got {got}"
                     )
                 targets.append(d)
-            deltas = _unframe(json.loads(bytes(meta_t.cpu().numpy())), payload, bucket.entries, targets)
+            deltas = _unframe(json.loads(bytes(meta_t.cpu().numpy())), payload, run, targets)
             apply_many(targets, deltas)
-            held.update((e.name, t) for e, t in zip(bucket.entries, targets))
+            held.update((e.name, t) for e, t in zip(run, targets))
             if apply_fn is not None:
-                apply_fn([(e.name, t) for e, t in zip(bucket.entries, targets)])
-            if progress is not None:
+                apply_fn([(e.name, t) for e, t in zip(run, targets)])
+            if progress is not None and (i + 1 == len(frames) or frames[i + 1][0] != k):
                 progress(k + 1, received)
         except Exception as e:
             problem = e

@@ -22,7 +22,7 @@ its values), so both kinds of receiver run one code path.
 Verification: a receiver patches its engine's tensors in place (`apply_many`) and reports
 checksums of the WHOLE resulting tensors, recomputed (see `delta_checksum.py`: an update
 from the changed words would not see a wrong base). Measured, the recompute is cheap enough
-to keep: 15 ms for 64 MiB on one CPU core, 0.02-0.06 s of a 0.5 s delta round on the emulated
+to keep: 15 ms for 64 MiB on one CPU core, 0.02-0.05 s of a 0.4 s delta round on the emulated
 fleet where 7 receivers share 2 cores (BENCHMARKS.md "Where a delta round's time goes"). The
 receiver's timeline (opened, received, applied, checksummed, closed) goes into the round record. The coordinator compares them with
 the trainer's checksums of its new tensors, per daemon: an engine that held other bytes

@@ -13,8 +13,8 @@ the receiver reads the trainer's memory there, nothing to save).
 
 Per frame (a run of about 16 MiB of a plan bucket's tensors, `_frame_runs`, cut the same way
 by every rank) the sender encodes the run's tensors once (`encode_many`, against the base it
-keeps; the next run while this one travels) and sends every delta rank: a header (int64 [meta bytes, payload bytes]),
-the meta (JSON: per tensor its name, `Delta.to_dict()` and segment sizes) and the payload
+keeps; the next run while this one travels) and sends every delta rank: a header (int64
+[meta bytes, payload bytes]), the meta (JSON: per tensor its name, `Delta.to_dict()` and segment sizes) and the payload
 (positions, escapes, values per tensor, each segment padded to 8 bytes so it can be viewed
 in its dtype). Dense ranks get the same framing with every tensor a dense "delta" (all
 its values), so both kinds of receiver run one code path.
@@ -24,9 +24,10 @@ checksums of the WHOLE resulting tensors, recomputed (see `delta_checksum.py`: a
 from the changed words would not see a wrong base). Measured, the recompute is cheap enough
 to keep: 15 ms for 64 MiB on one CPU core, 0.02-0.05 s of a 0.4 s delta round on the emulated
 fleet where 7 receivers share 2 cores (BENCHMARKS.md "Where a delta round's time goes"). The
-receiver's timeline (opened, received, applied, checksummed, closed) goes into the round record. The coordinator compares them with
-the trainer's checksums of its new tensors, per daemon: an engine that held other bytes
-than the base ends CHECKSUM_MISMATCH and flagged, the others verified. The data-plane
+receiver's timeline (opened, received, applied, checksummed, closed) goes into the round
+record. The coordinator compares the checksums with the trainer's of its new tensors, per
+daemon: an engine that held other bytes than the base ends CHECKSUM_MISMATCH and flagged,
+the others verified. The data-plane
 close therefore only agrees that every rank finished (all rows zero): comparing payload
 sums there would fail every rank for one engine's wrong base.
 """
@@ -359,7 +360,9 @@ def receive_delta_round(
     frames = []  # (bucket index, its run of entries, what), in the sender's order
     for k, bucket in enumerate(plan.buckets):
         runs = _frame_runs(bucket.entries)
-        frames.extend((k, run, f"delta round bucket {k + 1}/{len(plan.buckets)} frame {j + 1}/{len(runs)}") for j, run in enumerate(runs))
+        frames.extend(
+            (k, run, f"delta round bucket {k + 1}/{len(plan.buckets)} frame {j + 1}/{len(runs)}") for j, run in enumerate(runs)
+        )
     pending = _start_take(group, assignment, rank, frames[0][2]) if frames else None
     for i, (k, run, _) in enumerate(frames):
         meta_t, payload = pending()
@@ -412,7 +415,7 @@ def receive_delta_round(
     timeline["closed"] = seconds
     log.debug(
         "update %s: rank %d: delta round phases (s from its start) %s, apply %.3f s, checksums %.3f s",
-        assignment.update_id, rank, {k: round(v, 3) for k, v in timeline.items()}, apply_s, checksum_s,
+        assignment.update_id, rank, {p: round(v, 3) for p, v in timeline.items()}, apply_s, checksum_s,
     )
     return ReceiveResult(
         update_id=assignment.update_id,

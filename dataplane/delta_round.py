@@ -27,9 +27,9 @@ fleet where 7 receivers share 2 cores (BENCHMARKS.md "Where a delta round's time
 receiver's timeline (opened, received, applied, checksummed, closed) goes into the round
 record. The coordinator compares the checksums with the trainer's of its new tensors, per
 daemon: an engine that held other bytes than the base ends CHECKSUM_MISMATCH and flagged,
-the others verified. The data-plane
-close therefore only agrees that every rank finished (all rows zero): comparing payload
-sums there would fail every rank for one engine's wrong base.
+the others verified. The data-plane close therefore only agrees that every rank finished
+(all rows zero): comparing payload sums there would fail every rank for one engine's wrong
+base.
 """
 
 from __future__ import annotations

@@ -111,6 +111,7 @@ def _push(fleet: EmulatedFleet, version: int, timeout_s: float, base_version: in
         "bytes_received": answer.get("bytes_received", {}),
         "receive_s": answer.get("receive_s", {}),
         "apply_s": answer.get("apply_s", {}),
+        "receiver_timeline": answer.get("timeline", {}),
         "sender_timeline": answer.get("sender_timeline", {}),
         "rank_bytes": answer.get("rank_bytes", {}),
     }
@@ -218,6 +219,7 @@ def run(args: argparse.Namespace) -> dict:
         bucket_size_bytes=args.bucket_size_bytes,
         collective_timeout_s=args.timeout_s,
         deadline_s=args.timeout_s,
+        threads_per_host=args.threads_per_host,
     )
     t_start = time.monotonic()
     with EmulatedFleet(spec) as fleet:
@@ -265,6 +267,7 @@ def run(args: argparse.Namespace) -> dict:
         "bucket_size_bytes": bucket,
         "transport": "gloo",
         "relay": args.relay,
+        "threads_per_host": args.threads_per_host,
         "warmup_round": warmup,
         "setup_s": setup_s,
         "prefix": prefix,
@@ -300,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bucket-size-bytes", type=int, default=0, help="0: the gloo default")
     p.add_argument("--timeout-s", type=float, default=300.0, help="round deadline and collective timeout")
     p.add_argument(
+        "--threads-per-host", type=int, default=1,
+        help="torch intra-op threads in each emulated host's process (the hosts share this machine's cores)",
+    )
+    p.add_argument(
         "--delta", type=float, default=None, metavar="FRACTION",
         help="each measured step changes FRACTION of the elements and goes as a delta round against the committed "
         "base, then as a dense round of the same bytes (both reported)",
@@ -309,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         help="how dense gloo rounds travel: a pipelined chain or tree relay, gloo's broadcast, or the data plane's rule",
     )
     args = p.parse_args(argv)
-    for name in ("trainer_ranks", "engines", "tp", "rounds"):
+    for name in ("trainer_ranks", "engines", "tp", "rounds", "threads_per_host"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     if args.delta is not None and not 0 < args.delta <= 1:

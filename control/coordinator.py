@@ -423,6 +423,7 @@ class Coordinator:
         bytes_received: int,
         holds_delta_base: bool = False,
         piece_sums: dict[tuple[int, int], int] | None = None,
+        timeline: dict[str, float] | None = None,
     ) -> None:
         rec = self._live(daemon_id)
         rec.beat()
@@ -438,6 +439,7 @@ class Coordinator:
             self._settle(rec, "")
             return
         out.receive_s, out.apply_s, out.bytes_received = receive_s, apply_s, bytes_received
+        out.timeline = dict(timeline or {})
         if ok:
             out.checksums = checksums
             out.piece_sums = piece_sums or {}

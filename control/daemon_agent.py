@@ -56,6 +56,8 @@ class HandlerResult:
     apply_s: float = 0.0
     # A routed round: (data-plane rank, piece index) -> S of the piece as it landed.
     piece_sums: dict[tuple[int, int], int] = field(default_factory=dict)
+    # Seconds from the start of the receive to the end of each phase (UpdateResult.timeline).
+    timeline: dict[str, float] = field(default_factory=dict)
 
 
 # handler(assignment, my_ranks, progress) -> HandlerResult; raise to report failure.
@@ -408,6 +410,7 @@ class DaemonAgent:
                     bytes_received=res.bytes_received,
                     holds_delta_base=self._holds_delta_base(),
                     piece_sums=piece_sums_to_pb(res.piece_sums),
+                    timeline=res.timeline,
                 )
             )
         )

@@ -90,6 +90,8 @@ class DaemonOutcome:
     receive_s: float = 0.0
     apply_s: float = 0.0
     bytes_received: int = 0
+    # Seconds from the start of its receive to the end of each phase, as the daemon reported them.
+    timeline: dict[str, float] = field(default_factory=dict)
     # The daemon itself sent a result: its handler has ended (unlike a failure the coordinator declared).
     reported: bool = False
     # Its dirty flag when the round began: an OK partial round leaves it as it was.

@@ -56,6 +56,7 @@ def round_to_pb(rnd: RoundRecord) -> pb.RoundInfo:
                 receive_s=o.receive_s,
                 apply_s=o.apply_s,
                 bytes_received=o.bytes_received,
+                timeline=o.timeline,
             )
             for daemon_id, o in rnd.outcomes.items()
         ],
@@ -265,6 +266,7 @@ class DaemonServicer(pb_grpc.DaemonServiceServicer):
                     bytes_received=r.bytes_received,
                     holds_delta_base=r.holds_delta_base,
                     piece_sums=piece_sums,
+                    timeline=dict(r.timeline),
                 )
             else:
                 raise InvalidArgument(f"session message: expected heartbeat, progress or result, got {kind}")

@@ -40,6 +40,8 @@ class DaemonVerdict:
     apply_s: float
     bytes_received: int
     encoding: str = "dense"  # how its bytes travelled: "dense" or "delta"
+    # Seconds from the start of its receive to the end of each phase (opened, received, ..., closed).
+    timeline: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +84,7 @@ class RoundReport:
                     apply_s=x.apply_s,
                     bytes_received=x.bytes_received,
                     encoding=encodings.get(x.daemon_id, "dense"),
+                    timeline=dict(x.timeline),
                 )
                 for x in r.results
             ),

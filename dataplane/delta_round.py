@@ -11,20 +11,25 @@ second sub-round, no second rendezvous, no second failure path). NCCL sends each
 payload point to point; cuda_ipc rounds are never delta (the coordinator makes them dense:
 the receiver reads the trainer's memory there, nothing to save).
 
-Per plan bucket the sender encodes the bucket's tensors once (`encode_many`, against the
-base it keeps) and sends every delta rank: a header (int64 [meta bytes, payload bytes]),
-the meta (JSON: per tensor its name, `Delta.to_dict()` and segment sizes) and the payload
+Per frame (a run of about 16 MiB of a plan bucket's tensors, `_frame_runs`, cut the same way
+by every rank) the sender encodes the run's tensors once (`encode_many`, against the base it
+keeps; the next run while this one travels) and sends every delta rank: a header (int64
+[meta bytes, payload bytes]), the meta (JSON: per tensor its name, `Delta.to_dict()` and segment sizes) and the payload
 (positions, escapes, values per tensor, each segment padded to 8 bytes so it can be viewed
 in its dtype). Dense ranks get the same framing with every tensor a dense "delta" (all
 its values), so both kinds of receiver run one code path.
 
 Verification: a receiver patches its engine's tensors in place (`apply_many`) and reports
 checksums of the WHOLE resulting tensors, recomputed (see `delta_checksum.py`: an update
-from the changed words would not see a wrong base). The coordinator compares them with
-the trainer's checksums of its new tensors, per daemon: an engine that held other bytes
-than the base ends CHECKSUM_MISMATCH and flagged, the others verified. The data-plane
-close therefore only agrees that every rank finished (all rows zero): comparing payload
-sums there would fail every rank for one engine's wrong base.
+from the changed words would not see a wrong base). Measured, the recompute is cheap enough
+to keep: 15 ms for 64 MiB on one CPU core, 0.02-0.05 s of a 0.4 s delta round on the emulated
+fleet where 7 receivers share 2 cores (BENCHMARKS.md "Where a delta round's time goes"). The
+receiver's timeline (opened, received, applied, checksummed, closed) goes into the round
+record. The coordinator compares the checksums with the trainer's of its new tensors, per
+daemon: an engine that held other bytes than the base ends CHECKSUM_MISMATCH and flagged,
+the others verified. The data-plane close therefore only agrees that every rank finished
+(all rows zero): comparing payload sums there would fail every rank for one engine's wrong
+base.
 """
 
 from __future__ import annotations
@@ -52,12 +57,33 @@ __all__ = ["receive_delta_round", "send_delta_round", "wire_tensor"]
 log = logging.getLogger(__name__)
 
 _PAD = 8
+# Dense bytes per frame: a bucket's tensors are encoded and sent in runs of about this size, so
+# the trainer encodes run j+1 while run j travels and a receiver patches run j while run j+1
+# arrives. Measured on the emulated fleet (BENCHMARKS.md "Where a delta round's time goes"):
+# with one frame per 256 MiB bucket, encoding 64 MiB took 0.076 s before the first byte left.
+_FRAME_DENSE_BYTES = 16 << 20
 # Meta of one bucket is a few hundred bytes per tensor; a header beyond this is damage, not a plan.
 _MAX_META_BYTES = 64 << 20
 
 
 def _pad(n: int) -> int:
     return (n + _PAD - 1) // _PAD * _PAD
+
+
+def _frame_runs(entries) -> list[list]:
+    """A bucket's entries cut into consecutive runs of at most _FRAME_DENSE_BYTES (one entry at least).
+
+    The sender and every receiver cut the same plan the same way: that is the lockstep.
+    """
+    runs: list[list] = [[]]
+    size = 0
+    for e in entries:
+        if runs[-1] and size + e.nbytes > _FRAME_DENSE_BYTES:
+            runs.append([])
+            size = 0
+        runs[-1].append(e)
+        size += e.nbytes
+    return runs
 
 
 def wire_tensor(t: SourceTensor, dtype: str, device: torch.device) -> torch.Tensor:
@@ -96,21 +122,26 @@ def _relay_shape(group: DataPlaneGroup) -> str | None:
     return group.relay if group.relay in RELAY_SHAPES else "chain"
 
 
-def _send_frames(group: DataPlaneGroup, frames, what: str) -> None:
+def _start_frames(group: DataPlaneGroup, frames, what: str) -> Callable[[], None]:
+    """Starts sending the frames; returns the wait for their end (the caller works meanwhile)."""
     shape = _relay_shape(group)
     if shape is not None:
         def send_all() -> None:
             for ranks, (header, meta, payload) in frames:
                 send_message(group, [0, *ranks], shape, [header.view(torch.uint8), meta, payload])
 
-        group.wait_future(group.submit(send_all), what)
-        return
+        future = group.submit(send_all)
+        return lambda: group.wait_future(future, what)
     works = []
     for ranks, frame in frames:
         for r in ranks:
             works.extend(post_frame(group, frame, r, what))
-    for w in works:
-        group.wait_p2p(w, what)
+
+    def wait() -> None:
+        for w in works:
+            group.wait_p2p(w, what)
+
+    return wait
 
 
 def post_frame(group: DataPlaneGroup, frame: tuple[torch.Tensor, torch.Tensor, torch.Tensor], dst: int, what: str) -> list:
@@ -147,19 +178,29 @@ def recv_frame(group: DataPlaneGroup, src: int, rank: int, what: str) -> tuple[t
     return meta_t, payload
 
 
-def _take_frame(group: DataPlaneGroup, assignment: Assignment, rank: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's (meta, payload) of one bucket, forwarded along the relay where there is one."""
+def _start_take(
+    group: DataPlaneGroup, assignment: Assignment, rank: int, what: str
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """Starts taking this rank's next frame; returns the wait for its (meta, payload).
+
+    Along a relay the frame is taken and forwarded on the group's worker, so the caller can
+    patch the previous frame meanwhile; point to point it is taken when waited for.
+    """
     shape = _relay_shape(group)
     if shape is None:
-        return recv_frame(group, 0, rank, what)
+        return lambda: recv_frame(group, 0, rank, what)
     header = torch.zeros(2, dtype=torch.int64, device=group.device)
     kind = assignment.delta_ranks if rank in assignment.delta_ranks else assignment.dense_ranks
     future = group.submit(
         lambda: relay_message(group, [0, *kind], shape, header.view(torch.uint8), lambda h: _frame_sizes(h, rank, what))
     )
-    group.wait_future(future, what)
-    _, meta_t, payload = future.result()
-    return meta_t, payload
+
+    def wait_relayed() -> tuple[torch.Tensor, torch.Tensor]:
+        group.wait_future(future, what)
+        _, meta_t, payload = future.result()
+        return meta_t, payload
+
+    return wait_relayed
 
 
 def send_delta_round(
@@ -200,26 +241,40 @@ def send_delta_round(
     opened = time.monotonic() - started
     checksums: dict[str, int] = {}
     sent_bytes = {"delta": 0, "dense": 0}
+    encode_s = checksum_s = 0.0
+    wait_sent: Callable[[], None] | None = None
     try:
         for k, bucket in enumerate(plan.buckets):
-            names = [e.name for e in bucket.entries]
-            news = [wire_tensor(source[e.name], e.dtype, dev) for e in bucket.entries]
-            frames = []
-            if delta_ranks:
-                bases = [base[n].to(dev).contiguous() for n in names]
-                frames.append((delta_ranks, _frame(names, encode_many(bases, news), dev)))
-            if dense_ranks:
-                frames.append((dense_ranks, _frame(names, [_dense(t) for t in news], dev)))
-            what = f"delta round bucket {k + 1}/{len(plan.buckets)}"
-            _send_frames(group, frames, what)
-            for ranks, (_, _, payload) in frames:
-                # What left the trainer: once per kind through a relay, else once per rank.
-                copies = 1 if _relay_shape(group) is not None else len(ranks)
-                sent_bytes["delta" if ranks == delta_ranks else "dense"] += copies * payload.numel()
-            for n, t in zip(names, news):
-                checksums[n] = tensor_checksum(t)
-                if keep is not None:
-                    keep[n] = t.to("cpu", copy=True)
+            runs = _frame_runs(bucket.entries)
+            for j, run in enumerate(runs):
+                t0 = time.monotonic()
+                names = [e.name for e in run]
+                news = [wire_tensor(source[e.name], e.dtype, dev) for e in run]
+                frames = []
+                if delta_ranks:
+                    bases = [base[n].to(dev).contiguous() for n in names]
+                    frames.append((delta_ranks, _frame(names, encode_many(bases, news), dev)))
+                if dense_ranks:
+                    frames.append((dense_ranks, _frame(names, [_dense(t) for t in news], dev)))
+                encode_s += time.monotonic() - t0
+                # One frame in flight at a time: this one was encoded while the previous travelled.
+                if wait_sent is not None:
+                    wait_sent()
+                what = f"delta round bucket {k + 1}/{len(plan.buckets)} frame {j + 1}/{len(runs)}"
+                wait_sent = _start_frames(group, frames, what)
+                for ranks, (_, _, payload) in frames:
+                    # What left the trainer: once per kind through a relay, else once per rank.
+                    copies = 1 if _relay_shape(group) is not None else len(ranks)
+                    sent_bytes["delta" if ranks == delta_ranks else "dense"] += copies * payload.numel()
+                # While the bytes travel: the sums the engines must match, and the next base.
+                t0 = time.monotonic()
+                for n, t in zip(names, news):
+                    checksums[n] = tensor_checksum(t)
+                    if keep is not None:
+                        keep[n] = t.to("cpu", copy=True)
+                checksum_s += time.monotonic() - t0
+        if wait_sent is not None:
+            wait_sent()
     except BaseException as e:
         if not isinstance(e, TransferError):
             group.fail(f"sender stopped: {type(e).__name__}: {e}")
@@ -239,8 +294,8 @@ def send_delta_round(
         bytes_sent=sent_bytes["delta"] + sent_bytes["dense"],
         num_buckets=len(plan.buckets),
         seconds=seconds,
-        pack_s=0.0,
-        checksum_s=0.0,
+        pack_s=encode_s,
+        checksum_s=checksum_s,
         timeline={"opened": opened, "sent": sent, "closed": seconds},
     )
 
@@ -293,7 +348,7 @@ def receive_delta_round(
 
     Each destination must be the engine's own contiguous tensor of the plan's shape and wire
     dtype on the group's device; for a delta rank it must hold exactly the base version.
-    `apply_fn`, if given, is called per bucket with (name, patched tensor) pairs after the
+    `apply_fn`, if given, is called per frame with (name, patched tensor) pairs after the
     patch (the tensors are already written; e.g. for fault injection or bookkeeping).
     Returns checksums of the whole resulting tensors, recomputed. On any local problem the
     rank still takes every message (so the sender is not left waiting) and then fails the
@@ -311,16 +366,27 @@ def receive_delta_round(
     received = 0
     apply_s = 0.0
     held: dict[str, torch.Tensor] = {}
+    timeline = {"opened": opened}
+    frames = []  # (bucket index, its run of entries, what), in the sender's order
     for k, bucket in enumerate(plan.buckets):
-        what = f"delta round bucket {k + 1}/{len(plan.buckets)}"
-        meta_t, payload = _take_frame(group, assignment, rank, what)
+        runs = _frame_runs(bucket.entries)
+        frames.extend(
+            (k, run, f"delta round bucket {k + 1}/{len(plan.buckets)} frame {j + 1}/{len(runs)}") for j, run in enumerate(runs)
+        )
+    pending = _start_take(group, assignment, rank, frames[0][2]) if frames else None
+    for i, (k, run, _) in enumerate(frames):
+        meta_t, payload = pending()
+        timeline["received"] = time.monotonic() - started
         received += payload.numel()
+        if i + 1 < len(frames):
+            # The next frame arrives (and is forwarded) while this one is patched.
+            pending = _start_take(group, assignment, rank, frames[i + 1][2])
         if problem is not None:
             continue
         t0 = time.monotonic()
         try:
             targets = []
-            for e in bucket.entries:
+            for e in run:
                 d = destination(e.name)
                 if (
                     not isinstance(d, torch.Tensor)
@@ -335,16 +401,17 @@ def receive_delta_round(
                         f"{list(e.shape)} {e.dtype} tensor on {dev}, got {got}"
                     )
                 targets.append(d)
-            deltas = _unframe(json.loads(bytes(meta_t.cpu().numpy())), payload, bucket.entries, targets)
+            deltas = _unframe(json.loads(bytes(meta_t.cpu().numpy())), payload, run, targets)
             apply_many(targets, deltas)
-            held.update((e.name, t) for e, t in zip(bucket.entries, targets))
+            held.update((e.name, t) for e, t in zip(run, targets))
             if apply_fn is not None:
-                apply_fn([(e.name, t) for e, t in zip(bucket.entries, targets)])
-            if progress is not None:
+                apply_fn([(e.name, t) for e, t in zip(run, targets)])
+            if progress is not None and (i + 1 == len(frames) or frames[i + 1][0] != k):
                 progress(k + 1, received)
         except Exception as e:
             problem = e
         apply_s += time.monotonic() - t0
+        timeline["applied"] = time.monotonic() - started
     if problem is not None:
         close_round(group, assignment, None, local_problem=f"rank {rank}: {type(problem).__name__}: {problem}")
         raise AssertionError("close_round with a local problem raises")
@@ -352,8 +419,14 @@ def receive_delta_round(
     # The whole resulting tensors, recomputed: proves the engine holds the trainer's bytes.
     checksums = {n: tensor_checksum(t) for n, t in held.items()}
     checksum_s = time.monotonic() - t0
+    timeline["checksummed"] = time.monotonic() - started
     close_round(group, assignment, [0] * plan.num_tensors)
     seconds = time.monotonic() - started
+    timeline["closed"] = seconds
+    log.debug(
+        "update %s: rank %d: delta round phases (s from its start) %s, apply %.3f s, checksums %.3f s",
+        assignment.update_id, rank, {p: round(v, 3) for p, v in timeline.items()}, apply_s, checksum_s,
+    )
     return ReceiveResult(
         update_id=assignment.update_id,
         checksums=checksums,
@@ -363,5 +436,5 @@ def receive_delta_round(
         apply_s=apply_s,
         checksum_s=checksum_s,
         seconds=seconds,
-        timeline={"opened": opened, "closed": seconds},
+        timeline=timeline,
     )

@@ -87,12 +87,17 @@ class ReceiverHandler:
         finally:
             self._lock.release()
         checksums = res.checksums
-        if self._held_checksums is not None:
+        timeline = dict(res.timeline)
+        # A delta round's sums are already those of the engine's own tensors, taken after the
+        # apply (receive_delta_round patches them in place): a second pass would only repeat them.
+        if self._held_checksums is not None and assignment.delta_base_version is None:
             # Verify what the engine holds, not only what arrived: a bad copy shows as a mismatch.
+            t0 = time.monotonic()
             checksums = dict(self._held_checksums(checksums.keys()))
+            timeline["verified"] = timeline.get("closed", 0.0) + time.monotonic() - t0
         if self._on_applied is not None:
             self._on_applied(assignment)
-        return HandlerResult(checksums, res.bytes_received, res.receive_s, res.apply_s)
+        return HandlerResult(checksums, res.bytes_received, res.receive_s, res.apply_s, timeline=timeline)
 
 
 def _failpoint_apply(held: Mapping[str, torch.Tensor], write: ApplyFn | None = None) -> ApplyFn:

@@ -51,6 +51,7 @@ def _report_dict(report) -> dict:
         "bytes_received": {v.daemon_id: v.bytes_received for v in report.results},
         "receive_s": {v.daemon_id: v.receive_s for v in report.results},
         "apply_s": {v.daemon_id: v.apply_s for v in report.results},
+        "timeline": {v.daemon_id: v.timeline for v in report.results},
         "rank_bytes": {str(r): list(b) for r, b in report.rank_bytes.items()},
     }
 
@@ -138,7 +139,11 @@ class _Agent:
             return {"event": "done", "push_s": push_s, "rank": self.args.trainer_rank}
         sent = sync.last_send
         # The trainer's data-plane phases (seconds from the start of its send): opened, sent, closed.
-        timeline = dict(sent.timeline, seconds=sent.seconds) if sent is not None and sent.update_id == report.update_id else {}
+        timeline = (
+            dict(sent.timeline, seconds=sent.seconds, pack_s=sent.pack_s, checksum_s=sent.checksum_s)
+            if sent is not None and sent.update_id == report.update_id
+            else {}
+        )
         return {"event": "done", "push_s": push_s, "sender_timeline": timeline, **_report_dict(report)}
 
     def daemons(self) -> dict:

@@ -86,10 +86,14 @@ class FleetSpec:
     collective_timeout_s: float = 120.0
     deadline_s: float = 600.0
     prefix: str | None = None
+    # torch intra-op threads in every emulated host's process (OMP_NUM_THREADS); see EmulatedFleet._env.
+    threads_per_host: int = 1
 
     def __post_init__(self) -> None:
         if self.num_engines < 1:
             raise ValueError(f"num_engines must be >= 1, got {self.num_engines}")
+        if self.threads_per_host < 1:
+            raise ValueError(f"threads_per_host must be >= 1, got {self.threads_per_host}")
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
         if self.trainer_ranks < 1:
@@ -246,8 +250,16 @@ class EmulatedFleet:
     # ------------------------------------------------------------------ processes
 
     def _env(self, host: str, **extra: str) -> dict[str, str]:
-        # gloo picks its interface by name; the host has lo and this one.
-        return {**os.environ, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": self.net.hosts[host].ifname, **extra}
+        # gloo picks its interface by name; the host has lo and this one. One intra-op thread per
+        # emulated host by default: all hosts share this machine's few cores, and torch's default
+        # (one thread per core in every process) oversubscribes them, so every small parallel op
+        # of a receiver waits at an OpenMP barrier for threads that are not running (measured by
+        # bench/apply_contention.py: 7 processes applying a 2% delta to 64 MiB at once on 2 cores,
+        # apply median 6.4 s with 2 threads each, 0.23 s with 1). A real host has its own cores.
+        return {
+            **os.environ, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": self.net.hosts[host].ifname,
+            "OMP_NUM_THREADS": str(self.spec.threads_per_host), **extra,
+        }
 
     def _popen(self, host: str, name: str, argv: list[str], *, agent: bool, env: dict[str, str] | None = None) -> _Proc:
         log_file = open(self.logs / f"{name}.log", "ab")

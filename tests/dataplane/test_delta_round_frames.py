@@ -9,7 +9,7 @@ import torch
 
 from weightsync.core import BucketEntry
 from weightsync.dataplane.delta import apply_many, encode_many
-from weightsync.dataplane.delta_round import _dense, _frame, _unframe
+from weightsync.dataplane.delta_round import _FRAME_DENSE_BYTES, _dense, _frame, _frame_runs, _unframe
 
 
 def _pair(seed: int):
@@ -49,3 +49,17 @@ def test_damaged_frames_are_refused_naming_the_problem():
         _unframe(m, payload[:8], entries, [base.clone()])
     with pytest.raises(ValueError, match="tensors, the bucket has 1"):
         _unframe(m * 2, payload, entries, [base.clone()])
+
+
+def test_frame_runs_cut_a_bucket_into_consecutive_runs_within_the_frame_size():
+    """A bucket's entries are cut in order, each run within the frame size unless one tensor alone exceeds it."""
+    mib = 1 << 20
+    sizes = [6 * mib, 6 * mib, 6 * mib, 40 * mib, 1 * mib, 15 * mib, 16 * mib]
+    entries = [BucketEntry(f"t{i}", (n // 2,), "bfloat16", 0, n) for i, n in enumerate(sizes)]
+    runs = _frame_runs(entries)
+    assert [e for run in runs for e in run] == entries
+    assert [[e.name for e in run] for run in runs] == [["t0", "t1"], ["t2"], ["t3"], ["t4", "t5"], ["t6"]]
+    assert all(sum(e.nbytes for e in run) <= _FRAME_DENSE_BYTES or len(run) == 1 for run in runs)
+    # The sender and every receiver cut the same plan: the cut depends on the entries alone.
+    assert _frame_runs(list(entries)) == runs
+    assert _frame_runs([]) == [[]]

@@ -68,6 +68,9 @@ def test_delta_rounds_heal_wrong_base_dirty_and_late_engines(fleet):
         _consistent(fleet, v)
         for d, got in _round(fleet).items():
             assert got.encoding == "delta" and 0 < got.bytes_received < 0.06 * dense_bytes, (d, got.bytes_received, dense_bytes)
+            # Where the round's time went, per daemon, in the order the receiver goes through it.
+            phases = [got.timeline.get(k) for k in ("opened", "received", "applied", "checksummed", "closed")]
+            assert None not in phases and phases == sorted(phases) and phases[-1] > 0, (d, got.timeline)
     # 4: a wrong base (the trainer says v2's checkpoint is version 3, which the engines serve): the delta is
     # applied to bytes it was not encoded against; the whole-tensor checksums catch it on every engine.
     w3 = _checkpoint(fleet, 4, _step(w, seed=4))

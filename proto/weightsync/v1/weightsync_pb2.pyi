@@ -199,7 +199,14 @@ class TensorChecksum(_message.Message):
     def __init__(self, name: _Optional[str] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class DaemonResult(_message.Message):
-    __slots__ = ("daemon_id", "status", "reason", "mismatched_tensors", "receive_s", "apply_s", "bytes_received")
+    __slots__ = ("daemon_id", "status", "reason", "mismatched_tensors", "receive_s", "apply_s", "bytes_received", "timeline")
+    class TimelineEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     DAEMON_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +214,7 @@ class DaemonResult(_message.Message):
     RECEIVE_S_FIELD_NUMBER: _ClassVar[int]
     APPLY_S_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_FIELD_NUMBER: _ClassVar[int]
     daemon_id: str
     status: ResultStatus
     reason: str
@@ -214,7 +222,8 @@ class DaemonResult(_message.Message):
     receive_s: float
     apply_s: float
     bytes_received: int
-    def __init__(self, daemon_id: _Optional[str] = ..., status: _Optional[_Union[ResultStatus, str]] = ..., reason: _Optional[str] = ..., mismatched_tensors: _Optional[_Iterable[str]] = ..., receive_s: _Optional[float] = ..., apply_s: _Optional[float] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+    timeline: _containers.ScalarMap[str, float]
+    def __init__(self, daemon_id: _Optional[str] = ..., status: _Optional[_Union[ResultStatus, str]] = ..., reason: _Optional[str] = ..., mismatched_tensors: _Optional[_Iterable[str]] = ..., receive_s: _Optional[float] = ..., apply_s: _Optional[float] = ..., bytes_received: _Optional[int] = ..., timeline: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Region(_message.Message):
     __slots__ = ("dim", "start", "length")
@@ -317,7 +326,14 @@ class Progress(_message.Message):
     def __init__(self, update_id: _Optional[str] = ..., buckets_done: _Optional[int] = ..., bytes_done: _Optional[int] = ...) -> None: ...
 
 class UpdateResult(_message.Message):
-    __slots__ = ("update_id", "ok", "error", "checksums", "receive_s", "apply_s", "bytes_received", "holds_delta_base", "piece_sums")
+    __slots__ = ("update_id", "ok", "error", "checksums", "receive_s", "apply_s", "bytes_received", "holds_delta_base", "piece_sums", "timeline")
+    class TimelineEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -327,6 +343,7 @@ class UpdateResult(_message.Message):
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     HOLDS_DELTA_BASE_FIELD_NUMBER: _ClassVar[int]
     PIECE_SUMS_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_FIELD_NUMBER: _ClassVar[int]
     update_id: str
     ok: bool
     error: str
@@ -336,7 +353,8 @@ class UpdateResult(_message.Message):
     bytes_received: int
     holds_delta_base: bool
     piece_sums: _containers.RepeatedCompositeFieldContainer[PieceChecksum]
-    def __init__(self, update_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., checksums: _Optional[_Iterable[_Union[TensorChecksum, _Mapping]]] = ..., receive_s: _Optional[float] = ..., apply_s: _Optional[float] = ..., bytes_received: _Optional[int] = ..., holds_delta_base: _Optional[bool] = ..., piece_sums: _Optional[_Iterable[_Union[PieceChecksum, _Mapping]]] = ...) -> None: ...
+    timeline: _containers.ScalarMap[str, float]
+    def __init__(self, update_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., checksums: _Optional[_Iterable[_Union[TensorChecksum, _Mapping]]] = ..., receive_s: _Optional[float] = ..., apply_s: _Optional[float] = ..., bytes_received: _Optional[int] = ..., holds_delta_base: _Optional[bool] = ..., piece_sums: _Optional[_Iterable[_Union[PieceChecksum, _Mapping]]] = ..., timeline: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class DaemonMessage(_message.Message):
     __slots__ = ("hello", "heartbeat", "progress", "result")

@@ -807,9 +807,12 @@ class GroupCache:
             abort_requests=self._abort_requests, relay=relay,
         )
         self.num_constructions += 1
-        log.info(
+        joined_s = time.monotonic() - started
+        # A slow join is how a late or stalled peer shows first; WARNING reaches vLLM workers' logs.
+        log.log(
+            logging.WARNING if joined_s > rdv.timeout_s / 4 else logging.INFO,
             "rank %d joined %s group %s gen %d (world_size %d, dense rounds by %s) in %.2f s",
-            rank, rdv.transport, rdv.group_id, generation, rdv.world_size, relay, time.monotonic() - started,
+            rank, rdv.transport, rdv.group_id, generation, rdv.world_size, relay, joined_s,
         )
         return self._group
 

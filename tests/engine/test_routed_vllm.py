@@ -31,15 +31,7 @@ from weightsync.control.trainer_client import SyncTrainerClient
 from weightsync.core import WeightsyncError
 from weightsync.engine import make_tiny_model
 
-# KNOWN FAILING, reported as a skip in CI (CI=true), not hidden: after routed vLLM rounds (s4-F)
-# met the relay/transport merge (s4-E), group formation in these rounds fails intermittently
-# (a vLLM worker rank never joins within the collective timeout; once, the streamed engine's
-# daemon missed heartbeats for 10 s during the join). Passed on s4-F alone; open in issue 15.
-_KNOWN_FAILING = pytest.mark.skipif(
-    os.environ.get("CI") == "true",
-    reason="known failing since the relay merge: routed vLLM group formation (issue 15, closing note of session 4)",
-)
-pytestmark = [_KNOWN_FAILING, pytest.mark.slow, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 ROOT = Path(__file__).resolve().parents[2]
 S, TP = 2, 2

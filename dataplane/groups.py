@@ -608,6 +608,19 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _next_poll_delay(delay_s: float, waited_s: float) -> float:
+    """The pause before the next look at the store while a round opens or a group forms.
+
+    Every rank of a round gets its assignment at about the same time, so what it waits for
+    (the round key, the ranks' reports, the formation verdict) usually comes within
+    milliseconds: look every millisecond at most for the first 0.2 s (a reused group's round
+    waits for every rank's report before its key is set, so a coarse poll here would add its
+    period to every round), then back off to ABORT_POLL_INTERVAL_S, which still bounds how
+    late an abort is seen.
+    """
+    return min(delay_s * 2, 0.001 if waited_s < 0.2 else ABORT_POLL_INTERVAL_S)
+
+
 def _pick_relay(wanted: str, rendezvous: Rendezvous) -> str:
     """How this group's dense rounds travel; decided once, on rank 0, and published to the others.
 
@@ -683,14 +696,14 @@ class GroupCache:
 
     def _poll_keys(self, store: Store, keys: list[str], update_id: str, rank: int, what: str, timeout_s: float) -> bool:
         """Waits for keys like store.wait, but leaves at once when the round is aborted from outside; False on timeout."""
-        deadline = time.monotonic() + timeout_s
-        delay_s = 0.0005
+        started = time.monotonic()
+        delay_s = 0.00005
         while not store.check(keys):
             self._raise_if_aborted(update_id, rank, what)
-            if time.monotonic() >= deadline:
+            if time.monotonic() - started >= timeout_s:
                 return False
             time.sleep(delay_s)
-            delay_s = min(delay_s * 2, ABORT_POLL_INTERVAL_S)
+            delay_s = _next_poll_delay(delay_s, time.monotonic() - started)
         return True
 
     def _raw_store(self, rendezvous: Rendezvous, rank: int) -> Store:
@@ -825,8 +838,8 @@ class GroupCache:
         """
         rdv = assignment.rendezvous
         others = rdv.world_size - 1
-        deadline = time.monotonic() + rdv.timeout_s
-        # Every rank enters the round at about the same time: look closely first, then back off.
+        started = time.monotonic()
+        deadline = started + rdv.timeout_s
         delay_s = 0.00005
         while True:
             held: dict[str, str] = {}
@@ -842,7 +855,7 @@ class GroupCache:
                     f"within {rdv.timeout_s:g} s"
                 )
             time.sleep(delay_s)
-            delay_s = min(delay_s * 2, 0.005)
+            delay_s = _next_poll_delay(delay_s, time.monotonic() - started)
 
     def _join(self, prefixed: Store, assignment: Assignment, rank: int) -> None:
         """Joins this generation's formation and waits for its one verdict: formed (every rank joined) or abandoned.

@@ -608,6 +608,19 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _next_poll_delay(delay_s: float, waited_s: float) -> float:
+    """The pause before the next look at the store while a round opens or a group forms.
+
+    Every rank of a round gets its assignment at about the same time, so what it waits for
+    (the round key, the ranks' reports, the formation verdict) usually comes within
+    milliseconds: look every millisecond at most for the first 0.2 s (a reused group's round
+    waits for every rank's report before its key is set, so a coarse poll here would add its
+    period to every round), then back off to ABORT_POLL_INTERVAL_S, which still bounds how
+    late an abort is seen.
+    """
+    return min(delay_s * 2, 0.001 if waited_s < 0.2 else ABORT_POLL_INTERVAL_S)
+
+
 def _pick_relay(wanted: str, rendezvous: Rendezvous) -> str:
     """How this group's dense rounds travel; decided once, on rank 0, and published to the others.
 
@@ -632,7 +645,9 @@ class GroupCache:
 
     Rank 0 owns the TrainerStore and publishes, per update_id, which generation of the
     group serves that round; the other ranks read it, so every rank reuses or rebuilds
-    together. A group marked broken by a failed round is rebuilt on the next `get`.
+    together. A group is reused only when every rank reported holding it for this round
+    (a receiver may have left it for another trainer's group); else every rank forms a new
+    generation. A group marked broken by a failed round is rebuilt on the next `get`.
     """
 
     def __init__(
@@ -681,14 +696,14 @@ class GroupCache:
 
     def _poll_keys(self, store: Store, keys: list[str], update_id: str, rank: int, what: str, timeout_s: float) -> bool:
         """Waits for keys like store.wait, but leaves at once when the round is aborted from outside; False on timeout."""
-        deadline = time.monotonic() + timeout_s
-        delay_s = 0.0005
+        started = time.monotonic()
+        delay_s = 0.00005
         while not store.check(keys):
             self._raise_if_aborted(update_id, rank, what)
-            if time.monotonic() >= deadline:
+            if time.monotonic() - started >= timeout_s:
                 return False
             time.sleep(delay_s)
-            delay_s = min(delay_s * 2, ABORT_POLL_INTERVAL_S)
+            delay_s = _next_poll_delay(delay_s, time.monotonic() - started)
         return True
 
     def _raw_store(self, rendezvous: Rendezvous, rank: int) -> Store:
@@ -738,6 +753,7 @@ class GroupCache:
         store = self._raw_store(rdv, rank)
         base = f"{_KEY_ROOT}/{rdv.group_id}"
         round_key = f"{base}/round/{assignment.update_id}"
+        held_key = f"{round_key}/held"
         current = self._group
         reusable = (
             current is not None
@@ -747,19 +763,25 @@ class GroupCache:
         )
         try:
             if rank == 0:
-                generation = current.generation if reusable else int(store.add(f"{base}/generation", 1))
-                store.set(round_key, str(generation))
+                reuse = reusable and self._every_rank_holds(store, held_key, current.generation, assignment)
+                generation = current.generation if reuse else int(store.add(f"{base}/generation", 1))
+                store.set(round_key, f"{'reuse' if reuse else 'new'} {generation}")
                 if self._last_round_key is not None and self._last_round_key != round_key:
                     # Every receiver read it before the round that just ended could finish.
                     store.delete_key(self._last_round_key)
+                    store.delete_key(f"{self._last_round_key}/held")
                 self._last_round_key = round_key
             else:
+                # What this rank holds, for rank 0 to decide: a group is reused only if every rank holds it.
+                store.append(held_key, f"{rank}:{current.generation if reusable else 0} ")
                 if not self._poll_keys(store, [round_key], assignment.update_id, rank, "rendezvous", rdv.timeout_s):
                     raise TransferError(
                         f"rank {rank}: rendezvous for update {assignment.update_id} failed at {rdv.host}:{rdv.port} "
                         f"within {rdv.timeout_s:g} s: the trainer did not open the round"
                     )
-                generation = int(store.get(round_key))
+                verb, generation_text = store.get(round_key).decode().split()
+                generation = int(generation_text)
+                reuse = verb == "reuse"
         except TransferError:
             self.drop()
             raise
@@ -769,27 +791,21 @@ class GroupCache:
                 f"rank {rank}: rendezvous for update {assignment.update_id} failed at "
                 f"{rdv.host}:{rdv.port} within {rdv.timeout_s:g} s: {e}"
             ) from e
-        if reusable and current.generation == generation:
+        if reuse:
+            # Rank 0 reuses only what this rank said it holds.
+            assert reusable and current.generation == generation, (rank, generation, current)
             return current
         self._close_group()
         device = self._device_for(rdv.transport)
         prefixed = PrefixStore(f"{base}/{generation}", store)
         started = time.monotonic()
         try:
-            # Backend construction blocks in store reads that no abort can interrupt: enter it
-            # only once every rank is here, so a rank lost before that is left behind at the
-            # barrier (which polls for aborts) rather than inside the constructor.
             if rank == 0:
-                # Before joining: whoever sees rank 0 joined finds its pick.
+                # Before joining: whoever sees the group formed finds its pick.
                 prefixed.set("relay", _pick_relay(self._relay, rdv))
-            prefixed.set(f"joined/{rank}", b"1")
-            joined = [f"joined/{r}" for r in range(rdv.world_size)]
-            if not self._poll_keys(prefixed, joined, assignment.update_id, rank, f"joining group {rdv.group_id}", rdv.timeout_s):
-                missing = [r for r in range(rdv.world_size) if not prefixed.check([f"joined/{r}"])]
-                raise TransferError(
-                    f"rank {rank}: could not form {rdv.transport} group {rdv.group_id} (world_size {rdv.world_size}) "
-                    f"within {rdv.timeout_s:g} s: ranks {missing} never joined"
-                )
+            # Backend construction blocks in store reads that no abort can interrupt: enter it
+            # only once the formation's verdict says every rank is here.
+            self._join(prefixed, assignment, rank)
             relay = prefixed.get("relay").decode()
             if relay not in RELAY_MODES[1:]:
                 raise TransferError(f"rank {rank}: the trainer picked relay {relay!r}; this rank knows {list(RELAY_MODES[1:])}")
@@ -804,11 +820,76 @@ class GroupCache:
             abort_requests=self._abort_requests, relay=relay,
         )
         self.num_constructions += 1
-        log.info(
+        joined_s = time.monotonic() - started
+        # A slow join is how a late or stalled peer shows first; WARNING reaches vLLM workers' logs.
+        log.log(
+            logging.WARNING if joined_s > rdv.timeout_s / 4 else logging.INFO,
             "rank %d joined %s group %s gen %d (world_size %d, dense rounds by %s) in %.2f s",
-            rank, rdv.transport, rdv.group_id, generation, rdv.world_size, relay, time.monotonic() - started,
+            rank, rdv.transport, rdv.group_id, generation, rdv.world_size, relay, joined_s,
         )
         return self._group
+
+    def _every_rank_holds(self, store: Store, held_key: str, generation: int, assignment: Assignment) -> bool:
+        """Rank 0: whether every other rank reported holding `generation` of this group for this round.
+
+        A rank that left the group (it joined another trainer's, or lost it) must not be sent
+        to rebuild this generation alone: the join keys and addresses of its first formation
+        are still in the store, and rank 0 would keep talking to the pair it had before.
+        """
+        rdv = assignment.rendezvous
+        others = rdv.world_size - 1
+        started = time.monotonic()
+        deadline = started + rdv.timeout_s
+        delay_s = 0.00005
+        while True:
+            held: dict[str, str] = {}
+            if store.check([held_key]):
+                held = dict(entry.split(":") for entry in store.get(held_key).decode().split())
+            if len(held) >= others:
+                return all(g == str(generation) for g in held.values())
+            self._raise_if_aborted(assignment.update_id, 0, f"update {assignment.update_id}")
+            if time.monotonic() >= deadline:
+                missing = sorted(set(range(1, rdv.world_size)) - {int(r) for r in held})
+                raise TransferError(
+                    f"rank 0: ranks {missing} did not come to update {assignment.update_id} on group {rdv.group_id} "
+                    f"within {rdv.timeout_s:g} s"
+                )
+            time.sleep(delay_s)
+            delay_s = _next_poll_delay(delay_s, time.monotonic() - started)
+
+    def _join(self, prefixed: Store, assignment: Assignment, rank: int) -> None:
+        """Joins this generation's formation and waits for its one verdict: formed (every rank joined) or abandoned.
+
+        The verdict is set once (compare_set), by the last rank to join or by the first to give
+        up, so either every rank enters backend construction or none does. With per-rank join
+        keys alone, a rank that gave up (timeout, abort from outside) left its key behind: a late
+        rank then completed the barrier, and the ranks past it waited inside gloo's constructor
+        for the address of the rank that had left, for the whole timeout.
+        """
+        rdv = assignment.rendezvous
+        what = f"joining group {rdv.group_id}"
+        prefixed.set(f"joined/{rank}", b"1")  # only to name the missing ranks
+        if int(prefixed.add("num_joined", 1)) == rdv.world_size:
+            prefixed.compare_set("verdict", "", "formed")
+        gave_up: str | None = None
+        try:
+            if not self._poll_keys(prefixed, ["verdict"], assignment.update_id, rank, what, rdv.timeout_s):
+                missing = [r for r in range(rdv.world_size) if not prefixed.check([f"joined/{r}"])]
+                gave_up = (
+                    f"rank {rank}: could not form {rdv.transport} group {rdv.group_id} (world_size {rdv.world_size}) "
+                    f"within {rdv.timeout_s:g} s: ranks {missing} never joined"
+                )
+        except TransferError as e:
+            gave_up = str(e)
+        if gave_up is None:
+            verdict = prefixed.get("verdict").decode()
+        else:
+            verdict = prefixed.compare_set("verdict", "", f"abandoned: {gave_up}").decode()
+        if verdict == "formed":
+            return  # formed before this rank gave up: the others are constructing, so must this one
+        if gave_up is not None:
+            raise TransferError(gave_up)
+        raise TransferError(f"rank {rank}: {what} abandoned: {verdict.removeprefix('abandoned: ')}")
 
     def _close_group(self) -> None:
         group, self._group = self._group, None

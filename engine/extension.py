@@ -49,6 +49,8 @@ EXTENSION_CLS = "weightsync.engine.extension.WeightsyncWorkerExtension"
 # bounded by its round's collective timeout); discarding never waits: the next
 # round's thread queues behind the old one instead of the engine loop.
 _CLOSE_WAIT_S = 5.0
+# Why a routed round leaves no delta base: each worker received only the regions its loader reads.
+_ROUTED_NO_BASE = "a routed round carries only the regions this worker loads"
 
 
 def _answers_failure(method):
@@ -256,8 +258,12 @@ class WeightsyncWorkerExtension:
         *,
         owned: bool = True,
         previous: "Mapping[str, torch.Tensor] | None" = None,
+        routed: bool = False,
     ) -> "AppliedWeights":
-        """Applies whole checkpoint tensors; on success they become the shadow (`previous`: a shadow a delta round took)."""
+        """Applies checkpoint tensors; on success whole ones become the shadow (`previous`: a shadow a delta round took).
+
+        `routed`: the tensors are staging tensors of a routed round, written only where this
+        worker's loader reads (engine/routed.py), so no shadow is left."""
         from weightsync.engine.apply import apply_weights
 
         self._weightsync_check_usable()
@@ -268,7 +274,9 @@ class WeightsyncWorkerExtension:
             raise
         self._weightsync_note_applied(applied, version, [name for name, _ in items])
         state = self._weightsync()
-        if state.keep_shadow:
+        if routed:
+            state.shadow.drop(_ROUTED_NO_BASE)
+        elif state.keep_shadow:
             kept = items if owned else [(n, t.detach().to("cpu", copy=True)) for n, t in items]
             state.shadow.install(((n, t.to("cpu")) for n, t in kept), state.inventory, previous)
         return applied
@@ -337,7 +345,9 @@ class WeightsyncWorkerExtension:
         staged = self._weightsync_staged(update_id)
         tensors, result = staged.take()
         self._weightsync().staged = None
-        applied = self._weightsync_write(tensors, staged.assignment.version, previous=staged.base)
+        applied = self._weightsync_write(
+            tensors, staged.assignment.version, previous=staged.base, routed=staged.assignment.routing is not None
+        )
         return self._weightsync_result(staged.assignment, staged.rank, applied, result)
 
     def weightsync_discard(self, update_id: str) -> dict[str, Any]:
@@ -379,7 +389,11 @@ class WeightsyncWorkerExtension:
             self._weightsync_note_failure(e)
             raise
         self._weightsync_note_applied(applied, a.version, [e.name for _, e in a.plan.entries()])
-        state.shadow.install(((n, t.to("cpu")) for n, t in kept), state.inventory, base)
+        if a.routing is not None:
+            # Nothing was kept, and the shadow a dense round left is of an older version.
+            state.shadow.drop(_ROUTED_NO_BASE)
+        else:
+            state.shadow.install(((n, t.to("cpu")) for n, t in kept), state.inventory, base)
         return self._weightsync_result(a, rank, applied, result)
 
     def _weightsync_result(self, a: "Assignment", rank: int, applied: "AppliedWeights", result: Any) -> dict[str, Any]:

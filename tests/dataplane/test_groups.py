@@ -132,3 +132,86 @@ def test_store_wait_gives_up_after_timeout_s():
         with pytest.raises(TransferError, match="did not finish within timeout_s=0.5"):
             receiver.wait_keys(["never-set"], "acknowledgements of bucket 1/1")
         assert 0.4 < time.monotonic() - started < 3.0
+
+
+class _Procs:
+    """Trainer and receiver processes, each holding its own GroupCache (_group_workers.py)."""
+
+    def __init__(self, roles: dict[str, bool]) -> None:
+        import torch.multiprocessing as mp
+
+        import _group_workers
+
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "weightsync.dataplane", "_group_workers"])
+        self.inbox = {name: ctx.Queue() for name in roles}
+        self.outbox = {name: ctx.Queue() for name in roles}
+        self.procs = {
+            name: ctx.Process(target=_group_workers.serve, args=(trainer, self.inbox[name], self.outbox[name]), daemon=True)
+            for name, trainer in roles.items()
+        }
+        for p in self.procs.values():
+            p.start()
+        self.port = {name: self.outbox[name].get(timeout=60)[1] for name, trainer in roles.items() if trainer}
+
+    def round(self, seats: dict[str, tuple], timeout_s: float = 60.0) -> dict[str, tuple]:
+        """seats: name -> (assignment, rank, delay_s, abort_after_s); returns name -> (status, value, seconds, constructions)."""
+        for name, seat in seats.items():
+            self.inbox[name].put(("round", *seat))
+        return {name: self.outbox[name].get(timeout=timeout_s)[1:] for name in seats}
+
+    def close(self) -> None:
+        for q in self.inbox.values():
+            q.put(("stop",))
+        for p in self.procs.values():
+            p.join(timeout=20)
+            if p.is_alive():
+                p.kill()
+
+
+def test_a_trainer_reusing_its_group_after_the_receiver_joined_another_trainer_forms_it_anew(tiny_specs):
+    """Trainer A, then trainer B, then A again, into one receiver: A's cached group is rebuilt with the receiver, not reused alone.
+
+    The receiver left A's group to join B's. Reused by A alone, the receiver would rebuild A's
+    generation from the join keys and addresses left in A's store by the first formation (the
+    round then failed: ABORTED).
+    """
+    procs = _Procs({"A": True, "B": True, "R": False})
+    try:
+        def rnd(trainer: str, update_id: str):
+            a = make_assignment(tiny_specs, port=procs.port[trainer], world_size=2, update_id=update_id,
+                                group_id=f"g{trainer}", timeout_s=5.0)
+            return procs.round({trainer: (a, 0, 0.0, None), "R": (a, 1, 0.0, None)})
+
+        for trainer, update_id in (("A", "a1"), ("B", "b1"), ("A", "a2")):
+            out = rnd(trainer, update_id)
+            assert out[trainer][0] == "ok" and out["R"][0] == "ok", (update_id, out)
+            assert out[trainer][1] == out["R"][1] == 2.0, (update_id, out)
+        assert out["A"][3] == 2, "trainer A rebuilt its group for the receiver that had left it"
+        out = rnd("A", "a3")
+        assert out["A"][:2] == out["R"][:2] == ("ok", 2.0), out
+        assert out["A"][3] == 2, "a group every rank still holds is reused"
+    finally:
+        procs.close()
+
+
+def test_a_formation_abandoned_by_one_rank_fails_every_rank_at_once_and_late_joiners_never_build_it(tiny_specs):
+    """Rank 0 is aborted at the join barrier; the rank waiting there and the rank that arrives later both fail fast with its reason.
+
+    Before, rank 0 left its join key behind: the late rank completed the barrier, and both
+    receivers sat in gloo's group construction, waiting for rank 0's address until timeout_s.
+    """
+    procs = _Procs({"T": True, "R1": False, "R2": False})
+    try:
+        a = make_assignment(tiny_specs, port=procs.port["T"], world_size=3, update_id="u1", timeout_s=20.0)
+        out = procs.round({"T": (a, 0, 0.0, 1.0), "R1": (a, 1, 0.0, None), "R2": (a, 2, 2.5, None)})
+        for name in ("T", "R1", "R2"):
+            assert out[name][0] == "error" and "the coordinator failed the round" in out[name][1], (name, out[name])
+        assert out["R1"][2] < 5.0, out["R1"]  # rank 0 gave up after 1 s
+        assert out["R2"][2] < 3.0, out["R2"]  # it arrived after the formation was abandoned
+        # The next round forms a fresh group on every rank.
+        b = make_assignment(tiny_specs, port=procs.port["T"], world_size=3, update_id="u2", timeout_s=20.0)
+        out = procs.round({"T": (b, 0, 0.0, None), "R1": (b, 1, 0.0, None), "R2": (b, 2, 0.0, None)})
+        assert all(o[:2] == ("ok", 3.0) for o in out.values()), out
+    finally:
+        procs.close()

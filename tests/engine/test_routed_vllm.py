@@ -31,15 +31,7 @@ from weightsync.control.trainer_client import SyncTrainerClient
 from weightsync.core import WeightsyncError
 from weightsync.engine import make_tiny_model
 
-# KNOWN FAILING, reported as a skip in CI (CI=true), not hidden: after routed vLLM rounds (s4-F)
-# met the relay/transport merge (s4-E), group formation in these rounds fails intermittently
-# (a vLLM worker rank never joins within the collective timeout; once, the streamed engine's
-# daemon missed heartbeats for 10 s during the join). Passed on s4-F alone; open in issue 15.
-_KNOWN_FAILING = pytest.mark.skipif(
-    os.environ.get("CI") == "true",
-    reason="known failing since the relay merge: routed vLLM group formation (issue 15, closing note of session 4)",
-)
-pytestmark = [_KNOWN_FAILING, pytest.mark.slow, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 ROOT = Path(__file__).resolve().parents[2]
 S, TP = 2, 2
@@ -250,3 +242,41 @@ def test_source_killed_mid_round_fails_fast_flags_engines_and_next_push_heals(fl
     summary, error, _ = out[0]
     assert error is None and summary["state"] == "COMMITTED", (summary, error, f"logs in {fleet.tmp}")
     fleet.assert_engines_hold(seed=3, version=3)
+
+
+# Delta rounds do not depend on the architecture: qwen2's engines.
+@pytest.mark.parametrize("fleet", ["qwen2"], indirect=True)
+def test_a_routed_round_leaves_no_delta_base_so_the_next_delta_push_is_dense_and_commits(fleet):
+    """Dense, routed, then a delta push on the routed version: every engine takes it dense and ends OK.
+
+    A routed round hands each worker only its regions: what it stages (staged) or keeps from a
+    dense round before (streamed) is no base for a delta against the routed version. Before, the
+    staged engine kept its half-written staging tensors as the base and the streamed one the
+    older round's, both said they held the base, and a delta patched the wrong bytes there.
+    """
+    from weightsync.runtime.trainer import WeightSync
+
+    fleet.wait_idle(120)
+    with WeightSync(fleet.address, collective_timeout_s=trainer.COLLECTIVE_TIMEOUT_S, deadline_s=trainer.DEADLINE_S,
+                    min_daemons=2, delta=True) as sync:
+        dense = sync.push(fleet.weights(seed=10), version=10, raise_on_failure=False)
+        assert dense.committed, dense
+        fleet.wait_idle(120)
+        out, codes = fleet.push(seed=11, version=11)
+        summary, error, _ = out[0]
+        assert error is None and summary["state"] == "COMMITTED", (summary, error, f"logs in {fleet.tmp}")
+        fleet.wait_idle(120)
+        # A sparse change, as a training step makes: a delta against a wrong base would leave the
+        # base's bytes wherever nothing changed (with every element changed it hides the base).
+        base = fleet.weights(seed=11)
+        step = {n: t.clone() for n, t in base.items()}
+        for t in step.values():
+            t.view(-1)[::50] += 0.01
+        report = sync.push(step, version=12, base=base, base_version=11, raise_on_failure=False)
+    assert report.committed, (report, f"logs in {fleet.tmp}")
+    assert {v.daemon_id: (v.status, v.encoding) for v in report.results} == dict.fromkeys(ENGINES, ("OK", "dense")), report
+    info = fleet.daemons()
+    want = hf_greedy(fleet.model_dir, step, [PROMPT], NUM_TOKENS)[0]
+    for name in ENGINES:
+        assert info[name].served_version == 12 and not info[name].dirty, info[name]
+        assert fleet.tokens(name) == want, f"{name} does not generate like version 12"

@@ -30,7 +30,7 @@ class Options:
     num_senders: int = 2
     seed: int = 0
     corrupt: str | None = None  # receivers: flip one bit of this tensor's landed bytes (a bad apply)
-    die_after_bucket: int | None = None  # a trainer rank: SIGKILL itself once this many buckets were posted
+    die_after_bucket: int | None = None  # SIGKILL itself once this many buckets were posted (trainer) or relayed (receiver)
 
 
 def _trainer(rank: int, init_file: str, specs, inbox, outbox, opts: Options) -> None:
@@ -71,6 +71,18 @@ def _receiver(rank: int, specs, needs, inbox, outbox, opts: Options) -> None:
     engine = MemoryEngine.from_specs(specs)
     a = inbox.get(timeout=120)
     group = GroupCache().get(a, rank)
+    if opts.die_after_bucket is not None:
+        # A receiver waits once per bucket for its relays (it keeps forwarding the next bucket meanwhile).
+        real_wait = group.wait_future
+        waited = []
+
+        def wait_and_die(future, what):
+            if len(waited) == opts.die_after_bucket:
+                os.kill(os.getpid(), signal.SIGKILL)
+            waited.append(what)
+            return real_wait(future, what)
+
+        group.wait_future = wait_and_die
 
     def apply(batch):
         for name, t in batch:

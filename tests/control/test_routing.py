@@ -338,3 +338,15 @@ def test_route_offsets_are_aligned_for_mixed_dtypes():
     plan = plan_routes(m, {}, {1: None}, 1 << 20)
     (route,) = plan.routes(0)
     assert route.offsets == (0, 8, 48) and route.nbytes == 49
+
+
+def test_a_round_gets_several_buckets_so_work_overlaps_the_wire():
+    """A 16 MiB round under a 256 MiB bucket is cut into 8 buckets of 2 MiB; a smaller asked size stays; a tiny round keeps one 1 MiB bucket."""
+    m = [TensorSpec(f"t{i}", (1024, 1024), "bfloat16") for i in range(8)]  # 2 MiB each
+    needs = {1: None, 2: None}
+    plan = plan_routes(m, {}, needs, 256 << 20)
+    assert plan.num_buckets == 8
+    assert all(sum(p.nbytes for p in plan.pieces if p.bucket == k) <= 2 << 20 for k in range(8))
+    assert plan_routes(m, {}, needs, 512 << 10).num_buckets == 32
+    small = [TensorSpec("s", (64, 64), "float32")]
+    assert plan_routes(small, {}, needs, 256 << 20).num_buckets == 1

@@ -33,12 +33,15 @@ its dense gloo rounds (and a delta round's payload) travel: `chain` or `tree`
 (dataplane/relay.py: pipelined point-to-point relays, every byte leaves the trainer once along
 the chain), `gloo` (gloo's own broadcast), or `auto` (the data plane's rule). Above 1 the round
 is routed (dataplane/routed.py): trainer ranks t0..t{S-1} each hold a dim-0 chunk of every
-tensor (FSDP2's layout, as DTensors) and send their pieces point to point; with --tp T each
-engine rank declares rank t's needs (block t of dim 0), so it receives ~1/T of the model. The
-bound then takes each receiver's needed bytes from the routing plan and the union of needed
-bytes, once, over the S senders' links. With --delta too (or --tp above 1 from one rank) the
-delta round is a routed delta round (dataplane/routed_delta.py): each trainer rank encodes the
-pieces it sends against its own part of the base.
+tensor (FSDP2's layout, as DTensors) and send each piece once, relayed along a chain of the
+receivers that need it; with --tp T each engine rank declares rank t's needs (block t of dim 0),
+so it receives ~1/T of the model (also with S = 1: the coordinator routes rank 0's round by the
+needs). --dense is today's round for the same hosts (no needs declared, every rank takes the
+whole model from trainer rank 0): the baseline. The bound then takes each receiver's needed
+bytes from the routing plan and the union of needed bytes, once, over the S senders' links.
+With --delta too (or --tp above 1 from one rank) the delta round is a routed delta round
+(dataplane/routed_delta.py): each trainer rank encodes the pieces it sends against its own part
+of the base.
 """
 
 from __future__ import annotations
@@ -215,6 +218,7 @@ def run(args: argparse.Namespace) -> dict:
         tp=args.tp,
         model_mib=args.model_mib,
         trainer_ranks=args.trainer_ranks,
+        dense=args.dense,
         link=LinkSpec.symmetric(args.link_mbit),
         bucket_size_bytes=args.bucket_size_bytes,
         collective_timeout_s=args.timeout_s,
@@ -295,7 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trainer-ranks", type=int, default=1, help="S: sender ranks, each on its own host (above 1: routed rounds)")
     p.add_argument("--engines", type=int, required=True, help="M: engines")
-    p.add_argument("--tp", type=int, default=1, help="T: receiver ranks per engine, each on its own host")
+    p.add_argument("--tp", type=int, default=1, help="T: receiver ranks per engine, each on its own host (routed: each declares its needs)")
+    p.add_argument(
+        "--dense", action="store_true",
+        help="today's single-root dense round (engine ranks declare no needs: every rank takes the whole model); the baseline",
+    )
     p.add_argument("--link-mbit", type=float, required=True, help="R: every link's rate, each direction, Mbit/s")
     p.add_argument("--model-mib", type=float, required=True, help="B: model size in MiB (bf16, 1 MiB tensors)")
     p.add_argument("--json", required=True, help="write the result here")
@@ -321,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     if args.delta is not None and not 0 < args.delta <= 1:
         p.error(f"--delta: expected a fraction in (0, 1], got {args.delta}")
+    if args.dense and args.trainer_ranks > 1:
+        p.error("--dense: today's dense round has one sender, got --trainer-ranks above 1")
     if os.geteuid() != 0:
         p.error("an emulated fleet needs root (network namespaces, veth links, tc)")
     result = run(args)

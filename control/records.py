@@ -139,7 +139,7 @@ class RoundRecord:
         pieces = routing.pieces
         out = {r: ["", 0, 0] for r in range(routing.num_senders)}
         for i in self.sender_piece_sums:
-            out[pieces[i].sender][1] += pieces[i].nbytes * len(pieces[i].receivers)
+            out[pieces[i].sender][1] += pieces[i].nbytes  # once: receivers relay it
         for p in self.assignment.participants:
             o = self.outcomes.get(p.daemon_id)
             for r in p.ranks:

@@ -65,7 +65,7 @@ _MAX_ABORT_REQUESTS = 16
 RELAY_MODES = ("auto", "broadcast", "chain", "tree")
 # The trainer-side default when GroupCache(relay=...) is not given (e.g. a bench switch).
 RELAY_ENV = "WEIGHTSYNC_GLOO_RELAY"
-# A tag no round uses: the receive that closes a failed gloo group's pairs (`_release_blocked_waits`).
+# A tag no round uses: the receive that closes a failed gloo group's pairs (`release_blocked_waits`).
 _RELEASE_TAG = 0x7753
 
 
@@ -392,7 +392,7 @@ class DataPlaneGroup:
             with self._blocked_lock:
                 self._num_blocked -= 1
 
-    def _release_blocked_waits(self) -> None:
+    def release_blocked_waits(self) -> None:
         """Makes every pending gloo point-to-point wait() raise now.
 
         gloo's shutdown() and abort() leave a thread blocked in such a wait() (measured), and a
@@ -578,7 +578,7 @@ class DataPlaneGroup:
         if self.backend is None:
             return
         if self.transport == "gloo":
-            self._release_blocked_waits()
+            self.release_blocked_waits()
         try:
             if self.transport == "nccl":
                 self.backend.abort()

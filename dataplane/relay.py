@@ -31,6 +31,8 @@ tree above), and vLLM's weight-transfer engines are NCCL/IPC only.
 from __future__ import annotations
 
 import datetime
+import queue
+import threading
 from collections import deque
 from collections.abc import Sequence
 
@@ -40,7 +42,7 @@ from weightsync.core import BucketPlan, TransferError
 from weightsync.dataplane.groups import DataPlaneGroup
 from weightsync.dataplane.transports import PackedOnly
 
-__all__ = ["RELAY_SHAPES", "Relay", "chunk_bytes", "links"]
+__all__ = ["RELAY_SHAPES", "Relay", "chunk_bytes", "links", "relay_chains"]
 
 RELAY_SHAPES = ("chain", "tree")
 # Chunks: small enough that the pipeline's fill ((hops - 1) chunks) is a sixteenth of a message or
@@ -82,10 +84,11 @@ def chunk_bytes(nbytes: int, num_hops: int) -> int:
 
 
 def relay_bytes(
-    group: DataPlaneGroup, view: torch.Tensor, parent: int | None, children: Sequence[int], chunk: int
+    group: DataPlaneGroup, view: torch.Tensor, parent: int | None, children: Sequence[int], chunk: int, tag: int = _TAG
 ) -> None:
     """Blocking, on the group's worker: receives `view` from `parent` (unless the root) chunk by
-    chunk, forwarding each chunk to `children` as soon as it is in."""
+    chunk, forwarding each chunk to `children` as soon as it is in. `tag`: relays that run at
+    the same time between the same two ranks need different tags (gloo matches by peer and tag)."""
     backend = group.backend
     if backend is None or group.is_broken:
         raise TransferError(f"rank {group.rank}: relay on a closed or broken group {group.group_id}")
@@ -99,17 +102,17 @@ def relay_bytes(
     posted = 0
     while parent is not None and posted < min(_WINDOW, len(spans)):
         a, b = spans[posted]
-        recvs.append(backend.recv([flat[a:b]], parent, _TAG))
+        recvs.append(backend.recv([flat[a:b]], parent, tag))
         posted += 1
     for a, b in spans:
         if parent is not None:
             recvs.popleft().wait(timeout)
             if posted < len(spans):
                 c, d = spans[posted]
-                recvs.append(backend.recv([flat[c:d]], parent, _TAG))
+                recvs.append(backend.recv([flat[c:d]], parent, tag))
                 posted += 1
         for child in children:
-            sends.append(backend.send([flat[a:b]], child, _TAG))
+            sends.append(backend.send([flat[a:b]], child, tag))
         while len(sends) > _WINDOW * max(1, len(children)):
             sends.popleft().wait(timeout)
     while sends:
@@ -162,6 +165,54 @@ class Relay(PackedOnly):
 
     def inbound(self, plan: BucketPlan) -> _RelayBuckets:
         return _RelayBuckets(self, len(plan.buckets), f"{self.shape} relay receive")
+
+
+# ---------------------------------------------------------------------- many chains at once
+
+
+def relay_chains(group: DataPlaneGroup, chains: Sequence[tuple[Sequence[int], int, torch.Tensor]]) -> None:
+    """Blocking, on the group's worker: this rank's part in several chain relays at once.
+
+    `chains`: (order, tag, view) per chain this rank is in: `order[0]` sends `view`, every other
+    rank of `order` receives it into `view` and forwards it to the next. The chains run
+    concurrently, one thread each, so that a rank in several chains (a routed round's bucket:
+    one chain per sender and group of receivers) never waits on one chain while another's bytes
+    could move; run one after the other, a rank's second chain would wait for its first, and
+    with it the senders of every later chain. Lockstep contract: every rank of a chain passes
+    the same order, tag and view size. When one chain fails, the group's pending sends and
+    receives are cut (`release_blocked_waits`), so the others fail at once instead of at their
+    timeout; the first failure is raised.
+    """
+
+    def one(order: Sequence[int], tag: int, view: torch.Tensor) -> None:
+        parent, children = links(order, group.rank, "chain")
+        relay_bytes(group, view, parent, children, chunk_bytes(view.numel(), hops(len(order), "chain")), tag)
+
+    if len(chains) == 1:
+        one(*chains[0])
+        return
+    done: queue.Queue = queue.Queue()
+
+    def run(order: Sequence[int], tag: int, view: torch.Tensor) -> None:
+        try:
+            one(order, tag, view)
+            done.put(None)
+        except BaseException as e:  # handed to the worker thread, which raises it
+            done.put(e)
+
+    threads = [threading.Thread(target=run, args=c, name=f"relay-{group.rank}-tag{c[1]}", daemon=True) for c in chains]
+    for t in threads:
+        t.start()
+    first: BaseException | None = None
+    for _ in threads:
+        error = done.get()
+        if error is not None and first is None:
+            first = error
+            group.release_blocked_waits()
+    for t in threads:
+        t.join()
+    if first is not None:
+        raise first
 
 
 # ---------------------------------------------------------------------- messages of any size

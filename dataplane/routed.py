@@ -1,15 +1,19 @@
 """Routed rounds on the data plane: every trainer rank sends the pieces it holds to the receivers that need them.
 
 The assignment's RoutingPlan (core/routing.py) lists every piece: a box of one tensor, its
-sender (a trainer rank, data-plane ranks 0..S-1) and its receivers. Per bucket of the routing
-plan, each sender packs each of its pieces from its LOCAL tensor (a DTensor's `to_local()`
-shard, a replicated or plain tensor as it is: nobody gathers) and sends it point to point to
-each receiver; each receiver posts one receive per piece it needs, in plan order, and lands
-it into a full-size tensor (the engine's own, via `destination`, or a staging tensor whose
-unneeded parts are never written). Point to point over the one group, as delta_round.py
-does, and for the same reasons: one group, one handshake, one failure path; on gloo a
-broadcast is a star of sends anyway. Memory: a sender holds at most one bucket of packed
-pieces, a receiver one bucket of receive buffers (plus its full-size destinations).
+sender (a trainer rank, data-plane ranks 0..S-1) and its receivers in relay order. Per bucket,
+the pieces with the same chain form a Route: the sender packs them from its LOCAL tensors (a
+DTensor's `to_local()` shard, a replicated or plain tensor as it is: nobody gathers) into one
+message, which leaves the sender once and is relayed, pipelined chunk by chunk, along the
+chain (dataplane/relay.py `relay_chains`: every chain of the bucket at once); every receiver
+forwards exactly the bytes it got and lands its pieces into a full-size tensor (the engine's
+own, via `destination`, or a staging tensor whose unneeded parts are never written). Point to
+point over the one group, as delta_round.py does: one group, one handshake, one failure path;
+gloo's broadcast is a star anyway (FACTS.md). Buckets run one after another on the group's
+worker, in plan order on every rank (the relay's lockstep contract); the round's thread packs
+(sender) or lands and applies (receiver) one bucket while the worker relays the next. Memory:
+a sender holds at most two buckets of packed messages, a receiver two buckets of receive
+buffers (plus its full-size destinations).
 
 Verification composes (core/wordsum.py): every sender reports, per piece it sent, the sum S
 of the piece's bytes at their global positions in the tensor (`runs_sum`); every receiver
@@ -26,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +43,7 @@ from weightsync.dataplane.checksum import runs_sum
 from weightsync.dataplane.groups import DataPlaneGroup
 from weightsync.dataplane.handshake import close_round, open_round, open_round_as_sender
 from weightsync.dataplane.layout import torch_dtype
+from weightsync.dataplane.relay import relay_chains
 
 __all__ = ["RoutedResult", "held_region", "local_view", "piece_sum", "receive_routed", "send_routed"]
 
@@ -165,23 +171,36 @@ def send_routed(
     opened = time.monotonic() - started
     sums: dict[int, int] = {}
     sent = 0
+
+    def pack(k: int) -> list[tuple[tuple[int, ...], int, torch.Tensor]]:
+        nonlocal sent
+        chains = []
+        for route in plan.routes(k, rank):
+            buf = torch.empty(route.nbytes, dtype=torch.uint8, device=group.device)
+            for p, offset in zip(route.pieces, route.offsets):
+                t, region = held[p.name]
+                spec = specs[p.name]
+                src = t[_slices(p.box, [lo for lo, _ in box_of(region, spec.shape)])].detach()
+                packed = buf[offset : offset + p.nbytes].view(torch_dtype(spec.dtype)).view(src.shape)
+                packed.copy_(src)
+                sums[p.index] = piece_sum(packed, p.box, spec.shape)
+                sent += p.nbytes
+            chains.append((route.order, route.tag, buf))
+        return chains
+
+    in_flight: tuple[str, object] | None = None
     try:
         for k in range(plan.num_buckets):
             what = f"routed round bucket {k + 1}/{plan.num_buckets}"
             group.check_abort(what)
-            works = []
-            for p in plan.sent_by(rank, k):
-                t, region = held[p.name]
-                spec = specs[p.name]
-                origin = [lo for lo, _ in box_of(region, spec.shape)]
-                packed = t[_slices(p.box, origin)].detach().to(device=group.device, dtype=torch_dtype(spec.dtype)).contiguous()
-                sums[p.index] = piece_sum(packed, p.box, spec.shape)
-                raw = packed.reshape(-1).view(torch.uint8)
-                for r in p.receivers:
-                    works.append((group.send(raw, r, what), raw))
-                    sent += raw.numel()
-            for w, _ in works:
-                group.wait_p2p(w, what)
+            chains = pack(k)
+            if in_flight is not None:
+                group.wait_future(in_flight[1], in_flight[0])
+                in_flight = None
+            if chains:
+                in_flight = (what, group.submit(lambda chains=chains: relay_chains(group, chains)))
+        if in_flight is not None:
+            group.wait_future(in_flight[1], in_flight[0])
     except BaseException as e:
         if not isinstance(e, TransferError):
             group.fail(f"sender rank {rank} stopped: {type(e).__name__}: {e}")
@@ -232,22 +251,32 @@ def receive_routed(
     # A tensor is handed to apply_fn (and its pieces summed) once its last piece has landed.
     last_bucket = {p.name: p.bucket for p in mine}
     pending: dict[str, list[Piece]] = {}
+
+    def post(k: int):
+        routes = plan.routes(k, rank)
+        bufs = [torch.empty(r.nbytes, dtype=torch.uint8, device=dev) for r in routes]
+        chains = [(r.order, r.tag, b) for r, b in zip(routes, bufs)]
+        return routes, bufs, (group.submit(lambda: relay_chains(group, chains)) if chains else None)
+
+    # One bucket relays on the worker while this thread lands and applies the one before.
+    queued = deque(post(k) for k in range(min(2, plan.num_buckets)))
     for k in range(plan.num_buckets):
         what = f"routed round bucket {k + 1}/{plan.num_buckets}"
-        pieces = plan.received_by(rank, k)
-        bufs = [torch.empty(p.nbytes, dtype=torch.uint8, device=dev) for p in pieces]
-        works = [group.recv(b, p.sender, what) for p, b in zip(pieces, bufs)]
-        for w in works:
-            group.wait_p2p(w, what)
-        received += sum(p.nbytes for p in pieces)
+        routes, bufs, future = queued.popleft()
+        if future is not None:
+            group.wait_future(future, what)
+        if k + 2 < plan.num_buckets:
+            queued.append(post(k + 2))
+        received += sum(p.nbytes for r in routes for p in r.pieces)
         if problem is not None:
             continue
         try:
-            for p, buf in zip(pieces, bufs):
-                target = _target(p, specs[p.name], dev, destination, landed, staged)
-                view = target[_slices(p.box)]
-                view.copy_(buf.view(target.dtype).view(view.shape))
-                pending.setdefault(p.name, []).append(p)
+            for route, buf in zip(routes, bufs):
+                for p, offset in zip(route.pieces, route.offsets):
+                    target = _target(p, specs[p.name], dev, destination, landed, staged)
+                    view = target[_slices(p.box)]
+                    view.copy_(buf[offset : offset + p.nbytes].view(target.dtype).view(view.shape))
+                    pending.setdefault(p.name, []).append(p)
             complete = [n for n in pending if last_bucket[n] == k]
             if apply_fn is not None and complete:
                 apply_fn([(n, landed[n]) for n in complete])

@@ -74,8 +74,11 @@ class FleetSpec:
     num_engines: int
     tp: int = 1
     # S > 1: trainer ranks t0..t{S-1} each send what they hold (routed rounds), and TP engine
-    # ranks declare their needs (memory_engine.tp_needs); 1: trainer rank 0 broadcasts all.
+    # ranks declare their needs (memory_engine.tp_needs); 1: trainer rank 0 sends all (routed
+    # from it by the TP ranks' needs when tp > 1).
     trainer_ranks: int = 1
+    # Today's single-root dense round: engine ranks declare no needs, every rank takes the whole model.
+    dense: bool = False
     model_mib: float = 4.0
     link: LinkSpec = field(default_factory=lambda: LinkSpec.symmetric(200))
     # Per-host links that differ from `link` (e.g. one impairable host for fault tests).
@@ -98,6 +101,8 @@ class FleetSpec:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
         if self.trainer_ranks < 1:
             raise ValueError(f"trainer_ranks must be >= 1, got {self.trainer_ranks}")
+        if self.dense and self.trainer_ranks > 1:
+            raise ValueError(f"dense: today's dense round has one sender, got trainer_ranks {self.trainer_ranks}")
         unknown = sorted(set(self.links) - set(self.host_names))
         if unknown:
             raise ValueError(f"links: unknown hosts {unknown}; hosts are {self.host_names}")
@@ -114,7 +119,7 @@ class FleetSpec:
 
     @property
     def routed(self) -> bool:
-        return self.trainer_ranks > 1
+        return not self.dense and (self.trainer_ranks > 1 or self.tp > 1)
 
     @property
     def host_names(self) -> list[str]:

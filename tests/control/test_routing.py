@@ -107,12 +107,12 @@ def test_columns_against_rows_are_2d_boxes():
 
 
 def test_replicated_tensors_spread_over_every_holder():
-    """Tensors every rank holds whole are assigned so that senders' egress is balanced."""
+    """Tensors every rank holds whole are assigned so that senders' egress is balanced, each piece counted once (it is relayed)."""
     m = [TensorSpec(f"t{i}", (64,), "float32") for i in range(8)]
     holds = {r: {s.name: W for s in m} for r in range(4)}
     plan = plan_routes(m, holds, {4: None, 5: None}, 1 << 20)
     sent = plan.bytes_sent()
-    assert sent == {0: 1024, 1: 1024, 2: 1024, 3: 1024}
+    assert sent == {0: 512, 1: 512, 2: 512, 3: 512}
     assert plan.bytes_received() == {4: 2048, 5: 2048}
 
 
@@ -337,3 +337,51 @@ async def test_a_delta_asked_of_a_routed_round_goes_to_the_engines_clean_on_the_
         for agent in agents:
             await agent.close()
         await server.stop()
+
+
+def test_routes_relay_each_piece_once_along_a_rotating_chain():
+    """Per bucket, pieces with the same sender and receivers form one route (one message, its own tag); the
+    chain's head rotates with bucket and sender, so forwarding spreads over the receivers."""
+    m = [TensorSpec(f"t{i}", (256,), "float32") for i in range(8)]  # 1 KiB each
+    holds = {r: {s.name: W for s in m} for r in range(2)}
+    needs = {2: None, 3: None, 4: None}
+    plan = plan_routes(m, holds, needs, 2048)  # two tensors per bucket
+    assert plan.num_buckets == 4
+    heads = set()
+    for k in range(plan.num_buckets):
+        routes = plan.routes(k)
+        assert [r.tag for r in routes] == list(range(1, len(routes) + 1))
+        for r in routes:
+            assert sorted(r.order[1:]) == [2, 3, 4] and r.order[0] in (0, 1)
+            assert all(p.bucket == k and (p.sender, *p.receivers) == r.order for p in r.pieces)
+            assert r.nbytes == sum(p.nbytes for p in r.pieces)
+            heads.add(r.order[1])
+        # every piece of the bucket is in exactly one route; a rank sees only the routes it is in
+        assert sorted(p.index for r in routes for p in r.pieces) == [p.index for p in plan.pieces if p.bucket == k]
+        assert plan.routes(k, 2) == routes and plan.routes(k, 0) == [r for r in routes if 0 in r.order]
+    assert heads == {2, 3, 4}
+    # Each piece leaves its sender once; the chains' last receivers forward nothing of it.
+    assert sum(plan.bytes_sent().values()) == 8 * 1024
+    fwd = plan.bytes_forwarded()
+    assert sum(fwd.values()) == 2 * 8 * 1024 and set(fwd) <= {2, 3, 4}
+    assert max(fwd.values()) - min(fwd.values()) <= 2048, fwd
+
+
+def test_route_offsets_are_aligned_for_mixed_dtypes():
+    """Pieces of odd byte sizes and wider dtypes share a message: each starts on an 8-byte boundary."""
+    m = [TensorSpec("a", (3,), "bfloat16"), TensorSpec("b", (5,), "float64"), TensorSpec("c", (1,), "uint8")]
+    plan = plan_routes(m, {}, {1: None}, 1 << 20)
+    (route,) = plan.routes(0)
+    assert route.offsets == (0, 8, 48) and route.nbytes == 49
+
+
+def test_a_round_gets_several_buckets_so_work_overlaps_the_wire():
+    """A 16 MiB round under a 256 MiB bucket is cut into 8 buckets of 2 MiB; a smaller asked size stays; a tiny round keeps one 1 MiB bucket."""
+    m = [TensorSpec(f"t{i}", (1024, 1024), "bfloat16") for i in range(8)]  # 2 MiB each
+    needs = {1: None, 2: None}
+    plan = plan_routes(m, {}, needs, 256 << 20)
+    assert plan.num_buckets == 8
+    assert all(sum(p.nbytes for p in plan.pieces if p.bucket == k) <= 2 << 20 for k in range(8))
+    assert plan_routes(m, {}, needs, 512 << 10).num_buckets == 32
+    small = [TensorSpec("s", (64, 64), "float32")]
+    assert plan_routes(small, {}, needs, 256 << 20).num_buckets == 1

@@ -31,7 +31,7 @@ class Options:
     num_senders: int = 2
     seed: int = 0
     corrupt: str | None = None  # receivers: flip one bit of this tensor's landed bytes (a bad apply)
-    die_after_bucket: int | None = None  # a trainer rank: SIGKILL itself once this many buckets were posted
+    die_after_bucket: int | None = None  # SIGKILL itself once this many buckets were posted (trainer) or relayed (receiver)
     # A routed delta round (the assignment says which receivers take the delta): the trainer sends
     # version `steps` of a synthetic change stream against version steps - 1; a delta receiver's
     # engine starts with version steps - 1, or with other bytes when `wrong_base`.
@@ -92,6 +92,18 @@ def _receiver(rank: int, specs, needs, inbox, outbox, opts: Options) -> None:
     if delta:
         start = {s.name: random_tensor(s, opts.seed + 1) for s in specs} if opts.wrong_base else stream(specs, opts.seed, opts.steps - 1)
         engine.apply(start.items())
+    if opts.die_after_bucket is not None:
+        # A receiver waits once per bucket for its relays (it keeps forwarding the next bucket meanwhile).
+        real_wait = group.wait_future
+        waited = []
+
+        def wait_and_die(future, what):
+            if len(waited) == opts.die_after_bucket:
+                os.kill(os.getpid(), signal.SIGKILL)
+            waited.append(what)
+            return real_wait(future, what)
+
+        group.wait_future = wait_and_die
 
     def apply(batch):
         for name, t in batch:

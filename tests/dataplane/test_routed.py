@@ -9,6 +9,7 @@ import torch
 
 from _routed_workers import HOST, Options, run_round
 from weightsync.core import Assignment, BucketPlan, Participant, Rendezvous
+from weightsync.core.regions import Region
 from weightsync.core.routing import composed_checksums, judge_pieces, plan_routes
 from weightsync.dataplane.memory_engine import tp_needs
 from weightsync.dataplane.synthetic import random_tensor
@@ -146,11 +147,64 @@ def test_routed_delta_round_patches_delta_engines_and_lands_dense_ones(tiny_spec
     assert sent == sum(reports[r][1]["bytes"] for r in needs), (sent, {r: reports[r][1]["bytes"] for r in needs})
 
 
+def _chain_router(specs, needs, update_id):
+    def route(holds, port):
+        routing = plan_routes(specs, holds, needs, 8 << 10)
+        rdv = Rendezvous("gloo", HOST, port, S + len(needs), "routed-" + update_id, 20.0)
+        participants = tuple(Participant(f"d{r}", (r,)) for r in sorted(needs))
+        return Assignment(update_id, 1, rdv, participants, BucketPlan.build(specs, 1 << 20), 600.0, routing=routing)
+
+    return route
+
+
+@pytest.mark.slow
+def test_relayed_pieces_land_whole_at_every_receiver_of_a_chain(tiny_specs, tmp_path):
+    """Three TP=1 engines need every tensor: each piece leaves its sender once and is relayed along a
+    3-receiver chain; every receiver's bytes are exact and every (piece, receiver) sum matches the sender's."""
+    needs = {S + i: None for i in range(3)}
+    engine_needs = {r: {s.name: Region.whole() for s in tiny_specs} for r in needs}
+    a, reports, _, _ = run_round(tiny_specs, engine_needs, _chain_router(tiny_specs, needs, "u4"), Options(num_senders=S), str(tmp_path / "init"))
+    assert all(kind == "done" for kind, _ in reports.values()), reports
+    assert all(len(p.receivers) == 3 for p in a.routing.pieces)
+    # several buckets, the chain's head rotating: every receiver forwards some of the bytes
+    assert a.routing.num_buckets > 2 and set(a.routing.bytes_forwarded()) == set(needs)
+    model = sum(s.nbytes for s in tiny_specs)
+    for r in needs:
+        assert reports[r][1]["wrong"] == [] and reports[r][1]["bytes"] == model, (r, reports[r][1])
+    # The senders emitted the model once between them, not once per receiver.
+    assert sum(reports[r][1]["bytes"] for r in range(S)) == model
+    sender_sums = {i: s for r in range(S) for i, s in reports[r][1]["piece_sums"].items()}
+    assert judge_pieces(a.routing, sender_sums, _sums(reports, needs)) == {}
+    for r in needs:
+        for name, c in composed_checksums(a.routing, _sums(reports, needs)[r], r, tiny_specs).items():
+            spec = next(s for s in tiny_specs if s.name == name)
+            assert c == tensor_checksum(random_tensor(spec, 0)), (r, name)
+
+
+@pytest.mark.slow
+def test_relay_hop_killed_mid_round_fails_every_rank_fast(tiny_specs, tmp_path):
+    """A receiver that forwards in every chain (head, middle or tail as the chain rotates) dies after its first
+    bucket: the senders and the other receivers raise a TransferError well inside the group's 20 s timeout."""
+    needs = {S + i: None for i in range(3)}
+    engine_needs = {r: {s.name: Region.whole() for s in tiny_specs} for r in needs}
+    opts = Options(num_senders=S)
+    victim = S + 1
+    a, reports, codes, elapsed = run_round(
+        tiny_specs, engine_needs, _chain_router(tiny_specs, needs, "u5"), opts, str(tmp_path / "init"),
+        rank_opts={victim: dataclasses.replace(opts, die_after_bucket=1)},
+    )
+    assert a.routing.num_buckets > 2
+    assert codes[victim] == -9
+    for r in [0, 1, *(r for r in needs if r != victim)]:
+        kind, body = reports[r]
+        assert kind == "error" and body["type"] in ("TransferError", "RoundFailed"), (r, kind, body)
+    assert elapsed < 15.0, elapsed
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "uint8", "float64"])
 def test_piece_sums_compose_to_the_tensor_checksum_at_any_boundary(dtype):
     """Pieces cut at odd columns and rows (edge words shared by two pieces; float64: word-aligned rows) add up to tensor_checksum."""
     from weightsync.core import TensorSpec
-    from weightsync.core.regions import Region
     from weightsync.core.wordsum import compose_checksum
     from weightsync.dataplane.routed import piece_sum
 

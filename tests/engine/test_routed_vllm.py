@@ -215,7 +215,8 @@ def test_routed_round_into_tp2_engines_moves_half_and_generates_like_transformer
         for r in _receiver_ranks(name):
             assert rank_bytes[r] == (name, 0, per_worker), (r, rank_bytes[r], per_worker, model_bytes)
     sent = [rank_bytes[r][1] for r in range(S)]
-    assert sum(sent) == len(ENGINES) * TP * per_worker and min(sent) > 0.3 * sum(sent), sent
+    # Each needed byte leaves the senders once (the engines relay it); the TP halves cover the model.
+    assert sum(sent) == model_bytes and min(sent) > 0.3 * sum(sent), sent
     fleet.assert_engines_hold(seed=1, version=1)
     # Memory: streamed, staging lives as long as vLLM buffers a module, plus one batch handed over
     # (measured 0.38 of the model for qwen2, 0.47 for qwen3_moe: its embedding and lm_head, 0.23 each,

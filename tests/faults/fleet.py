@@ -90,8 +90,10 @@ class _Impostor:
 
 
 class Fleet:
-    def __init__(self, tmp: Path, num_daemons: int = 3) -> None:
+    def __init__(self, tmp: Path, num_daemons: int = 3, daemon_args: tuple[str, ...] = ()) -> None:
+        """`daemon_args`: extra `weightsync daemon` arguments for every daemon (e.g. --tp 2 --tp-rank 0)."""
         self.tmp = tmp
+        self.daemon_args = daemon_args
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -147,7 +149,7 @@ class Fleet:
         self.daemons[daemon_id] = subprocess.Popen(
             cli("daemon", "--coordinator", self.address, "--weights", str(self.weights[0]), "--daemon-id", daemon_id,
                 "--served-version", str(served_version), "--save-on-commit", str(self.saved(daemon_id)), "--drain-s", "2",
-                "--state-file", str(self.state_file(daemon_id))),
+                "--state-file", str(self.state_file(daemon_id)), *self.daemon_args),
             cwd=ROOT, env={**self.env, "WEIGHTSYNC_FAILPOINTS_FILE": str(self.failpoints(daemon_id))},
             stdout=self._log(daemon_id), stderr=subprocess.STDOUT,
         )

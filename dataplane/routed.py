@@ -277,14 +277,7 @@ def receive_routed(
                     view = target[_slices(p.box)]
                     view.copy_(buf[offset : offset + p.nbytes].view(target.dtype).view(view.shape))
                     pending.setdefault(p.name, []).append(p)
-            complete = [n for n in pending if last_bucket[n] == k]
-            if apply_fn is not None and complete:
-                apply_fn([(n, landed[n]) for n in complete])
-            for n in complete:
-                # Recomputed from the destination after the apply: proves what the engine holds.
-                for p in pending.pop(n):
-                    sums[p.index] = piece_sum(landed[n][_slices(p.box)], p.box, specs[n].shape)
-                del landed[n]
+            _finish_tensors(k, specs, landed, pending, last_bucket, apply_fn, sums)
         except Exception as e:
             problem = e
     if problem is not None:
@@ -293,6 +286,18 @@ def receive_routed(
     close_round(group, assignment, [0] * assignment.plan.num_tensors)
     seconds = time.monotonic() - started
     return RoutedResult(assignment.update_id, rank, sums, received, seconds, {"opened": opened, "closed": seconds}, staged)
+
+
+def _finish_tensors(k, specs, landed: dict, pending: dict, last_bucket: dict, apply_fn, sums: dict[int, int]) -> None:
+    """Hands the tensors whose last piece landed in bucket k to `apply_fn`, then sums their pieces and drops them."""
+    complete = [n for n in pending if last_bucket[n] == k]
+    if apply_fn is not None and complete:
+        apply_fn([(n, landed[n]) for n in complete])
+    for n in complete:
+        # Recomputed from the destination after the apply: proves what the engine holds.
+        for p in pending.pop(n):
+            sums[p.index] = piece_sum(landed[n][_slices(p.box)], p.box, specs[n].shape)
+        del landed[n]
 
 
 def _target(

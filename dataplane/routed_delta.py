@@ -42,7 +42,7 @@ from weightsync.dataplane.delta_round import _dense, _frame, _unframe, post_fram
 from weightsync.dataplane.groups import DataPlaneGroup
 from weightsync.dataplane.handshake import close_round, open_round, open_round_as_sender
 from weightsync.dataplane.layout import torch_dtype
-from weightsync.dataplane.routed import RoutedResult, _check_sources, _routing, _shapes, _slices, _target, piece_sum
+from weightsync.dataplane.routed import RoutedResult, _check_sources, _finish_tensors, _routing, _shapes, _slices, _target, piece_sum
 
 __all__ = ["receive_routed_delta", "send_routed_delta"]
 
@@ -188,13 +188,7 @@ def receive_routed_delta(
                 _patch(specs, dev, destination, landed, [p for p in pieces if p.sender == s], meta_t, payload)
             for p in pieces:
                 pending.setdefault(p.name, []).append(p)
-            complete = [n for n in pending if last_bucket[n] == k]
-            if apply_fn is not None and complete:
-                apply_fn([(n, landed[n]) for n in complete])
-            for n in complete:
-                for p in pending.pop(n):
-                    sums[p.index] = piece_sum(landed[n][_slices(p.box)], p.box, specs[n].shape)
-                del landed[n]
+            _finish_tensors(k, specs, landed, pending, last_bucket, apply_fn, sums)
         except Exception as e:
             problem = e
     if problem is not None:

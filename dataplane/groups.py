@@ -23,6 +23,7 @@ from two threads.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import contextlib
 import datetime
@@ -33,6 +34,7 @@ import queue
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +69,70 @@ RELAY_MODES = ("auto", "broadcast", "chain", "tree")
 RELAY_ENV = "WEIGHTSYNC_GLOO_RELAY"
 # A tag no round uses: the receive that closes a failed gloo group's pairs (`release_blocked_waits`).
 _RELEASE_TAG = 0x7753
+# How long interpreter exit waits for our threads to come back from gloo (see `_native`). Once a
+# group's pairs are cut they return in milliseconds; the bound only matters if gloo ignores the cut.
+_EXIT_WAIT_S = 10.0
+
+
+class _NativeCalls:
+    """Counts our daemon threads that are inside a blocking gloo call with the GIL released.
+
+    Such a thread must be back in Python before the interpreter starts finalizing: a daemon thread
+    that asks for the GIL then is ended by pthread_exit, whose forced unwind through torch's
+    C++ frames (noexcept) calls std::terminate, and the process dies by SIGABRT ("terminate called
+    without an active exception") after it already reported its result. Measured: a push that
+    reported FAILED exited -6 in about 1 of 3 runs when a peer's socket closed during its exit.
+    `_quiesce_at_exit` (atexit, which runs before finalization) cuts the pairs of every group with
+    such a call pending and waits until the count is zero.
+    """
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._changed = threading.Condition()
+
+    def enter(self) -> None:
+        with self._changed:
+            self._count += 1
+
+    def leave(self) -> None:
+        with self._changed:
+            self._count -= 1
+            self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def inside(self):
+        self.enter()
+        try:
+            yield
+        finally:
+            self.leave()
+
+    @property
+    def count(self) -> int:
+        with self._changed:
+            return self._count
+
+    def wait_zero(self, timeout_s: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._count == 0, timeout_s)
+
+
+_native = _NativeCalls()
+_live_groups: "weakref.WeakSet[DataPlaneGroup]" = weakref.WeakSet()
+
+
+def _quiesce_at_exit() -> None:
+    if _native.count == 0:
+        return
+    for group in list(_live_groups):
+        if group.backend is not None and group.transport == "gloo":
+            group.release_blocked_waits()
+    if not _native.wait_zero(_EXIT_WAIT_S):
+        log.warning("%d data-plane thread(s) still inside gloo %g s into interpreter exit; the process may abort",
+                    _native.count, _EXIT_WAIT_S)
+
+
+atexit.register(_quiesce_at_exit)
 
 
 def _timedelta(seconds: float) -> datetime.timedelta:
@@ -201,6 +267,7 @@ class DataPlaneGroup:
         self._spent_keys: list[str] = []
         # update_id -> reason, written by other threads (GroupCache.abort); read at every poll.
         self._abort_requests: dict[str, str] = abort_requests if abort_requests is not None else {}
+        _live_groups.add(self)
 
     @property
     def group_id(self) -> str:
@@ -387,7 +454,8 @@ class DataPlaneGroup:
         with self._blocked_lock:
             self._num_blocked += 1
         try:
-            yield
+            with _native.inside():
+                yield
         finally:
             with self._blocked_lock:
                 self._num_blocked -= 1
@@ -405,6 +473,9 @@ class DataPlaneGroup:
         with self._blocked_lock:
             if self._num_blocked == 0:
                 return
+        self._cut_pairs()
+
+    def _cut_pairs(self) -> None:
         try:
             probe = torch.empty(1, dtype=torch.uint8)
             self.backend.recv([probe], 1 if self.rank == 0 else 0, _RELEASE_TAG).wait(_timedelta(0.001))
@@ -578,7 +649,12 @@ class DataPlaneGroup:
         if self.backend is None:
             return
         if self.transport == "gloo":
-            self.release_blocked_waits()
+            if self.is_broken:
+                # Also a collective left pending in gloo's own threads: the destructor below
+                # joins them, and cut pairs end that collective now instead of at its timeout.
+                self._cut_pairs()
+            else:
+                self.release_blocked_waits()
         try:
             if self.transport == "nccl":
                 self.backend.abort()
@@ -595,7 +671,14 @@ class DataPlaneGroup:
 
         def drop() -> None:
             released.wait()
-            holder.clear()
+            try:
+                holder.clear()
+            finally:
+                _native.leave()
+
+        # Counted from before the thread starts, so that an exit right after this close waits
+        # for it: the destructor joins gloo's threads with the GIL released.
+        _native.enter()
 
         threading.Thread(target=drop, name=f"weightsync-release-{self.group_id}", daemon=True).start()
         released.set()  # only now: this thread holds no reference any more

@@ -313,9 +313,13 @@ class WeightsyncWorkerExtension:
 
     # ------------------------------------------------------------------ data plane: staged
 
-    def weightsync_stage(self, assignment: Mapping[str, Any], ranks: list[int]) -> dict[str, Any]:
-        """Starts receiving a round in the background; returns at once. Idempotent per update_id."""
+    def weightsync_stage(self, assignment: Mapping[str, Any], ranks: list[int], signal_address: str = "") -> dict[str, Any]:
+        """Starts receiving a round in the background; returns at once. Idempotent per update_id.
+
+        `signal_address`: the daemon's StageListener; staging progress and its end are sent there
+        (engine/stage_signal.py), so the daemon need not poll."""
         from weightsync.engine.receive import StagedUpdate
+        from weightsync.engine.stage_signal import notify_stage
 
         a = assignment_from_dict(assignment)
         rank = self._weightsync_rank(ranks, a)
@@ -330,7 +334,10 @@ class WeightsyncWorkerExtension:
             state.staged = None
         # A delta rank patches the shadow itself: it is out of the shadow until the commit applied it.
         base = state.shadow.take() if rank in a.delta_ranks else None
-        staged = StagedUpdate(a, rank, self._weightsync_seat(), state.inventory, staging_device="cpu", base=base)
+        staged = StagedUpdate(
+            a, rank, self._weightsync_seat(), state.inventory, staging_device="cpu", base=base,
+            on_change=(lambda status: notify_stage(signal_address, status)) if signal_address else None,
+        )
         state.staged = staged
         staged.start()
         return staged.status()

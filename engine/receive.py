@@ -27,7 +27,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from weightsync.core import Assignment, InvalidArgument, TensorSpec, TransferError
@@ -131,8 +131,11 @@ class StagedUpdate:
         *,
         staging_device: "str | torch.device" = "cpu",
         base: "dict[str, torch.Tensor] | None" = None,
+        on_change: "Callable[[dict[str, Any]], None] | None" = None,
     ) -> None:
         self.assignment = assignment
+        # Told the status after every bucket and when staging ends (engine/stage_signal.py).
+        self._on_change = on_change
         # A delta rank's base (the shadow it took), patched in place by the round.
         self.base = base
         self.rank = rank
@@ -193,8 +196,19 @@ class StagedUpdate:
     def _on_progress(self, buckets_done: int, bytes_done: int) -> None:
         with self._lock:
             self._buckets_done, self._bytes_done = buckets_done, bytes_done
+        self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.status())
 
     def _run(self) -> None:
+        try:
+            self._stage()
+        finally:
+            self._changed()
+
+    def _stage(self) -> None:
         try:
             with self._seat.claim(self.assignment, self.rank) as groups:
                 staged, result = self._receive(groups)

@@ -49,6 +49,7 @@ from weightsync.core import (
 from weightsync.engine.extension import EXTENSION_CLS
 from weightsync.engine.inventory import dtype_name, inventory_for_engine
 from weightsync.engine.payload import assignment_to_dict, encode_tensors
+from weightsync.engine.stage_signal import StageListener
 
 if TYPE_CHECKING:
     import torch
@@ -88,9 +89,10 @@ class VllmEngineConfig:
     # Each worker keeps the served weights in host memory in checkpoint format (the model's size
     # in the wire dtype, per worker), the base of delta rounds; False: every round is dense here.
     delta_shadow: bool = True
-    # Staging progress is polled over collective_rpc; each poll is one short
-    # utility call between engine steps.
-    stage_poll_interval_s: float = 0.02
+    # Workers signal staging progress and its end (engine/stage_signal.py); the daemon polls them
+    # over collective_rpc only this long after the last signal (a lost datagram, a dead worker).
+    # Well past vLLM's busy window (1 s): every poll keeps the workers spinning that long.
+    stage_poll_interval_s: float = 5.0
     # Bounds pause_generation: with "wait", a long request could hold it forever.
     pause_timeout_s: float = 120.0
     engine_kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -371,15 +373,16 @@ class VllmEngine:
                             "weightsync_receive", (payload, ranks), assignment.version, policy
                         )
                     else:
-                        await self._rpc("weightsync_stage", payload, ranks)
-                        try:
-                            await self._wait_staged(assignment.update_id, progress)
-                            results, paused_s = await self._between_steps(
-                                "weightsync_commit", (assignment.update_id,), assignment.version, policy
-                            )
-                        except BaseException:
-                            await self._discard(assignment.update_id)
-                            raise
+                        with StageListener() as listener:
+                            await self._rpc("weightsync_stage", payload, ranks, listener.address)
+                            try:
+                                await self._wait_staged(assignment.update_id, listener, progress)
+                                results, paused_s = await self._between_steps(
+                                    "weightsync_commit", (assignment.update_id,), assignment.version, policy
+                                )
+                            except BaseException:
+                                await self._discard(assignment.update_id)
+                                raise
             except TimeoutError as e:
                 raise DeadlineExceeded(
                     f"update {assignment.update_id} did not finish within its deadline of {assignment.deadline_s:g} s"
@@ -417,23 +420,37 @@ class VllmEngine:
             self._dirty = True
             self._holds_delta_base = False
 
-    async def _wait_staged(self, update_id: str, progress: ProgressFn | None) -> None:
+    async def _wait_staged(self, update_id: str, listener: StageListener, progress: ProgressFn | None) -> None:
+        """Until every worker has staged update_id; raises naming the workers whose staging failed.
+
+        The workers' datagrams give progress and say when to ask; their answer to the status RPC
+        is what counts (a datagram is only a wake-up: any local process could send one)."""
+        signalled: dict[int, tuple[int, int]] = {}
         last = (-1, -1)
+        ask = True  # once at the start: a worker may have finished before the listener was read
         while True:
-            statuses = await self._rpc("weightsync_stage_status", update_id)
-            failed = [s for s in statuses if s["state"] not in ("receiving", "staged")]
-            if failed:
-                raise TransferError(
-                    f"update {update_id}: staging failed on worker(s) {[s['rank'] for s in failed]}: "
-                    + "; ".join(f"{s['state']}: {s['error']}" for s in failed)
-                )
-            done = (min(s["buckets_done"] for s in statuses), min(s["bytes_done"] for s in statuses))
-            if progress is not None and done != last:
-                progress(*done)
-                last = done
-            if all(s["state"] == "staged" for s in statuses):
+            if ask:
+                statuses = await self._rpc("weightsync_stage_status", update_id)
+                failed = [s for s in statuses if s["state"] not in ("receiving", "staged")]
+                if failed:
+                    raise TransferError(
+                        f"update {update_id}: staging failed on worker(s) {[s['rank'] for s in failed]}: "
+                        + "; ".join(f"{s['state']}: {s['error']}" for s in failed)
+                    )
+                signalled.update({s["rank"]: (s["buckets_done"], s["bytes_done"]) for s in statuses})
+            if progress is not None and len(signalled) == self._num_workers:
+                done = (min(b for b, _ in signalled.values()), min(n for _, n in signalled.values()))
+                if done != last:
+                    progress(*done)
+                    last = done
+            if ask and all(s["state"] == "staged" for s in statuses):
                 return
-            await asyncio.sleep(self._config.stage_poll_interval_s)
+            news = [s for s in await listener.next_statuses(self._config.stage_poll_interval_s) if s["update_id"] == update_id]
+            for s in news:
+                if s["rank"] in signalled:
+                    signalled[s["rank"]] = (int(s["buckets_done"]), int(s["bytes_done"]))
+            # No datagram within the interval, or one that says a worker's staging ended.
+            ask = not news or any(s["state"] != "receiving" for s in news)
 
     async def _discard(self, update_id: str) -> None:
         try:

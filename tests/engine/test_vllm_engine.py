@@ -104,15 +104,30 @@ async def test_data_plane_round(served, staging):
     )
     assert len(assignment.plan.buckets) > 2
     progress = []
+    polls = []
+    rpc = served.engine._rpc
+
+    async def counted(method, *args, **kwargs):
+        polls.append(method)
+        return await rpc(method, *args, **kwargs)
+
+    served.engine._rpc = counted
     sender = served.trainer.send(assignment, new)
-    report = await served.engine.apply_assignment(
-        assignment, [1], lambda b, n: progress.append((b, n)), staging=staging
-    )
+    try:
+        report = await served.engine.apply_assignment(
+            assignment, [1], lambda b, n: progress.append((b, n)), staging=staging
+        )
+    finally:
+        del served.engine._rpc
     sent = sender.outcome()
     assert report.checksums == sent.checksums and len(report.checksums) == len(new)
     assert report.bytes_received == assignment.plan.total_bytes
     if staging == "staged":
         assert progress[-1] == (len(assignment.plan.buckets), assignment.plan.total_bytes)
+        # Progress comes from the worker's signals, bucket by bucket; the workers are asked for
+        # their status when staging starts and when it ends, not polled (engine/stage_signal.py).
+        assert [b for b, _ in progress] == sorted(set(b for b, _ in progress)) and len(progress) > 2, progress
+        assert polls.count("weightsync_stage_status") <= 2, polls
     assert served.engine.served_version == 7 and not served.engine.dirty
     tokens = await served.engine.generate_greedy(PROMPTS, NUM_TOKENS)
     assert tokens == hf_greedy(served.model_dir, new, PROMPTS, NUM_TOKENS)

@@ -64,7 +64,6 @@ def _tokens(port: int, model_dir: Path) -> list[int]:
         return list(json.loads(r.read())["choices"][0]["token_ids"])
 
 
-@pytest.mark.skipif(__import__("os").environ.get("CI") == "true", reason="KNOWN FAILING since the session-5 merges, cause not yet found: issue 15")
 def test_readme_cpu_serve_recipes_start_register_and_apply_a_round(tmp_path):
     """Both CPU recipes (TP 1, TP 2 with VLLM_CPU_OMP_THREADS_BIND) start, register within --require-coordinator-s and serve a pushed round exactly."""
     recipes = readme_cpu_recipes()

@@ -120,10 +120,9 @@ ROUTED_ENGINES = frozenset({"memory", "vllm"})
 # WeightSync(routed=True) routes into vLLM, from one rank or many.
 NEEDS_ROUTE_ENGINES = frozenset({"memory"})
 # Engines whose daemons read a routed delta round's frames (dataplane/routed_delta.py: every rank,
-# dense or delta, patches its pieces in place); a routed round with any other engine is dense for
-# all. Not vLLM yet: a worker would need the base of its own region (its shadow holds whole
-# checkpoint tensors, and a routed receive stages only its pieces).
-ROUTED_DELTA_ENGINES = frozenset({"memory"})
+# dense or delta, patches its pieces in place: a memory engine's tensors, a vLLM worker's shadow,
+# engine/routed.py); a routed round with any other engine is dense for all.
+ROUTED_DELTA_ENGINES = frozenset({"memory", "vllm"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -392,11 +391,13 @@ class Coordinator:
         draining: bool,
         busy_update_id: str = "",
         holds_delta_base: bool = False,
+        holds_needed_delta_base: bool = False,
     ) -> None:
         rec = self._live(daemon_id)
         rec.beat()
-        # A capability, not a claim about versions: it only ever narrows a delta to dense.
+        # Capabilities, not claims about versions: they only ever narrow a delta to dense.
         rec.holds_delta_base = holds_delta_base
+        rec.holds_needed_delta_base = holds_delta_base or holds_needed_delta_base
         # During a session the coordinator's own verdicts decide `served_version` and `dirty`:
         # a heartbeat sent before the daemon heard its verdict must not re-flag it, and a
         # heartbeat may not claim a version no round gave it. The daemon's own claims count
@@ -422,12 +423,14 @@ class Coordinator:
         apply_s: float,
         bytes_received: int,
         holds_delta_base: bool = False,
+        holds_needed_delta_base: bool = False,
         piece_sums: dict[tuple[int, int], int] | None = None,
         timeline: dict[str, float] | None = None,
     ) -> None:
         rec = self._live(daemon_id)
         rec.beat()
         rec.holds_delta_base = holds_delta_base
+        rec.holds_needed_delta_base = holds_delta_base or holds_needed_delta_base
         rnd = self.rounds.get(update_id)
         if rnd is None or daemon_id not in rnd.outcomes:
             log.warning("result for unknown round ignored update_id=%s daemon_id=%s", update_id, daemon_id)
@@ -513,7 +516,7 @@ class Coordinator:
         ranks: list[Participant] = []
         # Trainer ranks are data-plane ranks 0..num_senders-1, receivers come after them.
         next_rank = num_senders
-        encodings = {d.daemon_id: self._encoding_for(d, options) for d in participants}
+        encodings = {d.daemon_id: self._encoding_for(d, options, routed) for d in participants}
         delta_base = options.delta_base_version
         framed = ROUTED_DELTA_ENGINES if routed else DELTA_ENGINES
         if "delta" not in encodings.values() or any(d.engine not in framed for d in participants):
@@ -653,19 +656,21 @@ class Coordinator:
 
     # ------------------------------------------------------------------ internals
 
-    def _encoding_for(self, d: DaemonRecord, o: UpdateOptions) -> str:
+    def _encoding_for(self, d: DaemonRecord, o: UpdateOptions, routed: bool) -> str:
         """"delta" only for a daemon this coordinator knows holds exactly the base; any doubt is dense.
 
         Dirty (a failed or interrupted round, or never verified), stale, an unproven version
         claim, another version, or a vLLM engine without a shadow of its weights (just
-        started, or its last apply failed): the delta would be applied to bytes it was not
-        encoded against, or to none, so that daemon gets the dense weights in the same push.
+        started, or its last apply failed), or with a shadow of only its needed regions (after a
+        routed round) when this round is not routed and patches whole tensors: the delta would be
+        applied to bytes it was not encoded against, or to none, so that daemon gets the dense
+        weights in the same push.
         """
         if o.delta_base_version is None or o.transport == "cuda_ipc":
             # cuda_ipc receivers copy from the trainer's own memory: no link bytes to save.
             return "dense"
         clean = not (d.dirty or d.stale or d.unknown_version)
-        holds = d.engine in IN_PLACE_DELTA_ENGINES or d.holds_delta_base
+        holds = d.engine in IN_PLACE_DELTA_ENGINES or (d.holds_needed_delta_base if routed else d.holds_delta_base)
         return "delta" if clean and holds and d.served_version == o.delta_base_version else "dense"
 
     def _check_options(self, o: UpdateOptions) -> None:

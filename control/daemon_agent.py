@@ -66,7 +66,8 @@ class HandlerResult:
 # agent calls it when the coordinator cancels the round (instead of cancelling the task,
 # which would leave the thread running unseen), and stays busy until the handler returns.
 # A handler whose engine keeps a delta base apart from the model (vLLM's shadow) has a
-# `holds_delta_base` attribute, read for every heartbeat and result (so it must be cheap).
+# `holds_delta_base` attribute, read for every heartbeat and result (so it must be cheap), and
+# `holds_needed_delta_base` where the base may cover only its receivers' needed regions.
 UpdateHandler = Callable[[Assignment, tuple[int, ...], ProgressFn], Awaitable[HandlerResult]]
 
 
@@ -341,11 +342,15 @@ class DaemonAgent:
                 busy_update_id=self._work_update_id if self.busy else "",
                 draining=self.draining,
                 holds_delta_base=self._holds_delta_base(),
+                holds_needed_delta_base=self._holds_needed_delta_base(),
             )
         )
 
     def _holds_delta_base(self) -> bool:
         return bool(getattr(self._handler, "holds_delta_base", False))
+
+    def _holds_needed_delta_base(self) -> bool:
+        return self._holds_delta_base() or bool(getattr(self._handler, "holds_needed_delta_base", False))
 
     async def _heartbeats(self, session: _Session, interval_s: float) -> None:
         # Its own task, and tensor work runs in threads: heartbeats never wait on tensors.
@@ -409,6 +414,7 @@ class DaemonAgent:
                     apply_s=res.apply_s,
                     bytes_received=res.bytes_received,
                     holds_delta_base=self._holds_delta_base(),
+                    holds_needed_delta_base=self._holds_needed_delta_base(),
                     piece_sums=piece_sums_to_pb(res.piece_sums),
                     timeline=res.timeline,
                 )

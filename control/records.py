@@ -60,6 +60,9 @@ class DaemonRecord:
     # Its receivers say they hold the bytes of served_version apart from the model (a vLLM
     # worker's shadow), as of its last heartbeat or result: a delta can be applied there.
     holds_delta_base: bool = False
+    # ... at least in the regions each receiver rank declared it needs (`needs`): a routed delta
+    # round patches only those (a vLLM worker after a routed round). Implied by holds_delta_base.
+    holds_needed_delta_base: bool = False
     # What each receiver rank's loader reads (one per rank), or () when every rank needs every tensor whole.
     needs: tuple[RankRegions, ...] = ()
     state: DaemonState = DaemonState.LOST

@@ -242,7 +242,7 @@ class DaemonServicer(pb_grpc.DaemonServiceServicer):
                 hb = msg.heartbeat
                 self._c.heartbeat(
                     daemon_id, served_version=hb.served_version, dirty=hb.dirty, draining=hb.draining, busy_update_id=hb.busy_update_id,
-                    holds_delta_base=hb.holds_delta_base,
+                    holds_delta_base=hb.holds_delta_base, holds_needed_delta_base=hb.holds_needed_delta_base,
                 )
             elif kind == "progress":
                 p = msg.progress
@@ -265,6 +265,7 @@ class DaemonServicer(pb_grpc.DaemonServiceServicer):
                     apply_s=r.apply_s,
                     bytes_received=r.bytes_received,
                     holds_delta_base=r.holds_delta_base,
+                    holds_needed_delta_base=r.holds_needed_delta_base,
                     piece_sums=piece_sums,
                     timeline=dict(r.timeline),
                 )

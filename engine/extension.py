@@ -49,8 +49,6 @@ EXTENSION_CLS = "weightsync.engine.extension.WeightsyncWorkerExtension"
 # bounded by its round's collective timeout); discarding never waits: the next
 # round's thread queues behind the old one instead of the engine loop.
 _CLOSE_WAIT_S = 5.0
-# Why a routed round leaves no delta base: each worker received only the regions its loader reads.
-_ROUTED_NO_BASE = "a routed round carries only the regions this worker loads"
 
 
 def _answers_failure(method):
@@ -173,7 +171,9 @@ class WeightsyncWorkerExtension:
             "staged": None if state.staged is None else state.staged.status(),
             # Whether a delta against served_version can be applied here: the coordinator
             # gives a delta only to an engine whose every worker says so.
-            "holds_delta_base": state.shadow.held and not (state.dirty or state.broken),
+            "holds_delta_base": state.shadow.held_whole and not (state.dirty or state.broken),
+            # ... of at least the regions this worker's loader reads: a routed delta round's base.
+            "holds_needed_delta_base": state.shadow.held and not (state.dirty or state.broken),
             "shadow_bytes": state.shadow.nbytes,
         }
 
@@ -260,10 +260,10 @@ class WeightsyncWorkerExtension:
         previous: "Mapping[str, torch.Tensor] | None" = None,
         routed: bool = False,
     ) -> "AppliedWeights":
-        """Applies checkpoint tensors; on success whole ones become the shadow (`previous`: a shadow a delta round took).
+        """Applies checkpoint tensors; on success they become the shadow (`previous`: a shadow a delta round took).
 
-        `routed`: the tensors are staging tensors of a routed round, written only where this
-        worker's loader reads (engine/routed.py), so no shadow is left."""
+        `routed`: the tensors are full-size staging tensors of a routed round, exact only where
+        this worker's loader reads (engine/routed.py): a shadow of the needed regions only."""
         from weightsync.engine.apply import apply_weights
 
         self._weightsync_check_usable()
@@ -274,11 +274,9 @@ class WeightsyncWorkerExtension:
             raise
         self._weightsync_note_applied(applied, version, [name for name, _ in items])
         state = self._weightsync()
-        if routed:
-            state.shadow.drop(_ROUTED_NO_BASE)
-        elif state.keep_shadow:
+        if state.keep_shadow:
             kept = items if owned else [(n, t.detach().to("cpu", copy=True)) for n, t in items]
-            state.shadow.install(((n, t.to("cpu")) for n, t in kept), state.inventory, previous)
+            state.shadow.install(((n, t.to("cpu")) for n, t in kept), state.inventory, previous, needed_only=routed)
         return applied
 
     def _weightsync_check_usable(self) -> None:
@@ -396,11 +394,11 @@ class WeightsyncWorkerExtension:
             self._weightsync_note_failure(e)
             raise
         self._weightsync_note_applied(applied, a.version, [e.name for _, e in a.plan.entries()])
-        if a.routing is not None:
-            # Nothing was kept, and the shadow a dense round left is of an older version.
-            state.shadow.drop(_ROUTED_NO_BASE)
+        if state.keep_shadow:
+            state.shadow.install(((n, t.to("cpu")) for n, t in kept), state.inventory, base, needed_only=a.routing is not None)
         else:
-            state.shadow.install(((n, t.to("cpu")) for n, t in kept), state.inventory, base)
+            # The round took a shadow held from before (e.g. turned off since), now of an older version.
+            state.shadow.drop("the shadow is turned off")
         return self._weightsync_result(a, rank, applied, result)
 
     def _weightsync_result(self, a: "Assignment", rank: int, applied: "AppliedWeights", result: Any) -> dict[str, Any]:

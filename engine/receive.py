@@ -14,9 +14,9 @@ Either way the plan is checked against the inventory before any byte moves,
 and a refusal reaches every rank (the data plane's open handshake).
 
 A delta round (`assignment.delta_base_version` set) arrives framed per rank
-(`dataplane/delta_round.py`): a delta rank patches the worker's shadow of the
-served weights (`shadow.py`), taken out of the shadow for the round; a dense rank
-gets every tensor whole. Either way the result is whole checkpoint tensors, applied
+(`dataplane/delta_round.py`, or `routed_delta.py` for a routed one: engine/routed.py): a
+delta rank patches the worker's shadow of the served weights (`shadow.py`), taken out of
+the shadow for the round; a dense rank gets every tensor (or routed piece) whole. Either way the result is whole checkpoint tensors, applied
 by the same path as a dense round; in streamed mode they are applied once the round
 has arrived (a delta's tensors are complete only then), still inside the pause.
 """
@@ -236,7 +236,7 @@ class StagedUpdate:
             from weightsync.engine.routed import stage_routed
 
             group = groups.get(self.assignment, self.rank)
-            return stage_routed(self.assignment, self.rank, group, self._inventory, discarded=self._discard)
+            return stage_routed(self.assignment, self.rank, group, self._inventory, discarded=self._discard, base=self.base)
         if self.assignment.delta_base_version is not None:
             staged, result = receive_delta(
                 self.assignment, self.rank, groups, self._inventory, self.base,
@@ -282,7 +282,7 @@ def receive_and_apply(
 
         with seat.claim(assignment, rank) as groups:
             group = groups.get(assignment, rank)
-            return receive_routed_and_apply(worker, assignment, rank, group, inventory, path=path)
+            return receive_routed_and_apply(worker, assignment, rank, group, inventory, path=path, base=base, keep=keep)
     try:
         with seat.claim(assignment, rank) as groups:
             if assignment.delta_base_version is not None:

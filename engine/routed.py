@@ -24,6 +24,14 @@ Checksums: every piece's sum at its global positions (dataplane/routed.py), reco
 from the staging bytes the loader reads; the coordinator matches each against its
 sender's. Each worker reports its own pieces (workers of one engine receive different
 pieces, unlike a dense round where all receive the same bytes).
+
+Delta rounds: the staging tensors of a routed round, once applied, become the worker's shadow
+(engine/shadow.py), exact in its needed regions only. A routed delta round
+(dataplane/routed_delta.py) on a delta rank patches those regions of the shadow in place (the
+destination is the shadow's tensor, not a fresh one), and the patched tensors go through the
+same apply path; its piece sums are of the resulting regions, so a shadow that did not hold the
+base shows as a mismatch. Kept tensors are the shadow's memory, not staging: they leave the
+staging count when handed over.
 """
 
 from __future__ import annotations
@@ -78,14 +86,21 @@ class _StagingMeter:
         self._lock = threading.Lock()
         self.live_bytes = 0
         self.peak_bytes = 0
+        self._finalizers: dict[int, weakref.finalize] = {}
 
     def track(self, t: "torch.Tensor") -> "torch.Tensor":
         nbytes = t.numel() * t.element_size()
         with self._lock:
             self.live_bytes += nbytes
             self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-        weakref.finalize(t, self._release, nbytes)
+        self._finalizers[id(t)] = weakref.finalize(t, self._release, nbytes)
         return t
+
+    def hand_over(self, t: "torch.Tensor") -> None:
+        """`t` becomes the worker's shadow (kept past the round): its memory is the shadow's from now on."""
+        finalizer = self._finalizers.pop(id(t), None)
+        if finalizer is not None and finalizer.detach() is not None:
+            self._release(t.numel() * t.element_size())
 
     def _release(self, nbytes: int) -> None:
         with self._lock:
@@ -101,8 +116,9 @@ def _plan_problem(assignment: Assignment, inventory: Mapping[str, TensorSpec]) -
     return None
 
 
-def _staging(assignment: Assignment, group: "DataPlaneGroup", meter: _StagingMeter):
-    """A destination that hands out a fresh full-size tensor per needed checkpoint tensor."""
+def _staging(assignment: Assignment, group: "DataPlaneGroup", meter: _StagingMeter, base: "Mapping[str, torch.Tensor] | None"):
+    """A destination that hands out a fresh full-size tensor per needed checkpoint tensor, or on a
+    delta rank of a routed delta round the shadow's tensor (`base`), whose needed regions are patched."""
     import torch
 
     from weightsync.dataplane.layout import torch_dtype
@@ -110,10 +126,38 @@ def _staging(assignment: Assignment, group: "DataPlaneGroup", meter: _StagingMet
     specs = {e.name: e.spec for _, e in assignment.plan.entries()}
 
     def destination(name: str) -> "torch.Tensor":
+        if base is not None:
+            t = base[name]
+            return t if t.device == group.device else t.to(group.device)
         spec = specs[name]
         return meter.track(torch.empty(spec.shape, dtype=torch_dtype(spec.dtype), device=group.device))
 
     return destination
+
+
+def _receive_fn(assignment: Assignment):
+    """The data plane's receive for this routed round: dense pieces, or delta frames (routed_delta.py)."""
+    if assignment.delta_base_version is None:
+        from weightsync.dataplane.routed import receive_routed
+
+        return receive_routed
+    from weightsync.dataplane.routed_delta import receive_routed_delta
+
+    return receive_routed_delta
+
+
+def _base_problem(assignment: Assignment, rank: int, base: "Mapping[str, torch.Tensor] | None") -> str | None:
+    """Why a delta rank cannot patch its pieces: it holds no shadow of a tensor it gets pieces of."""
+    if rank not in assignment.delta_ranks:
+        return None
+    names = sorted({p.name for p in assignment.routing.received_by(rank)})
+    missing = [n for n in names if base is None or n not in base]
+    if not missing:
+        return None
+    return (
+        f"update {assignment.update_id} is a routed delta against version {assignment.delta_base_version}, but this "
+        f"worker holds no copy of {len(missing)} of its tensors (e.g. {missing[0]!r}): it must get dense pieces"
+    )
 
 
 def _receipt(result: Any, meter: _StagingMeter) -> RoutedReceipt:
@@ -129,14 +173,14 @@ def stage_routed(
     inventory: Mapping[str, TensorSpec],
     *,
     discarded: threading.Event,
+    base: "Mapping[str, torch.Tensor] | None" = None,
 ) -> tuple[list[tuple[str, "torch.Tensor"]], RoutedReceipt]:
     """Receives this worker's pieces into staging (nothing touches the model); returns the complete tensors and the receipt.
 
     A round whose manifest this engine refuses is refused on every rank at the open
     handshake; `discarded` set while receiving fails the round on every rank at the next bucket.
+    A delta rank of a routed delta round patches `base` (the shadow it took) instead.
     """
-    from weightsync.dataplane.routed import receive_routed
-
     staged: list[tuple[str, torch.Tensor]] = []
 
     def keep(batch: list[tuple[str, "torch.Tensor"]]) -> None:
@@ -144,12 +188,13 @@ def stage_routed(
             raise TransferError(f"update {assignment.update_id} was discarded while receiving")
         staged.extend(batch)
 
-    problem = _plan_problem(assignment, inventory)
+    problem = _plan_problem(assignment, inventory) or _base_problem(assignment, rank, base)
     if problem is None and discarded.is_set():
         problem = f"update {assignment.update_id} was discarded before it started"
     meter = _StagingMeter()
-    result = receive_routed(
-        assignment, rank, group, _staging(assignment, group, meter), apply_fn=keep, local_problem=problem
+    patched = base if rank in assignment.delta_ranks else None
+    result = _receive_fn(assignment)(
+        assignment, rank, group, _staging(assignment, group, meter, patched), apply_fn=keep, local_problem=problem
     )
     return staged, _receipt(result, meter)
 
@@ -208,21 +253,34 @@ def receive_routed_and_apply(
     inventory: Mapping[str, TensorSpec],
     *,
     path: str,
+    base: "Mapping[str, torch.Tensor] | None" = None,
+    keep: "list[tuple[str, torch.Tensor]] | None" = None,
 ) -> tuple["AppliedWeights", RoutedReceipt]:
-    """Streams this worker's pieces into the model (generation paused by the caller); see the module docstring."""
-    from weightsync.dataplane.routed import receive_routed
+    """Streams this worker's pieces into the model (generation paused by the caller); see the module docstring.
+
+    A delta rank of a routed delta round patches `base` (the shadow it took) and hands the
+    patched tensors to the loader. `keep`, if given, receives every tensor applied (the worker's
+    next shadow, exact in its needed regions); kept tensors leave the staging count."""
     from weightsync.engine.apply import ApplyFailed, apply_weights
 
-    problem = _plan_problem(assignment, inventory)
+    problem = _plan_problem(assignment, inventory) or _base_problem(assignment, rank, base)
     handoff = _Handoff()
     meter = _StagingMeter()
     box: dict[str, Any] = {}
+    patched = base if rank in assignment.delta_ranks else None
+
+    def hand(batch: list[tuple[str, "torch.Tensor"]]) -> None:
+        if keep is not None:
+            keep.extend(batch)
+            for _, t in batch:
+                meter.hand_over(t)
+        handoff.put(batch)
 
     def receive() -> None:
         error: BaseException | None = None
         try:
-            box["result"] = receive_routed(
-                assignment, rank, group, _staging(assignment, group, meter), apply_fn=handoff.put, local_problem=problem
+            box["result"] = _receive_fn(assignment)(
+                assignment, rank, group, _staging(assignment, group, meter, patched), apply_fn=hand, local_problem=problem
             )
         except BaseException as e:  # thread boundary: handed to the loader's iterator and re-raised there
             error = box["error"] = e

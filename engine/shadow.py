@@ -22,6 +22,13 @@ engine gets dense weights next (the coordinator already flags every engine of a 
 Memory: one copy of the checkpoint in the wire dtype per worker (each TP worker's loader
 reads every checkpoint tensor and narrows it itself, so a TP=2 engine holds two copies).
 A staged dense round holds the staged copy beside the old shadow until it is applied.
+
+Scope: after a dense round the shadow is WHOLE (every byte of every tensor). After a routed
+round (engine/routed.py) it is the round's full-size staging tensors, exact only in the regions
+this worker's loader reads (its declared needs; the rest was never written, and costs address
+space rather than memory): the base of a routed delta round, which patches only those regions,
+but not of a dense-path delta round, which patches whole tensors. The daemon says which it
+holds (`holds_delta_base`, `holds_needed_delta_base`) and the coordinator picks accordingly.
 """
 
 from __future__ import annotations
@@ -45,10 +52,20 @@ class Shadow:
 
     def __init__(self) -> None:
         self._tensors: dict[str, torch.Tensor] | None = None
+        # Every byte is exact (a dense round's), not only the needed regions (a routed round's).
+        self._whole = False
+        # The scope of the tensors a round took out (`take`), for the shadow it installs.
+        self._taken_whole = False
 
     @property
     def held(self) -> bool:
+        """Exact at least in the regions this worker needs: the base of a routed delta round."""
         return self._tensors is not None
+
+    @property
+    def held_whole(self) -> bool:
+        """Exact in every byte: the base of any delta round."""
+        return self._tensors is not None and self._whole
 
     @property
     def nbytes(self) -> int:
@@ -59,6 +76,7 @@ class Shadow:
     def take(self) -> "dict[str, torch.Tensor] | None":
         """Hands the tensors to a round that patches them; the shadow is empty until `install`."""
         tensors, self._tensors = self._tensors, None
+        self._taken_whole = self._whole
         return tensors
 
     def drop(self, why: str) -> None:
@@ -71,18 +89,22 @@ class Shadow:
         items: Iterable[tuple[str, "torch.Tensor"]],
         inventory: Iterable[str],
         previous: "Mapping[str, torch.Tensor] | None" = None,
+        *,
+        needed_only: bool = False,
     ) -> None:
         """After a successful apply of `items` (tensors this shadow may own): they are what the model holds now.
 
-        A round that covers the inventory makes a whole shadow; a partial round updates
+        A round that covers the inventory makes a shadow of its tensors; a partial round updates
         `previous` (the shadow it took, or the one held), and without one leaves none: the
-        tensors it did not carry are unknown here.
+        tensors it did not carry are unknown here. `needed_only`: the items are exact only in
+        this worker's needed regions (a routed round), and so is the shadow they make.
         """
         new = dict(items)
+        base_whole = self._taken_whole if previous is not None else self._whole
         base = previous if previous is not None else self._tensors
         if is_full_round(inventory, new):
-            self._tensors = new
+            self._tensors, self._whole = new, not needed_only
         elif base is not None:
-            self._tensors = {**base, **new}
+            self._tensors, self._whole = {**base, **new}, base_whole and not needed_only
         else:
-            self._tensors = None
+            self._tensors, self._whole = None, False

@@ -177,6 +177,7 @@ class VllmEngine:
         self._served_version: int | None = None
         self._dirty = False
         self._holds_delta_base = False
+        self._holds_needed_delta_base = False
         self._closed = False
         # With tensor parallelism the workers are processes of their own even when
         # the engine core runs here, so tensors must travel as bytes.
@@ -250,8 +251,13 @@ class VllmEngine:
 
     @property
     def holds_delta_base(self) -> bool:
-        """Every worker holds a shadow of the served weights (engine/shadow.py), as of the last update or weight_info()."""
+        """Every worker holds a whole shadow of the served weights (engine/shadow.py), as of the last update or weight_info()."""
         return self._holds_delta_base
+
+    @property
+    def holds_needed_delta_base(self) -> bool:
+        """Every worker holds a shadow exact at least in the regions its loader reads (after a routed round)."""
+        return self._holds_needed_delta_base
 
     def inventory(self) -> tuple[TensorSpec, ...]:
         """Every tensor the engine accepts, by HF checkpoint name, in the serving dtype."""
@@ -297,7 +303,9 @@ class VllmEngine:
         uniform = len(versions) == 1
         self._served_version = next(iter(versions)) if uniform else None
         self._dirty = not uniform or any(info.get("dirty") or info.get("broken") for info in infos)
-        self._holds_delta_base = uniform and not self._dirty and all(info.get("holds_delta_base") for info in infos)
+        clean = uniform and not self._dirty
+        self._holds_delta_base = clean and all(info.get("holds_delta_base") for info in infos)
+        self._holds_needed_delta_base = clean and all(info.get("holds_needed_delta_base") for info in infos)
         if infos and "inventory" in infos[0]:
             self._inventory = tuple(TensorSpec(n, tuple(shape), dtype) for n, shape, dtype in infos[0]["inventory"])
 
@@ -418,7 +426,7 @@ class VllmEngine:
         except Exception:  # the update's own outcome is what the caller needs; this is bookkeeping
             log.warning("could not read the workers' weight state; marking the engine dirty", exc_info=True)
             self._dirty = True
-            self._holds_delta_base = False
+            self._holds_delta_base = self._holds_needed_delta_base = False
 
     async def _wait_staged(self, update_id: str, listener: StageListener, progress: ProgressFn | None) -> None:
         """Until every worker has staged update_id; raises naming the workers whose staging failed.

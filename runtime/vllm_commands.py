@@ -33,6 +33,11 @@ class VllmHandler:
         """Every worker holds a shadow of the served weights: the coordinator may send a delta."""
         return self._engine.holds_delta_base
 
+    @property
+    def holds_needed_delta_base(self) -> bool:
+        """Every worker's shadow is exact where its loader reads: the coordinator may send a routed delta."""
+        return self._engine.holds_needed_delta_base
+
     async def __call__(self, assignment, ranks, progress) -> HandlerResult:
         try:
             report = await self._engine.apply_assignment(assignment, ranks, progress=progress)

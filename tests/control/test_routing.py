@@ -187,11 +187,13 @@ def _fake_sum(update_id: str, piece: int) -> int:
 class _PieceHandler:
     """Stands in for the routed data plane: reports the sender's sum of every piece its ranks need, one optionally wrong."""
 
-    def __init__(self, corrupt: str | None = None, holds_delta_base: bool = False) -> None:
+    def __init__(self, corrupt: str | None = None, holds_delta_base: bool = False, holds_needed_delta_base: bool = False) -> None:
         self.corrupt = corrupt
         self.seen = []
-        # What a vLLM daemon says while its workers hold a shadow of the served version.
+        # What a vLLM daemon says while its workers hold a whole shadow of the served version,
+        # or one exact only in their needed regions (after a routed round).
         self.holds_delta_base = holds_delta_base
+        self.holds_needed_delta_base = holds_needed_delta_base
 
     async def __call__(self, assignment, ranks, progress) -> HandlerResult:
         self.seen.append((assignment, ranks))
@@ -288,8 +290,7 @@ async def test_holds_with_an_engine_that_cannot_take_routed_rounds_are_refused()
 async def test_a_delta_asked_of_a_routed_round_goes_to_the_engines_clean_on_the_base_and_dense_to_the_rest():
     """A routed round (holds, or needs alone) with a delta base: each memory daemon clean on exactly the base takes the
     delta and a late joiner dense, in the same round; the digest covers the encodings; the record says each daemon's
-    encoding. A vLLM daemon (routed deltas into vLLM are not built) makes a routed round dense for all, though it takes
-    a delta in a plain one."""
+    encoding. A vLLM daemon on another version gets its pieces dense in the same routed delta round."""
     server = await start_coordinator()
     tp_needs = {
         t: {s.name: (Region(0, t * s.shape[0] // 2, s.shape[0] // 2) if len(s.shape) == 2 else W) for s in INVENTORY} for t in range(2)
@@ -325,14 +326,49 @@ async def test_a_delta_asked_of_a_routed_round_goes_to_the_engines_clean_on_the_
             assert b.routing is not None and b.num_senders == 1 and b.delta_base_version == 2
             assert {p.encoding for p in b.participants} == {"delta"}
             assert (await commit(b)).committed
-            # With the vLLM daemon in it, the routed round is dense for all: its receiver takes pieces, not frames.
+            # The vLLM daemon (version 1, left out of 2 and 3) takes its pieces dense, the others the delta.
             c = await client.begin_update(4, INVENTORY, holds=holds, delta_base_version=3, **RDV)
-            assert c.routing is not None and c.delta_base_version is None and {p.encoding for p in c.participants} == {"dense"}
+            assert c.routing is not None and c.delta_base_version == 3
+            assert {p.daemon_id: p.encoding for p in c.participants} == {"tp": "delta", "whole": "delta", "late": "delta", "vllm": "dense"}
             assert (await commit(c)).committed
             # The same vLLM daemon takes a delta where the round is not routed (its shadow is whole).
             d = await client.begin_update(5, INVENTORY, delta_base_version=4, daemon_ids=["vllm"], **RDV)
             assert d.routing is None and [p.encoding for p in d.participants] == ["delta"]
             await client.abort_update(d.update_id, "test: the plan was all it was for")
+    finally:
+        for agent in agents:
+            await agent.close()
+        await server.stop()
+
+
+async def test_a_vllm_shadow_of_the_needed_regions_takes_routed_deltas_only():
+    """A vLLM daemon whose workers hold a whole shadow takes a delta in routed and plain rounds alike; one whose shadow
+    is exact only in its needed regions (after a routed round) takes routed deltas, and dense weights in a plain delta
+    round, which patches whole tensors."""
+    server = await start_coordinator()
+    agents = [
+        await _agent(server.address, "whole", _PieceHandler(holds_delta_base=True), engine="vllm"),
+        await _agent(server.address, "needed", _PieceHandler(holds_needed_delta_base=True), engine="vllm"),
+        await _agent(server.address, "memory", _PieceHandler()),
+    ]
+    holds = _fsdp_holds(2, list(INVENTORY))
+
+    async def commit(a):
+        sums = {(p.sender, p.index): _fake_sum(a.update_id, p.index) for p in a.routing.pieces}
+        return await client.commit_update(a, {}, piece_sums=sums)
+
+    try:
+        async with TrainerClient(server.address) as client:
+            assert (await commit(await client.begin_update(1, INVENTORY, holds=holds, **RDV))).committed
+            routed = await client.begin_update(2, INVENTORY, holds=holds, delta_base_version=1, **RDV)
+            assert routed.routing is not None and routed.delta_base_version == 1
+            assert {p.daemon_id: p.encoding for p in routed.participants} == {"whole": "delta", "needed": "delta", "memory": "delta"}
+            report = await commit(routed)
+            assert report.committed and {v.daemon_id: v.encoding for v in report.results} == {"whole": "delta", "needed": "delta", "memory": "delta"}
+            plain = await client.begin_update(3, INVENTORY, delta_base_version=2, **RDV)
+            assert plain.routing is None and plain.delta_base_version == 2
+            assert {p.daemon_id: p.encoding for p in plain.participants} == {"whole": "delta", "needed": "dense", "memory": "delta"}
+            await client.abort_update(plain.update_id, "test: the plan was all it was for")
     finally:
         for agent in agents:
             await agent.close()

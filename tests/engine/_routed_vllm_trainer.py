@@ -58,7 +58,9 @@ def dtensor_weights(weights: dict[str, torch.Tensor], mesh) -> dict:
 
 
 def main(rank: int, world: int, init_file: str, address: str, model_dir: str, layout: str, seed: int, version: int,
-         die_at_bucket: int | None, outbox) -> None:
+         die_at_bucket: int | None, outbox, delta: tuple[str, int] | None = None) -> None:
+    """Pushes perturbed(checkpoint, seed) as `version`; with `delta` = (base safetensors path, base_version),
+    pushes sparse_step(base, seed) as a delta against that base (whole tensors: each rank cuts out its own)."""
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     try:
@@ -66,13 +68,14 @@ def main(rank: int, world: int, init_file: str, address: str, model_dir: str, la
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import DTensor
 
-        from tests.engine.helpers import perturbed
+        from tests.engine.helpers import perturbed, sparse_step
         from weightsync.runtime.trainer import WeightSync
 
         torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
         mesh = init_device_mesh("cpu", (world,))
         checkpoint = load_file(os.path.join(model_dir, "model.safetensors"))
-        weights = perturbed(checkpoint, seed=seed)
+        base = None if delta is None else load_file(delta[0])
+        weights = perturbed(checkpoint, seed=seed) if base is None else sparse_step(base, seed)
         if layout == "fsdp2":
             state = fsdp2_model(model_dir, weights, mesh).state_dict()
             # The engine's names: the checkpoint's (a tied lm_head is not one of them).
@@ -88,7 +91,8 @@ def main(rank: int, world: int, init_file: str, address: str, model_dir: str, la
             deadline_s=DEADLINE_S, min_daemons=2,
         ) as sync:
             try:
-                report = sync.push(source, version=version, raise_on_failure=False)
+                report = sync.push(source, version=version, raise_on_failure=False,
+                                   base=base, base_version=None if delta is None else delta[1])
                 error = None
             except Exception as e:  # reported to the test, which asserts on it
                 report, error = sync.last_report, f"{type(e).__name__}: {e}"
@@ -99,6 +103,7 @@ def main(rank: int, world: int, init_file: str, address: str, model_dir: str, la
                 "state": report.state,
                 "reason": report.reason,
                 "results": {v.daemon_id: (v.status, list(v.mismatched_tensors)) for v in report.results},
+                "encodings": {v.daemon_id: (v.encoding, v.bytes_received) for v in report.results},
                 "rank_bytes": dict(report.rank_bytes),
                 "num_sharded": num_sharded,
             }

@@ -84,6 +84,16 @@ def perturbed(checkpoint: Mapping[str, torch.Tensor], seed: int, std: float = 0.
     }
 
 
+def sparse_step(prev: Mapping[str, torch.Tensor], seed: int, fraction: float = 0.02) -> dict[str, torch.Tensor]:
+    """`prev` with about `fraction` of its elements moved a little, spread at random like an optimizer step's."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in prev.items():
+        mask = torch.rand(t.shape, generator=g) < fraction
+        out[name] = torch.where(mask, t + 0.05 * torch.randn(t.shape, generator=g).to(t.dtype), t)
+    return out
+
+
 class Trainer:
     """Data-plane rank 0 on a thread: hosts the store and sends one round per `send`."""
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-import torch
 from safetensors.torch import load_file, save_file
 
 from tests.control.helpers import wait_until
@@ -27,7 +26,7 @@ from weightsync.engine import VllmEngine, VllmEngineConfig
 from weightsync.runtime.trainer import WeightSync
 from weightsync.runtime.vllm_commands import VllmHandler
 
-from .helpers import NUM_TOKENS, PROMPTS, hf_greedy
+from .helpers import NUM_TOKENS, PROMPTS, hf_greedy, sparse_step as _step
 
 # The TP=2 engine starts two worker processes: minutes on a shared 2-core machine.
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(900)]
@@ -35,16 +34,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"), pytest
 REPO = Path(__file__).resolve().parents[2]
 # A delta's wire bytes against the dense bytes at ~2% changed float32 elements (gaps8: ~2.5%).
 MAX_DELTA_FRACTION = 0.06
-
-
-def _step(prev: dict[str, torch.Tensor], seed: int, fraction: float = 0.02) -> dict[str, torch.Tensor]:
-    """`prev` with about `fraction` of its elements moved a little, spread at random like an optimizer step's."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, t in prev.items():
-        mask = torch.rand(t.shape, generator=g) < fraction
-        out[name] = torch.where(mask, t + 0.05 * torch.randn(t.shape, generator=g).to(t.dtype), t)
-    return out
 
 
 class Stack:

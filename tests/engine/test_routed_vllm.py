@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import free_port
 from tests.engine import _routed_vllm_trainer as trainer
-from tests.engine.helpers import hf_greedy, perturbed
+from tests.engine.helpers import hf_greedy, perturbed, sparse_step
 from tests.runtime.helpers import kill_group
 from weightsync.control.trainer_client import SyncTrainerClient
 from weightsync.core import WeightsyncError
@@ -42,6 +42,9 @@ STAGING = {"vllm-a": "staged", "vllm-b": "stream"}
 # checkpoint's; the same Shard(0) DTensors built from the checkpoint for MoE (_routed_vllm_trainer.py).
 LAYOUT = {"qwen2": "fsdp2", "qwen3_moe": "dtensor"}
 PROMPT = [5, 77, 300, 12, 900, 41]
+# A routed delta's wire bytes per engine against the model's dense bytes at ~2% changed float32
+# elements: gaps8 deltas (~2.5%) plus the frames' piece metadata, heavy on a tiny model's many pieces.
+MAX_ROUTED_DELTA_FRACTION = 0.12
 NUM_TOKENS = 8
 IDLE = 1  # DAEMON_STATE_IDLE
 
@@ -115,15 +118,17 @@ class _Fleet:
     def weights(self, seed: int):
         return perturbed(self.checkpoint, seed=seed)
 
-    def push(self, seed: int, version: int, die_at_bucket: dict[int, int] | None = None, timeout_s: float = 300.0):
-        """Runs the S trainer ranks; returns {rank: (summary, error, seconds)} and their exit codes."""
+    def push(self, seed: int, version: int, die_at_bucket: dict[int, int] | None = None, timeout_s: float = 300.0,
+             delta: tuple[int, int] | None = None):
+        """Runs the S trainer ranks; returns {rank: (summary, error, seconds)} and their exit codes.
+        `delta` = (base path, base_version): a routed delta round (the trainer script's docstring)."""
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["torch", "torch.distributed.tensor", "transformers", "weightsync.runtime.trainer"])
         outbox = ctx.Queue()
         init_file = str(self.tmp / f"init-v{version}")
         procs = [
             ctx.Process(target=trainer.main, args=(r, S, init_file, self.address, str(self.model_dir), LAYOUT[self.arch], seed, version,
-                                                   (die_at_bucket or {}).get(r), outbox), daemon=True)
+                                                   (die_at_bucket or {}).get(r), outbox, delta), daemon=True)
             for r in range(S)
         ]
         for p in procs:
@@ -157,9 +162,9 @@ class _Fleet:
         with urllib.request.urlopen(req, timeout=120) as r:
             return list(json.loads(r.read())["choices"][0]["token_ids"])
 
-    def assert_engines_hold(self, seed: int, version: int) -> None:
+    def assert_engines_hold(self, weights: dict, version: int) -> None:
         info = self.daemons()
-        want = hf_greedy(self.model_dir, self.weights(seed), [PROMPT], NUM_TOKENS)[0]
+        want = hf_greedy(self.model_dir, weights, [PROMPT], NUM_TOKENS)[0]
         for name in ENGINES:
             assert info[name].served_version == version and not info[name].dirty, info[name]
             assert self.tokens(name) == want, f"{name} does not generate like version {version}"
@@ -217,7 +222,7 @@ def test_routed_round_into_tp2_engines_moves_half_and_generates_like_transformer
     sent = [rank_bytes[r][1] for r in range(S)]
     # Each needed byte leaves the senders once (the engines relay it); the TP halves cover the model.
     assert sum(sent) == model_bytes and min(sent) > 0.3 * sum(sent), sent
-    fleet.assert_engines_hold(seed=1, version=1)
+    fleet.assert_engines_hold(fleet.weights(seed=1), version=1)
     # Memory: streamed, staging lives as long as vLLM buffers a module, plus one batch handed over
     # (measured 0.38 of the model for qwen2, 0.47 for qwen3_moe: its embedding and lm_head, 0.23 each,
     # dominate a tiny model); staged, every needed tensor waits full-size for the commit (half written).
@@ -242,42 +247,63 @@ def test_source_killed_mid_round_fails_fast_flags_engines_and_next_push_heals(fl
     out, codes = fleet.push(seed=3, version=3)
     summary, error, _ = out[0]
     assert error is None and summary["state"] == "COMMITTED", (summary, error, f"logs in {fleet.tmp}")
-    fleet.assert_engines_hold(seed=3, version=3)
+    fleet.assert_engines_hold(fleet.weights(seed=3), version=3)
 
 
 # Delta rounds do not depend on the architecture: qwen2's engines.
 @pytest.mark.parametrize("fleet", ["qwen2"], indirect=True)
-def test_a_routed_round_leaves_no_delta_base_so_the_next_delta_push_is_dense_and_commits(fleet):
-    """Dense, routed, then a delta push on the routed version: every engine takes it dense and ends OK.
+def test_routed_delta_rounds_patch_each_workers_regions_and_heal(fleet, tmp_path):
+    """Routed deltas into TP=2 engines (staged and streamed): each worker patches the regions its loader reads.
 
-    A routed round hands each worker only its regions: what it stages (staged) or keeps from a
-    dense round before (streamed) is no base for a delta against the routed version. Before, the
-    staged engine kept its half-written staging tensors as the base and the streamed one the
-    older round's, both said they held the base, and a delta patched the wrong bytes there.
+    After a routed round every worker's shadow is exact in its needed regions only, so the next
+    routed delta push patches those (a few % of the dense bytes, tokens equal transformers'); a
+    wrong base ends CHECKSUM_MISMATCH on both engines and flags them, and the next push heals them
+    dense; a plain (not routed) delta push patches whole tensors, so it is dense there and leaves
+    whole shadows, which a routed delta then patches again.
     """
+    from safetensors.torch import save_file
+
     from weightsync.runtime.trainer import WeightSync
 
-    fleet.wait_idle(120)
-    with WeightSync(fleet.address, collective_timeout_s=trainer.COLLECTIVE_TIMEOUT_S, deadline_s=trainer.DEADLINE_S,
-                    min_daemons=2, delta=True) as sync:
-        dense = sync.push(fleet.weights(seed=10), version=10, raise_on_failure=False)
-        assert dense.committed, dense
-        fleet.wait_idle(120)
-        out, codes = fleet.push(seed=11, version=11)
+    model_bytes = sum(t.numel() * t.element_size() for t in fleet.checkpoint.values())
+
+    def routed(version: int, base: dict, base_version: int, seed: int):
+        save_file(base, tmp_path / f"base-{version}.safetensors")
+        out, codes = fleet.push(seed=seed, version=version, delta=(str(tmp_path / f"base-{version}.safetensors"), base_version))
         summary, error, _ = out[0]
-        assert error is None and summary["state"] == "COMMITTED", (summary, error, f"logs in {fleet.tmp}")
-        fleet.wait_idle(120)
-        # A sparse change, as a training step makes: a delta against a wrong base would leave the
-        # base's bytes wherever nothing changed (with every element changed it hides the base).
-        base = fleet.weights(seed=11)
-        step = {n: t.clone() for n, t in base.items()}
-        for t in step.values():
-            t.view(-1)[::50] += 0.01
-        report = sync.push(step, version=12, base=base, base_version=11, raise_on_failure=False)
+        assert error is None and codes == [0, 0], (out, codes, f"logs in {fleet.tmp}")
+        return summary, sparse_step(base, seed)
+
+    fleet.wait_idle(120)
+    out, _ = fleet.push(seed=11, version=11)
+    assert out[0][0]["state"] == "COMMITTED", out
+    w11 = fleet.weights(seed=11)
+    fleet.wait_idle(120)
+    summary, w12 = routed(12, w11, 11, seed=12)
+    assert summary["state"] == "COMMITTED", (summary, f"logs in {fleet.tmp}")
+    for name in ENGINES:
+        encoding, nbytes = summary["encodings"][name]
+        assert encoding == "delta" and 0 < nbytes < MAX_ROUTED_DELTA_FRACTION * model_bytes, (name, nbytes, model_bytes)
+    fleet.assert_engines_hold(w12, version=12)
+    # A base that is not what the engines hold: the regions they patch do not become the trainer's.
+    summary, _ = routed(13, perturbed(w12, seed=99), 12, seed=13)
+    assert summary["state"] == "FAILED" and {n: s for n, (s, _) in summary["results"].items()} == dict.fromkeys(ENGINES, "CHECKSUM_MISMATCH"), summary
+    _wait(lambda: all(fleet.daemons()[n].dirty for n in ENGINES), 30, "both engines flagged dirty")
+    fleet.wait_idle(120)
+    summary, w14 = routed(14, w12, 12, seed=14)
+    assert summary["state"] == "COMMITTED" and {e for e, _ in summary["encodings"].values()} == {"dense"}, summary
+    fleet.assert_engines_hold(w14, version=14)
+    fleet.wait_idle(120)
+    # A plain delta push patches whole tensors: the routed round's shadows do not qualify.
+    w15 = sparse_step(w14, seed=15)
+    with WeightSync(fleet.address, collective_timeout_s=trainer.COLLECTIVE_TIMEOUT_S, deadline_s=trainer.DEADLINE_S,
+                    min_daemons=2) as sync:
+        report = sync.push(w15, version=15, base=w14, base_version=14, raise_on_failure=False)
     assert report.committed, (report, f"logs in {fleet.tmp}")
     assert {v.daemon_id: (v.status, v.encoding) for v in report.results} == dict.fromkeys(ENGINES, ("OK", "dense")), report
-    info = fleet.daemons()
-    want = hf_greedy(fleet.model_dir, step, [PROMPT], NUM_TOKENS)[0]
-    for name in ENGINES:
-        assert info[name].served_version == 12 and not info[name].dirty, info[name]
-        assert fleet.tokens(name) == want, f"{name} does not generate like version 12"
+    fleet.assert_engines_hold(w15, version=15)
+    fleet.wait_idle(120)
+    # The dense round left whole shadows: a routed delta patches them.
+    summary, w16 = routed(16, w15, 15, seed=16)
+    assert summary["state"] == "COMMITTED" and {e for e, _ in summary["encodings"].values()} == {"delta"}, summary
+    fleet.assert_engines_hold(w16, version=16)

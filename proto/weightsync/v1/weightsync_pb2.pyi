@@ -302,18 +302,20 @@ class SessionHello(_message.Message):
     def __init__(self, daemon_id: _Optional[str] = ..., session_token: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("served_version", "dirty", "busy_update_id", "draining", "holds_delta_base")
+    __slots__ = ("served_version", "dirty", "busy_update_id", "draining", "holds_delta_base", "holds_needed_delta_base")
     SERVED_VERSION_FIELD_NUMBER: _ClassVar[int]
     DIRTY_FIELD_NUMBER: _ClassVar[int]
     BUSY_UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     HOLDS_DELTA_BASE_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_NEEDED_DELTA_BASE_FIELD_NUMBER: _ClassVar[int]
     served_version: int
     dirty: bool
     busy_update_id: str
     draining: bool
     holds_delta_base: bool
-    def __init__(self, served_version: _Optional[int] = ..., dirty: _Optional[bool] = ..., busy_update_id: _Optional[str] = ..., draining: _Optional[bool] = ..., holds_delta_base: _Optional[bool] = ...) -> None: ...
+    holds_needed_delta_base: bool
+    def __init__(self, served_version: _Optional[int] = ..., dirty: _Optional[bool] = ..., busy_update_id: _Optional[str] = ..., draining: _Optional[bool] = ..., holds_delta_base: _Optional[bool] = ..., holds_needed_delta_base: _Optional[bool] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("update_id", "buckets_done", "bytes_done")
@@ -326,7 +328,7 @@ class Progress(_message.Message):
     def __init__(self, update_id: _Optional[str] = ..., buckets_done: _Optional[int] = ..., bytes_done: _Optional[int] = ...) -> None: ...
 
 class UpdateResult(_message.Message):
-    __slots__ = ("update_id", "ok", "error", "checksums", "receive_s", "apply_s", "bytes_received", "holds_delta_base", "piece_sums", "timeline")
+    __slots__ = ("update_id", "ok", "error", "checksums", "receive_s", "apply_s", "bytes_received", "holds_delta_base", "piece_sums", "timeline", "holds_needed_delta_base")
     class TimelineEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -344,6 +346,7 @@ class UpdateResult(_message.Message):
     HOLDS_DELTA_BASE_FIELD_NUMBER: _ClassVar[int]
     PIECE_SUMS_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_NEEDED_DELTA_BASE_FIELD_NUMBER: _ClassVar[int]
     update_id: str
     ok: bool
     error: str
@@ -354,7 +357,8 @@ class UpdateResult(_message.Message):
     holds_delta_base: bool
     piece_sums: _containers.RepeatedCompositeFieldContainer[PieceChecksum]
     timeline: _containers.ScalarMap[str, float]
-    def __init__(self, update_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., checksums: _Optional[_Iterable[_Union[TensorChecksum, _Mapping]]] = ..., receive_s: _Optional[float] = ..., apply_s: _Optional[float] = ..., bytes_received: _Optional[int] = ..., holds_delta_base: _Optional[bool] = ..., piece_sums: _Optional[_Iterable[_Union[PieceChecksum, _Mapping]]] = ..., timeline: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    holds_needed_delta_base: bool
+    def __init__(self, update_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., checksums: _Optional[_Iterable[_Union[TensorChecksum, _Mapping]]] = ..., receive_s: _Optional[float] = ..., apply_s: _Optional[float] = ..., bytes_received: _Optional[int] = ..., holds_delta_base: _Optional[bool] = ..., piece_sums: _Optional[_Iterable[_Union[PieceChecksum, _Mapping]]] = ..., timeline: _Optional[_Mapping[str, float]] = ..., holds_needed_delta_base: _Optional[bool] = ...) -> None: ...
 
 class DaemonMessage(_message.Message):
     __slots__ = ("hello", "heartbeat", "progress", "result")

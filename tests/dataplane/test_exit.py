@@ -11,6 +11,9 @@ import pytest
 
 from tests.conftest import free_port
 
+# Each case starts two interpreters with torch and holds one through a 5 s finalization.
+pytestmark = pytest.mark.slow
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 

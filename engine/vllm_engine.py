@@ -68,6 +68,8 @@ INFLIGHT_POLICIES = ("wait", "abort", "keep")
 STAGING_MODES = ("staged", "stream")
 
 ProgressFn = Callable[[int, int], None]
+# The most often a staged round asks its workers for their status (engine/stage_signal.py).
+_MIN_STATUS_INTERVAL_S = 0.1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -436,8 +438,12 @@ class VllmEngine:
         signalled: dict[int, tuple[int, int]] = {}
         last = (-1, -1)
         ask = True  # once at the start: a worker may have finished before the listener was read
+        asked_at = -float("inf")
         while True:
             if ask:
+                # Bounded however many datagrams say "ended": any local process can send them.
+                await asyncio.sleep(max(0.0, asked_at + _MIN_STATUS_INTERVAL_S - time.monotonic()))
+                asked_at = time.monotonic()
                 statuses = await self._rpc("weightsync_stage_status", update_id)
                 failed = [s for s in statuses if s["state"] not in ("receiving", "staged")]
                 if failed:

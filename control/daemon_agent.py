@@ -350,7 +350,8 @@ class DaemonAgent:
         return bool(getattr(self._handler, "holds_delta_base", False))
 
     def _holds_needed_delta_base(self) -> bool:
-        return self._holds_delta_base() or bool(getattr(self._handler, "holds_needed_delta_base", False))
+        # That a whole base implies it is the coordinator's rule (Coordinator.heartbeat), not repeated here.
+        return bool(getattr(self._handler, "holds_needed_delta_base", False))
 
     async def _heartbeats(self, session: _Session, interval_s: float) -> None:
         # Its own task, and tensor work runs in threads: heartbeats never wait on tensors.

@@ -16,9 +16,10 @@ and a refusal reaches every rank (the data plane's open handshake).
 A delta round (`assignment.delta_base_version` set) arrives framed per rank
 (`dataplane/delta_round.py`, or `routed_delta.py` for a routed one: engine/routed.py): a
 delta rank patches the worker's shadow of the served weights (`shadow.py`), taken out of
-the shadow for the round; a dense rank gets every tensor (or routed piece) whole. Either way the result is whole checkpoint tensors, applied
-by the same path as a dense round; in streamed mode they are applied once the round
-has arrived (a delta's tensors are complete only then), still inside the pause.
+the shadow for the round; a dense rank gets every tensor (or routed piece) whole. Either
+way the result is whole checkpoint tensors (a routed round's: exact in the needed regions),
+applied by the same path as a dense round; in streamed mode a dense-path delta's tensors
+are applied once the round has arrived (complete only then), still inside the pause.
 """
 
 from __future__ import annotations

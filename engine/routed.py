@@ -116,7 +116,9 @@ def _plan_problem(assignment: Assignment, inventory: Mapping[str, TensorSpec]) -
     return None
 
 
-def _staging(assignment: Assignment, group: "DataPlaneGroup", meter: _StagingMeter, base: "Mapping[str, torch.Tensor] | None"):
+def _staging(
+    assignment: Assignment, rank: int, group: "DataPlaneGroup", meter: _StagingMeter, base: "Mapping[str, torch.Tensor] | None"
+):
     """A destination that hands out a fresh full-size tensor per needed checkpoint tensor, or on a
     delta rank of a routed delta round the shadow's tensor (`base`), whose needed regions are patched."""
     import torch
@@ -124,6 +126,8 @@ def _staging(assignment: Assignment, group: "DataPlaneGroup", meter: _StagingMet
     from weightsync.dataplane.layout import torch_dtype
 
     specs = {e.name: e.spec for _, e in assignment.plan.entries()}
+    if rank not in assignment.delta_ranks:
+        base = None
 
     def destination(name: str) -> "torch.Tensor":
         if base is not None:
@@ -192,9 +196,8 @@ def stage_routed(
     if problem is None and discarded.is_set():
         problem = f"update {assignment.update_id} was discarded before it started"
     meter = _StagingMeter()
-    patched = base if rank in assignment.delta_ranks else None
     result = _receive_fn(assignment)(
-        assignment, rank, group, _staging(assignment, group, meter, patched), apply_fn=keep, local_problem=problem
+        assignment, rank, group, _staging(assignment, rank, group, meter, base), apply_fn=keep, local_problem=problem
     )
     return staged, _receipt(result, meter)
 
@@ -267,7 +270,6 @@ def receive_routed_and_apply(
     handoff = _Handoff()
     meter = _StagingMeter()
     box: dict[str, Any] = {}
-    patched = base if rank in assignment.delta_ranks else None
 
     def hand(batch: list[tuple[str, "torch.Tensor"]]) -> None:
         if keep is not None:
@@ -280,7 +282,7 @@ def receive_routed_and_apply(
         error: BaseException | None = None
         try:
             box["result"] = _receive_fn(assignment)(
-                assignment, rank, group, _staging(assignment, group, meter, patched), apply_fn=hand, local_problem=problem
+                assignment, rank, group, _staging(assignment, rank, group, meter, base), apply_fn=hand, local_problem=problem
             )
         except BaseException as e:  # thread boundary: handed to the loader's iterator and re-raised there
             error = box["error"] = e

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # A status datagram is a small JSON object; larger ones are not ours.
 _MAX_DATAGRAM_BYTES = 4096
 _FIELDS = ("update_id", "rank", "state", "buckets_done", "bytes_done")
+_TYPES = {"update_id": str, "rank": int, "state": str, "buckets_done": int, "bytes_done": int}
 
 
 def notify_stage(address: str, status: Mapping[str, Any]) -> None:
@@ -90,6 +91,10 @@ def _parse(body: bytes) -> dict[str, Any] | None:
         status = json.loads(body)
     except ValueError:
         return None
-    if not isinstance(status, dict) or not all(k in status for k in _FIELDS):
+    if not isinstance(status, dict):
         return None
-    return status
+    # Exactly the fields a worker sends, each of its type (bool is not a count): nothing else is read.
+    out = {k: status.get(k) for k in _FIELDS}
+    if not all(isinstance(v, _TYPES[k]) and not isinstance(v, bool) for k, v in out.items()):
+        return None
+    return out

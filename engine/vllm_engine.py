@@ -462,7 +462,7 @@ class VllmEngine:
             news = [s for s in await listener.next_statuses(self._config.stage_poll_interval_s) if s["update_id"] == update_id]
             for s in news:
                 if s["rank"] in signalled:
-                    signalled[s["rank"]] = (int(s["buckets_done"]), int(s["bytes_done"]))
+                    signalled[s["rank"]] = (s["buckets_done"], s["bytes_done"])
             # No datagram within the interval, or one that says a worker's staging ended.
             ask = not news or any(s["state"] != "receiving" for s in news)
 

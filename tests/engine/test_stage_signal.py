@@ -14,12 +14,15 @@ def _status(rank: int, state: str, buckets: int) -> dict:
 
 
 async def test_statuses_arrive_in_order_and_malformed_datagrams_are_dropped():
-    """Every queued status comes back at once; non-JSON and JSON without the status fields are ignored."""
+    """Every queued status comes back at once; non-JSON, JSON without the status fields and fields of the wrong type are ignored."""
     with StageListener() as listener:
         notify_stage(listener.address, _status(0, "receiving", 1))
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.sendto(b"\xff not json", "\0" + listener.address)
             s.sendto(b'{"rank": 0}', "\0" + listener.address)
+            # Every field present, but of the wrong type: a rank that is a list, a count that is text.
+            s.sendto(b'{"update_id": "u1", "rank": [0], "state": "staged", "buckets_done": 4, "bytes_done": 40}', "\0" + listener.address)
+            s.sendto(b'{"update_id": "u1", "rank": 0, "state": "staged", "buckets_done": "4", "bytes_done": 40}', "\0" + listener.address)
         notify_stage(listener.address, _status(1, "staged", 4))
         got = await listener.next_statuses(5.0)
     assert [(s["rank"], s["state"], s["buckets_done"]) for s in got] == [(0, "receiving", 1), (1, "staged", 4)]

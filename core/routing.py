@@ -14,9 +14,14 @@ is an error naming the tensor and the region.
 
 Relay: a piece leaves its sender once. Its receivers form a pipelined chain in the order
 `Piece.receivers` lists them (sender -> receivers[0] -> receivers[1] -> ...; each forwards
-exactly the bytes it got, dataplane/relay.py). The chain is rotated by (bucket + sender), so
-that across buckets every receiver of a group takes its turn at the head and forwarding is
-spread. Within a bucket, the pieces with the same chain travel as one message: a `Route`.
+exactly the bytes it got, dataplane/relay.py). The chain is rotated by the sender, so that
+different senders' chains start at different receivers, and NOT by bucket: a sender's chain to
+one set of receivers keeps one order for the whole round, so that it streams across buckets
+as one long relay (dataplane/relay.py `ChainLanes`). Rotated per bucket too, each bucket's
+last receiver is the next bucket's second-to-last, which then waits for it and adds a hop to
+every bucket (measured, S = 2, M = 8, T = 1: 0.80 of the speed of light against 0.87, BENCHMARKS.md).
+Spreading the forwarding is not needed for bandwidth: a rank forwards at most what it takes in.
+Within a bucket, the pieces with the same chain travel as one message: a `Route`.
 
 Balance: pieces only one rank can send are assigned first; then, largest first, each other
 piece goes to the candidate that has emitted the fewest bytes so far (replicated tensors are
@@ -40,7 +45,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from weightsync.core.dtypes import itemsize
 from weightsync.core.regions import Region
@@ -112,9 +117,11 @@ class Piece:
 class Route:
     """The pieces of one bucket that share a chain: relayed as one message along `order`.
 
-    `order` is the sender, then the receivers in relay order; `tag` (1 and up, its position
-    among the bucket's routes) keeps its messages apart from the bucket's other routes between
-    the same two ranks. `offsets[i]` is where `pieces[i]` starts in the message (8-byte
+    `order` is the sender, then the receivers in relay order; `tag` (1 and up) is its lane: one
+    per (sender, set of receivers) for the whole plan, numbered in plan order. A lane's routes
+    of successive buckets relay one after another while other lanes may be a bucket behind or
+    ahead (dataplane/relay.py `ChainLanes`), so no two lanes may share a tag between the same
+    two ranks at any time: a tag per position within the bucket would. `offsets[i]` is where `pieces[i]` starts in the message (8-byte
     aligned); `nbytes` is the message's size, alignment gaps included."""
 
     tag: int
@@ -132,6 +139,14 @@ class RoutingPlan:
     pieces: tuple[Piece, ...]
     num_buckets: int
     digest: str
+    # (sender, sorted receivers) -> lane tag, derived from `pieces` (see Route).
+    _lanes: dict = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        lanes: dict[tuple[int, ...], int] = {}
+        for p in self.pieces:
+            lanes.setdefault((p.sender, *sorted(p.receivers)), len(lanes) + 1)
+        object.__setattr__(self, "_lanes", lanes)
 
     def to_dict(self) -> dict:
         return {"num_senders": self.num_senders, "num_buckets": self.num_buckets, "pieces": [p.to_dict() for p in self.pieces]}
@@ -180,8 +195,9 @@ class RoutingPlan:
             if p.bucket == bucket:
                 by_chain.setdefault((p.sender, *p.receivers), []).append(p)
         out = []
-        for tag, (order, pieces) in enumerate(by_chain.items(), start=1):
+        for order, pieces in by_chain.items():
             if rank is None or rank in order:
+                tag = self._lanes[(order[0], *sorted(order[1:]))]
                 offsets, end = [], 0
                 for p in pieces:
                     # 8-byte aligned, so every piece can be viewed as its dtype inside the message.
@@ -391,7 +407,7 @@ def _build(
             nbytes = _box_numel(part) * size
             if used and used + nbytes > bucket_size_bytes:
                 bucket, used = bucket + 1, 0
-            turn = (bucket + sender_of[i]) % len(receivers)
+            turn = sender_of[i] % len(receivers)  # by sender only: see "Relay" above
             chain = receivers[turn:] + receivers[:turn]
             pieces.append(Piece(len(pieces), manifest[t].name, part, sender_of[i], chain, bucket, nbytes))
             used += nbytes

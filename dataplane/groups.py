@@ -424,7 +424,7 @@ class DataPlaneGroup:
 
         def block() -> None:
             try:
-                with self._blocking():
+                with self.blocking_call():
                     work.wait(timeout)
                 future.set_result(None)
             except BaseException as e:  # handed to the waiting thread
@@ -444,13 +444,16 @@ class DataPlaneGroup:
             self._worker = _Worker(f"weightsync-p2p-{self.group_id}-{self.rank}")
 
         def tracked():
-            with self._blocking():
+            with self.blocking_call():
                 return fn()
 
         return self._worker.submit(tracked)
 
     @contextlib.contextmanager
-    def _blocking(self):
+    def blocking_call(self):
+        """Wraps a blocking call into this group's backend made on a thread of ours (the worker,
+        a relay lane): counted, so that `release_blocked_waits` knows to cut the pairs and
+        interpreter exit waits for the thread to come back (`_native`)."""
         with self._blocked_lock:
             self._num_blocked += 1
         try:

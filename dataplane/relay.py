@@ -30,9 +30,11 @@ tree above), and vLLM's weight-transfer engines are NCCL/IPC only.
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 
@@ -42,19 +44,27 @@ from weightsync.core import BucketPlan, TransferError
 from weightsync.dataplane.groups import DataPlaneGroup
 from weightsync.dataplane.transports import PackedOnly
 
-__all__ = ["RELAY_SHAPES", "Relay", "chunk_bytes", "links", "relay_chains"]
+__all__ = ["RELAY_SHAPES", "ChainLanes", "Relay", "chunk_bytes", "links", "relay_chain"]
 
 RELAY_SHAPES = ("chain", "tree")
 # Chunks: small enough that the pipeline's fill ((hops - 1) chunks) is a sixteenth of a message or
 # less, large enough that a chunk's fixed cost (a Python call and a gloo message) stays small
-# against its time on the wire; 4 KiB multiples.
-_MIN_CHUNK_BYTES = 64 << 10
+# against its time on the wire; 4 KiB multiples. The floor matters for small messages only, such
+# as a routed round's per-sender routes of a small model: at 64 KiB, 512 KiB routes over an
+# 8-receiver chain filled for 7/8 of a route, and a rank that is one sender's tail waits that
+# long while it heads the other sender's chain (S = 2, M = 8: 0.77 of the speed of light; 0.87
+# at 16 KiB, BENCHMARKS.md "Lanes"). A 16 KiB chunk is 5 ms at 25 Mbit/s, 13 us at 10 Gbit/s,
+# where real buckets' chunks are far above the floor.
+_MIN_CHUNK_BYTES = 16 << 10
 _MAX_CHUNK_BYTES = 4 << 20
 _FILL_SHARE = 16
 # Operations kept in flight per peer: enough to keep the link busy between two waits, also when
 # a rank is scheduled late (2 cores shared by 8 ranks wake a process tens of ms late).
 _WINDOW = 16
 _TAG = 0
+# How long ChainLanes.close waits for its lanes' threads; idle ones end in microseconds, failed
+# ones once their group's pairs are cut (milliseconds).
+_CLOSE_JOIN_S = 5.0
 
 
 def links(order: Sequence[int], rank: int, shape: str) -> tuple[int | None, list[int]]:
@@ -170,49 +180,117 @@ class Relay(PackedOnly):
 # ---------------------------------------------------------------------- many chains at once
 
 
-def relay_chains(group: DataPlaneGroup, chains: Sequence[tuple[Sequence[int], int, torch.Tensor]]) -> None:
-    """Blocking, on the group's worker: this rank's part in several chain relays at once.
+def relay_chain(group: DataPlaneGroup, order: Sequence[int], tag: int, view: torch.Tensor) -> None:
+    """Blocking: this rank's part in one chain relay: `order[0]` sends `view`, every other rank of
+    `order` receives it into `view` and forwards it to the next."""
+    parent, children = links(order, group.rank, "chain")
+    relay_bytes(group, view, parent, children, chunk_bytes(view.numel(), hops(len(order), "chain")), tag)
 
-    `chains`: (order, tag, view) per chain this rank is in: `order[0]` sends `view`, every other
-    rank of `order` receives it into `view` and forwards it to the next. The chains run
-    concurrently, one thread each, so that a rank in several chains (a routed round's bucket:
-    one chain per sender and group of receivers) never waits on one chain while another's bytes
-    could move; run one after the other, a rank's second chain would wait for its first, and
-    with it the senders of every later chain. Lockstep contract: every rank of a chain passes
-    the same order, tag and view size. When one chain fails, the group's pending sends and
-    receives are cut (`release_blocked_waits`), so the others fail at once instead of at their
-    timeout; the first failure is raised.
+
+class _Countdown:
+    """The future of one submit: done when its last chain is, failed with the first error."""
+
+    def __init__(self, n: int) -> None:
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self._left = n
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        if n == 0:
+            self.future.set_result(None)
+
+    def done(self, error: BaseException | None) -> None:
+        with self._lock:
+            self._left -= 1
+            if error is not None and self._error is None:
+                self._error = error
+            if self._left:
+                return
+        if self._error is None:
+            self.future.set_result(None)
+        else:
+            self.future.set_exception(self._error)
+
+
+class ChainLanes:
+    """This rank's part in a routed round's chains: one lane (a thread) per tag, each running
+    the chains submitted to it in order, independently of the other lanes.
+
+    A routed round's bucket has one chain per (sender, set of receivers), and every rank of such
+    a chain forwards while it receives. Run a bucket's chains as one unit (all of bucket k, then
+    all of bucket k+1), a rank would start a sender's chain of k+1 only once every chain of k
+    ended there: every bucket then pays each chain's pipeline fill again, and while the last
+    chain of k drains, the others' links idle (measured: S = 2 senders, T = 1, M = 4 and 8
+    engines on the emulated fleet stood at 0.67-0.71 of the speed of light, BENCHMARKS.md).
+    In a lane, a chain of bucket k+1 starts on this rank as soon as this rank's part in the
+    same lane's chain of k is done, so each lane streams across buckets as one long chain.
+
+    Lockstep contract: a lane is one tag; every rank of its chains submits them in the same
+    order (bucket order) with the same order of ranks and view size, and no two lanes share a
+    tag (core/routing.py gives each (sender, receivers) its own tag for the whole plan). Lanes
+    may then be at different buckets without ever meeting another's messages between the same
+    two ranks (gloo matches a receive by peer and tag, first come first served).
+
+    Failure: the first chain to fail cuts the group's pending sends and receives
+    (`release_blocked_waits`), so every other lane fails at once instead of at its timeout, and
+    fails every chain still queued without running it. Call `close()` when the round ends.
     """
 
-    def one(order: Sequence[int], tag: int, view: torch.Tensor) -> None:
-        parent, children = links(order, group.rank, "chain")
-        relay_bytes(group, view, parent, children, chunk_bytes(view.numel(), hops(len(order), "chain")), tag)
+    def __init__(self, group: DataPlaneGroup) -> None:
+        self._group = group
+        self._queues: dict[int, queue.SimpleQueue] = {}
+        self._threads: list[threading.Thread] = []
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
 
-    if len(chains) == 1:
-        one(*chains[0])
-        return
-    done: queue.Queue = queue.Queue()
+    def submit(self, chains: Sequence[tuple[Sequence[int], int, torch.Tensor]]) -> concurrent.futures.Future:
+        """Queues each (order, tag, view) on the lane of its tag; the future is done when all are."""
+        countdown = _Countdown(len(chains))
+        for order, tag, view in chains:
+            lane = self._queues.get(tag)
+            if lane is None:
+                lane = self._queues[tag] = queue.SimpleQueue()
+                t = threading.Thread(target=self._run, args=(lane,), name=f"relay-{self._group.rank}-lane{tag}", daemon=True)
+                self._threads.append(t)
+                t.start()
+            lane.put((order, tag, view, countdown))
+        return countdown.future
 
-    def run(order: Sequence[int], tag: int, view: torch.Tensor) -> None:
-        try:
-            one(order, tag, view)
-            done.put(None)
-        except BaseException as e:  # handed to the worker thread, which raises it
-            done.put(e)
+    def _run(self, lane: queue.SimpleQueue) -> None:
+        while True:
+            item = lane.get()
+            if item is None:
+                return
+            order, tag, view, countdown = item
+            error = self._error
+            if error is None:
+                try:
+                    with self._group.blocking_call():
+                        relay_chain(self._group, order, tag, view)
+                except BaseException as e:  # handed to the round's thread through the future
+                    error = e
+                    with self._lock:
+                        first = self._error is None
+                        if first:
+                            self._error = e
+                    if first:
+                        self._group.release_blocked_waits()
+            countdown.done(error)
 
-    threads = [threading.Thread(target=run, args=c, name=f"relay-{group.rank}-tag{c[1]}", daemon=True) for c in chains]
-    for t in threads:
-        t.start()
-    first: BaseException | None = None
-    for _ in threads:
-        error = done.get()
-        if error is not None and first is None:
-            first = error
-            group.release_blocked_waits()
-    for t in threads:
-        t.join()
-    if first is not None:
-        raise first
+    def close(self) -> None:
+        """Ends the lanes: chains still queued run first (or fail at once after a failure), then
+        each lane's thread returns; waits up to _CLOSE_JOIN_S for them. A lane thread still ending
+        when the interpreter finalizes aborts the process (measured: every rank of
+        tests/dataplane/test_lanes.py exited -6, "terminate called without an active exception",
+        until close waited), so a round's lanes end with the round. One blocked in gloo past the
+        bound (a healthy group whose peer stalls) is left to its timeout, counted for exit by
+        `blocking_call`."""
+        for lane in self._queues.values():
+            lane.put(None)
+        self._queues = {}
+        deadline = time.monotonic() + _CLOSE_JOIN_S
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._threads = []
 
 
 # ---------------------------------------------------------------------- messages of any size

@@ -5,13 +5,14 @@ sender (a trainer rank, data-plane ranks 0..S-1) and its receivers in relay orde
 the pieces with the same chain form a Route: the sender packs them from its LOCAL tensors (a
 DTensor's `to_local()` shard, a replicated or plain tensor as it is: nobody gathers) into one
 message, which leaves the sender once and is relayed, pipelined chunk by chunk, along the
-chain (dataplane/relay.py `relay_chains`: every chain of the bucket at once); every receiver
+chain (dataplane/relay.py `ChainLanes`: a lane per chain, streaming across buckets); every receiver
 forwards exactly the bytes it got and lands its pieces into a full-size tensor (the engine's
 own, via `destination`, or a staging tensor whose unneeded parts are never written). Point to
 point over the one group, as delta_round.py does: one group, one handshake, one failure path;
-gloo's broadcast is a star anyway (FACTS.md). Buckets run one after another on the group's
-worker, in plan order on every rank (the relay's lockstep contract); the round's thread packs
-(sender) or lands and applies (receiver) one bucket while the worker relays the next. Memory:
+gloo's broadcast is a star anyway (FACTS.md). Each lane relays its routes in plan order on
+every rank (the relay's lockstep contract), the lanes independently of each other; the round's
+thread packs (sender) or lands and applies (receiver) one bucket while the lanes relay the
+next. Memory:
 a sender holds at most two buckets of packed messages, a receiver two buckets of receive
 buffers (plus its full-size destinations).
 
@@ -43,7 +44,7 @@ from weightsync.dataplane.checksum import runs_sum
 from weightsync.dataplane.groups import DataPlaneGroup
 from weightsync.dataplane.handshake import close_round, open_round, open_round_as_sender
 from weightsync.dataplane.layout import torch_dtype
-from weightsync.dataplane.relay import relay_chains
+from weightsync.dataplane.relay import ChainLanes
 
 __all__ = ["RoutedResult", "held_region", "local_view", "piece_sum", "receive_routed", "send_routed"]
 
@@ -188,23 +189,26 @@ def send_routed(
             chains.append((route.order, route.tag, buf))
         return chains
 
+    # Bucket k is packed while k - 1 relays (queued behind it on each lane), then k - 1 is waited for.
+    lanes = ChainLanes(group)
     in_flight: tuple[str, object] | None = None
     try:
         for k in range(plan.num_buckets):
             what = f"routed round bucket {k + 1}/{plan.num_buckets}"
             group.check_abort(what)
             chains = pack(k)
+            queued = (what, lanes.submit(chains)) if chains else None
             if in_flight is not None:
                 group.wait_future(in_flight[1], in_flight[0])
-                in_flight = None
-            if chains:
-                in_flight = (what, group.submit(lambda chains=chains: relay_chains(group, chains)))
+            in_flight = queued
         if in_flight is not None:
             group.wait_future(in_flight[1], in_flight[0])
     except BaseException as e:
         if not isinstance(e, TransferError):
             group.fail(f"sender rank {rank} stopped: {type(e).__name__}: {e}")
         raise
+    finally:
+        lanes.close()
     sent_s = time.monotonic() - started
     close_round(group, assignment, [0] * assignment.plan.num_tensors)
     seconds = time.monotonic() - started
@@ -252,34 +256,38 @@ def receive_routed(
     last_bucket = {p.name: p.bucket for p in mine}
     pending: dict[str, list[Piece]] = {}
 
+    lanes = ChainLanes(group)
+
     def post(k: int):
         routes = plan.routes(k, rank)
         bufs = [torch.empty(r.nbytes, dtype=torch.uint8, device=dev) for r in routes]
-        chains = [(r.order, r.tag, b) for r, b in zip(routes, bufs)]
-        return routes, bufs, (group.submit(lambda: relay_chains(group, chains)) if chains else None)
+        return routes, bufs, (lanes.submit([(r.order, r.tag, b) for r, b in zip(routes, bufs)]) if routes else None)
 
-    # One bucket relays on the worker while this thread lands and applies the one before.
-    queued = deque(post(k) for k in range(min(2, plan.num_buckets)))
-    for k in range(plan.num_buckets):
-        what = f"routed round bucket {k + 1}/{plan.num_buckets}"
-        routes, bufs, future = queued.popleft()
-        if future is not None:
-            group.wait_future(future, what)
-        if k + 2 < plan.num_buckets:
-            queued.append(post(k + 2))
-        received += sum(p.nbytes for r in routes for p in r.pieces)
-        if problem is not None:
-            continue
-        try:
-            for route, buf in zip(routes, bufs):
-                for p, offset in zip(route.pieces, route.offsets):
-                    target = _target(p, specs[p.name], dev, destination, landed, staged)
-                    view = target[_slices(p.box)]
-                    view.copy_(buf[offset : offset + p.nbytes].view(target.dtype).view(view.shape))
-                    pending.setdefault(p.name, []).append(p)
-            _finish_tensors(k, specs, landed, pending, last_bucket, apply_fn, sums)
-        except Exception as e:
-            problem = e
+    try:
+        # One bucket relays on the lanes while this thread lands and applies the one before.
+        queued = deque(post(k) for k in range(min(2, plan.num_buckets)))
+        for k in range(plan.num_buckets):
+            what = f"routed round bucket {k + 1}/{plan.num_buckets}"
+            routes, bufs, future = queued.popleft()
+            if future is not None:
+                group.wait_future(future, what)
+            if k + 2 < plan.num_buckets:
+                queued.append(post(k + 2))
+            received += sum(p.nbytes for r in routes for p in r.pieces)
+            if problem is not None:
+                continue
+            try:
+                for route, buf in zip(routes, bufs):
+                    for p, offset in zip(route.pieces, route.offsets):
+                        target = _target(p, specs[p.name], dev, destination, landed, staged)
+                        view = target[_slices(p.box)]
+                        view.copy_(buf[offset : offset + p.nbytes].view(target.dtype).view(view.shape))
+                        pending.setdefault(p.name, []).append(p)
+                _finish_tensors(k, specs, landed, pending, last_bucket, apply_fn, sums)
+            except Exception as e:
+                problem = e
+    finally:
+        lanes.close()
     if problem is not None:
         close_round(group, assignment, None, local_problem=f"rank {rank}: {type(problem).__name__}: {problem}")
         raise AssertionError("close_round with a local problem raises")

@@ -166,7 +166,7 @@ def test_relayed_pieces_land_whole_at_every_receiver_of_a_chain(tiny_specs, tmp_
     a, reports, _, _ = run_round(tiny_specs, engine_needs, _chain_router(tiny_specs, needs, "u4"), Options(num_senders=S), str(tmp_path / "init"))
     assert all(kind == "done" for kind, _ in reports.values()), reports
     assert all(len(p.receivers) == 3 for p in a.routing.pieces)
-    # several buckets, the chain's head rotating: every receiver forwards some of the bytes
+    # several buckets, one chain per sender, their heads apart: every receiver forwards some of the bytes
     assert a.routing.num_buckets > 2 and set(a.routing.bytes_forwarded()) == set(needs)
     model = sum(s.nbytes for s in tiny_specs)
     for r in needs:
@@ -183,7 +183,7 @@ def test_relayed_pieces_land_whole_at_every_receiver_of_a_chain(tiny_specs, tmp_
 
 @pytest.mark.slow
 def test_relay_hop_killed_mid_round_fails_every_rank_fast(tiny_specs, tmp_path):
-    """A receiver that forwards in every chain (head, middle or tail as the chain rotates) dies after its first
+    """A receiver that forwards in every chain (head of one sender's, middle of the other's) dies after its first
     bucket: the senders and the other receivers raise a TransferError well inside the group's 20 s timeout."""
     needs = {S + i: None for i in range(3)}
     engine_needs = {r: {s.name: Region.whole() for s in tiny_specs} for r in needs}

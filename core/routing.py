@@ -14,14 +14,21 @@ is an error naming the tensor and the region.
 
 Relay: a piece leaves its sender once. Its receivers form a pipelined chain in the order
 `Piece.receivers` lists them (sender -> receivers[0] -> receivers[1] -> ...; each forwards
-exactly the bytes it got, dataplane/relay.py). The chain is rotated by the sender, so that
-different senders' chains start at different receivers, and NOT by bucket: a sender's chain to
-one set of receivers keeps one order for the whole round, so that it streams across buckets
-as one long relay (dataplane/relay.py `ChainLanes`). Rotated per bucket too, each bucket's
-last receiver is the next bucket's second-to-last, which then waits for it and adds a hop to
-every bucket (measured, S = 2, M = 8, T = 1: 0.80 of the speed of light against 0.87, BENCHMARKS.md).
+exactly the bytes it got, dataplane/relay.py). Within a bucket, the pieces with the same chain
+travel as one message: a `Route`. The chains run one of two ways, by the sender count:
+- S <= STREAMING_MAX_SENDERS (`RoutingPlan.streams`): a sender's chain to one set of receivers
+  keeps one order for the whole round, rotated by the sender only, and streams across buckets
+  as one long relay (dataplane/relay.py `ChainLanes`). Few chains share a rank, so a chain that
+  restarted at every bucket would leave its ranks' links idle while it refilled (S = 2: 0.67-0.71
+  of the speed of light in lockstep, 0.84-0.87 streaming); and rotated per bucket, each bucket's
+  last receiver would be the next bucket's second-to-last, which waits for it: a hop more per
+  bucket (S = 2, M = 8: 0.80 against 0.87).
+- more senders: a rank relays each bucket's chains as one unit (lockstep), and the chains rotate
+  by (bucket + sender), so that every receiver takes its turn at the head. Many chains share
+  each rank and hide one chain's refill, while a chain let run a bucket ahead takes link share
+  from the bucket that everyone waits for (S = 4, 8: lockstep 0.89-0.90, streaming 0.79-0.84).
 Spreading the forwarding is not needed for bandwidth: a rank forwards at most what it takes in.
-Within a bucket, the pieces with the same chain travel as one message: a `Route`.
+Measurements: BENCHMARKS.md "Lanes".
 
 Balance: pieces only one rank can send are assigned first; then, largest first, each other
 piece goes to the candidate that has emitted the fewest bytes so far (replicated tensors are
@@ -69,6 +76,9 @@ Box = tuple[tuple[int, int], ...]
 
 # A few layouts per coordinator (membership changes, a second model): a handful of plans.
 _CACHE_SIZE = 16
+# Rounds with at most this many senders relay each chain streaming across buckets, in one order for
+# the round; with more, a rank relays each bucket's chains as one unit, rotated per bucket (see "Relay").
+STREAMING_MAX_SENDERS = 2
 # A routed round is cut into at least this many buckets of at least this size (_routed_bucket_size).
 _MIN_ROUTED_BUCKETS = 8
 _MIN_ROUTED_BUCKET_BYTES = 1 << 20
@@ -147,6 +157,12 @@ class RoutingPlan:
         for p in self.pieces:
             lanes.setdefault((p.sender, *sorted(p.receivers)), len(lanes) + 1)
         object.__setattr__(self, "_lanes", lanes)
+
+    @property
+    def streams(self) -> bool:
+        """Whether each chain streams across buckets (dataplane/relay.py `ChainLanes`) or a rank
+        relays a bucket's chains in lockstep; see "Relay" above."""
+        return self.num_senders <= STREAMING_MAX_SENDERS
 
     def to_dict(self) -> dict:
         return {"num_senders": self.num_senders, "num_buckets": self.num_buckets, "pieces": [p.to_dict() for p in self.pieces]}
@@ -399,6 +415,7 @@ def _build(
         sender_of[i] = pick
         egress[pick] += cost(i)
     bucket_size_bytes = _routed_bucket_size(bucket_size_bytes, sum(cost(i) for i in range(len(cells))))
+    streams = num_senders <= STREAMING_MAX_SENDERS
     pieces: list[Piece] = []
     bucket, used = 0, 0
     for i, (t, box, receivers, _) in enumerate(cells):
@@ -407,7 +424,7 @@ def _build(
             nbytes = _box_numel(part) * size
             if used and used + nbytes > bucket_size_bytes:
                 bucket, used = bucket + 1, 0
-            turn = sender_of[i] % len(receivers)  # by sender only: see "Relay" above
+            turn = (sender_of[i] + (0 if streams else bucket)) % len(receivers)  # see "Relay" above
             chain = receivers[turn:] + receivers[:turn]
             pieces.append(Piece(len(pieces), manifest[t].name, part, sender_of[i], chain, bucket, nbytes))
             used += nbytes

@@ -49,13 +49,16 @@ __all__ = ["RELAY_SHAPES", "ChainLanes", "Relay", "chunk_bytes", "links", "relay
 RELAY_SHAPES = ("chain", "tree")
 # Chunks: small enough that the pipeline's fill ((hops - 1) chunks) is a sixteenth of a message or
 # less, large enough that a chunk's fixed cost (a Python call and a gloo message) stays small
-# against its time on the wire; 4 KiB multiples. The floor matters for small messages only, such
-# as a routed round's per-sender routes of a small model: at 64 KiB, 512 KiB routes over an
-# 8-receiver chain filled for 7/8 of a route, and a rank that is one sender's tail waits that
-# long while it heads the other sender's chain (S = 2, M = 8: 0.77 of the speed of light; 0.87
-# at 16 KiB, BENCHMARKS.md "Lanes"). A 16 KiB chunk is 5 ms at 25 Mbit/s, 13 us at 10 Gbit/s,
-# where real buckets' chunks are far above the floor.
-_MIN_CHUNK_BYTES = 16 << 10
+# against its time on the wire; 4 KiB multiples.
+_MIN_CHUNK_BYTES = 64 << 10
+# The floor of a streaming lane's chunks (ChainLanes): a routed round's per-sender routes of a small
+# model are small messages, and at 64 KiB a 512 KiB route over 8 receivers filled for 7/8 of itself;
+# a rank that is one sender's tail waits that long while it heads the other sender's chain
+# (S = 2, M = 8, T = 1: 0.76 of the speed of light, 0.87 at 16 KiB). In lockstep (many senders)
+# the other chains hide the fill and 16 KiB only adds messages (S = 8: 0.80 against 0.90 at
+# 64 KiB). A 16 KiB chunk is 5 ms at 25 Mbit/s, 13 us at 10 Gbit/s, where real buckets' chunks
+# are far above either floor. BENCHMARKS.md "Lanes".
+_STREAM_MIN_CHUNK_BYTES = 16 << 10
 _MAX_CHUNK_BYTES = 4 << 20
 _FILL_SHARE = 16
 # Operations kept in flight per peer: enough to keep the link busy between two waits, also when
@@ -86,11 +89,11 @@ def hops(num_ranks: int, shape: str) -> int:
     return num_ranks - 1 if shape == "chain" else (num_ranks).bit_length() - 1
 
 
-def chunk_bytes(nbytes: int, num_hops: int) -> int:
+def chunk_bytes(nbytes: int, num_hops: int, min_chunk: int = _MIN_CHUNK_BYTES) -> int:
     """The chunk size every rank of a relay uses for a message of `nbytes`."""
     want = nbytes // (_FILL_SHARE * max(1, num_hops - 1))
     want = -(-want // 4096) * 4096
-    return max(_MIN_CHUNK_BYTES, min(_MAX_CHUNK_BYTES, want))
+    return max(min_chunk, min(_MAX_CHUNK_BYTES, want))
 
 
 def relay_bytes(
@@ -180,11 +183,13 @@ class Relay(PackedOnly):
 # ---------------------------------------------------------------------- many chains at once
 
 
-def relay_chain(group: DataPlaneGroup, order: Sequence[int], tag: int, view: torch.Tensor) -> None:
+def relay_chain(
+    group: DataPlaneGroup, order: Sequence[int], tag: int, view: torch.Tensor, min_chunk: int = _MIN_CHUNK_BYTES
+) -> None:
     """Blocking: this rank's part in one chain relay: `order[0]` sends `view`, every other rank of
-    `order` receives it into `view` and forwards it to the next."""
+    `order` receives it into `view` and forwards it to the next (every rank with the same `min_chunk`)."""
     parent, children = links(order, group.rank, "chain")
-    relay_bytes(group, view, parent, children, chunk_bytes(view.numel(), hops(len(order), "chain")), tag)
+    relay_bytes(group, view, parent, children, chunk_bytes(view.numel(), hops(len(order), "chain"), min_chunk), tag)
 
 
 class _Countdown:
@@ -192,11 +197,14 @@ class _Countdown:
 
     def __init__(self, n: int) -> None:
         self.future: concurrent.futures.Future = concurrent.futures.Future()
+        # Set once the future is: what a lockstep lane waits on before the next unit.
+        self.finished = threading.Event()
         self._left = n
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         if n == 0:
             self.future.set_result(None)
+            self.finished.set()
 
     def done(self, error: BaseException | None) -> None:
         with self._lock:
@@ -209,6 +217,7 @@ class _Countdown:
             self.future.set_result(None)
         else:
             self.future.set_exception(self._error)
+        self.finished.set()
 
 
 class ChainLanes:
@@ -224,6 +233,13 @@ class ChainLanes:
     In a lane, a chain of bucket k+1 starts on this rank as soon as this rank's part in the
     same lane's chain of k is done, so each lane streams across buckets as one long chain.
 
+    `lockstep=True` keeps the one-unit rule all the same (a lane starts its chain of a submit
+    only once every chain of the submit before has ended on this rank), for rounds where many
+    chains share each rank: there the others hide one chain's refill, and a lane that runs a
+    bucket ahead takes link share from the bucket every lane's consumer waits for (measured,
+    S = 4 and 8: streaming 0.79-0.84 of the speed of light, lockstep 0.89-0.90;
+    core/routing.py `RoutingPlan.streams` picks).
+
     Lockstep contract: a lane is one tag; every rank of its chains submits them in the same
     order (bucket order) with the same order of ranks and view size, and no two lanes share a
     tag (core/routing.py gives each (sender, receivers) its own tag for the whole plan). Lanes
@@ -235,8 +251,11 @@ class ChainLanes:
     fails every chain still queued without running it. Call `close()` when the round ends.
     """
 
-    def __init__(self, group: DataPlaneGroup) -> None:
+    def __init__(self, group: DataPlaneGroup, *, lockstep: bool = False) -> None:
         self._group = group
+        self._lockstep = lockstep
+        self._min_chunk = _MIN_CHUNK_BYTES if lockstep else _STREAM_MIN_CHUNK_BYTES
+        self._last: _Countdown | None = None
         self._queues: dict[int, queue.SimpleQueue] = {}
         self._threads: list[threading.Thread] = []
         self._error: BaseException | None = None
@@ -245,6 +264,9 @@ class ChainLanes:
     def submit(self, chains: Sequence[tuple[Sequence[int], int, torch.Tensor]]) -> concurrent.futures.Future:
         """Queues each (order, tag, view) on the lane of its tag; the future is done when all are."""
         countdown = _Countdown(len(chains))
+        after = self._last if self._lockstep else None
+        if chains:
+            self._last = countdown
         for order, tag, view in chains:
             lane = self._queues.get(tag)
             if lane is None:
@@ -252,7 +274,7 @@ class ChainLanes:
                 t = threading.Thread(target=self._run, args=(lane,), name=f"relay-{self._group.rank}-lane{tag}", daemon=True)
                 self._threads.append(t)
                 t.start()
-            lane.put((order, tag, view, countdown))
+            lane.put((order, tag, view, countdown, after))
         return countdown.future
 
     def _run(self, lane: queue.SimpleQueue) -> None:
@@ -260,12 +282,15 @@ class ChainLanes:
             item = lane.get()
             if item is None:
                 return
-            order, tag, view, countdown = item
+            order, tag, view, countdown, after = item
+            if after is not None:
+                # Lockstep: the unit before ends on this rank first (failed, it fails this one below).
+                after.finished.wait()
             error = self._error
             if error is None:
                 try:
                     with self._group.blocking_call():
-                        relay_chain(self._group, order, tag, view)
+                        relay_chain(self._group, order, tag, view, self._min_chunk)
                 except BaseException as e:  # handed to the round's thread through the future
                     error = e
                     with self._lock:

@@ -190,7 +190,7 @@ def send_routed(
         return chains
 
     # Bucket k is packed while k - 1 relays (queued behind it on each lane), then k - 1 is waited for.
-    lanes = ChainLanes(group)
+    lanes = ChainLanes(group, lockstep=not plan.streams)
     in_flight: tuple[str, object] | None = None
     try:
         for k in range(plan.num_buckets):
@@ -256,7 +256,7 @@ def receive_routed(
     last_bucket = {p.name: p.bucket for p in mine}
     pending: dict[str, list[Piece]] = {}
 
-    lanes = ChainLanes(group)
+    lanes = ChainLanes(group, lockstep=not plan.streams)
 
     def post(k: int):
         routes = plan.routes(k, rank)

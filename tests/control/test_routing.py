@@ -441,3 +441,18 @@ def test_each_sender_and_set_of_receivers_keeps_one_tag_in_every_bucket():
             assert seen.setdefault((r.order[0], *sorted(r.order[1:])), r.tag) == r.tag, (k, r.order)
     assert sorted(seen.values()) == list(range(1, len(seen) + 1))
     assert {key[1:] for key in seen} == {(2, 4), (3, 5), (2, 3, 4, 5)}
+
+
+def test_rounds_of_more_than_two_senders_relay_in_lockstep_with_heads_rotating_per_bucket():
+    """S <= 2: each sender's chain keeps one order for the round (it streams); S = 4: every bucket's chains
+    rotate by (bucket + sender), so that every receiver takes its turn at the head."""
+    m = [TensorSpec(f"t{i}", (256,), "float32") for i in range(16)]  # 1 KiB each
+    needs = {r: None for r in range(4, 7)}
+    four = plan_routes(m, {r: {s.name: W for s in m} for r in range(4)}, needs, 4096)
+    assert not four.streams and four.num_buckets >= 3
+    heads = {(r.order[0], k): r.order[1] for k in range(four.num_buckets) for r in four.routes(k)}
+    for sender in range(4):
+        assert len({heads[(sender, k)] for k in range(four.num_buckets) if (sender, k) in heads}) > 1, sender
+    two = plan_routes(m, {r: {s.name: W for s in m} for r in range(2)}, {r - 2: None for r in needs}, 4096)
+    assert two.streams
+    assert len({r.order for k in range(two.num_buckets) for r in two.routes(k)}) == 2

@@ -20,6 +20,8 @@ from weightsync.dataplane.relay import ChainLanes
 HOST = "127.0.0.1"
 NBYTES = 256 << 10  # 16 chunks of 16 KiB: a relay of several chunks, quick on loopback
 TIMEOUT_S = 20.0
+# How long rank 1 waits for rank 2's word before it sends anyway (the lockstep case).
+WAIT_S = 3.0
 
 
 def _fill(seed: int) -> torch.Tensor:
@@ -42,10 +44,10 @@ def main(rank: int, port: int, scenario: str, out) -> None:
 
 def _run(rank: int, port: int, scenario: str) -> dict:
     group = _group(rank, port)
-    lanes = ChainLanes(group)
+    lanes = ChainLanes(group, lockstep=scenario == "lockstep")
     store = group.store
     try:
-        if scenario == "independent":
+        if scenario in ("independent", "lockstep"):
             return _independent(rank, group, lanes, store)
         return _failure(rank, group, lanes, store)
     finally:
@@ -55,7 +57,8 @@ def _run(rank: int, port: int, scenario: str) -> dict:
 
 def _independent(rank: int, group: DataPlaneGroup, lanes: ChainLanes, store) -> dict:
     """Rank 2 takes lane 1's bucket 1 while lane 2's bucket 0 has not started: rank 1 sends it only
-    once rank 2 says so. One unit per bucket would wait for lane 2's bucket 0 first: a deadlock."""
+    once rank 2 says so, or after WAIT_S without word (lockstep: lane 1's bucket 1 waits for
+    bucket 0 on rank 2, so the word never comes first)."""
     if rank == 0:
         f0 = lanes.submit([((0, 2), 1, _fill(0))])
         f1 = lanes.submit([((0, 2), 1, _fill(1))])
@@ -63,10 +66,14 @@ def _independent(rank: int, group: DataPlaneGroup, lanes: ChainLanes, store) -> 
         group.wait_future(f1, "lane 1 bucket 1")
         return {"ok": True}
     if rank == 1:
-        store.wait(["lane1-bucket1-in"], datetime.timedelta(seconds=TIMEOUT_S))
+        try:
+            store.wait(["lane1-bucket1-in"], datetime.timedelta(seconds=WAIT_S))
+            word = True
+        except RuntimeError:  # the store's wait timed out
+            word = False
         f0 = lanes.submit([((1, 2), 2, _fill(2))])
         group.wait_future(f0, "lane 2 bucket 0")
-        return {"ok": True}
+        return {"ok": True, "word_came": word}
     a0, b0, a1 = (torch.empty(NBYTES, dtype=torch.uint8) for _ in range(3))
     f0 = lanes.submit([((0, 2), 1, a0), ((1, 2), 2, b0)])
     f1 = lanes.submit([((0, 2), 1, a1)])

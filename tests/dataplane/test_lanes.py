@@ -41,7 +41,20 @@ def test_a_lane_takes_its_next_bucket_while_another_lane_has_not_begun_the_last(
     reports, codes = _launch("independent")
     for r in range(3):
         assert reports[r].get("ok"), (r, reports[r])
+    assert reports[1]["word_came"] is True
     assert reports[2]["bucket0_done_before_lane1_bucket1"] is False
+    assert reports[2]["exact"] == [True, True, True]
+    assert codes == {0: 0, 1: 0, 2: 0}
+
+
+def test_in_lockstep_a_lane_waits_for_every_chain_of_the_bucket_before():
+    """lockstep=True (rounds of many senders): rank 2 starts lane 1's bucket 1 only after lane 2's bucket 0,
+    so rank 1 hears nothing and sends after its bounded wait; then everything lands, bucket 0 first."""
+    reports, codes = _launch("lockstep")
+    for r in range(3):
+        assert reports[r].get("ok"), (r, reports[r])
+    assert reports[1]["word_came"] is False
+    assert reports[2]["bucket0_done_before_lane1_bucket1"] is True
     assert reports[2]["exact"] == [True, True, True]
     assert codes == {0: 0, 1: 0, 2: 0}
 

@@ -30,16 +30,19 @@ def test_links_chain_and_tree_cover_every_rank_once():
 
 
 def test_chunks_keep_the_pipeline_fill_small_and_agree_for_a_size():
-    """The fill ((hops - 1) chunks) is at most a sixteenth of a message down to small ones (a small model's
-    routes: 512 KiB over 8 receivers); chunks stay within bounds."""
+    """The fill ((hops - 1) chunks) is at most a sixteenth of a large message; chunks stay within bounds;
+    a streaming lane's floor lets a small model's routes (512 KiB over 8 receivers) fill for 7/32 of one."""
+    from weightsync.dataplane.relay import _STREAM_MIN_CHUNK_BYTES
+
     nbytes = 256 << 20
     for num_hops in (1, 3, 7, 15):
         c = chunk_bytes(nbytes, num_hops)
-        assert c % 4096 == 0 and (16 << 10) <= c <= (4 << 20)
+        assert c % 4096 == 0 and (64 << 10) <= c <= (4 << 20)
         assert (num_hops - 1) * c <= nbytes / 16 + num_hops * 4096  # rounded up to 4 KiB
-    # 512 KiB over a chain of 8 receivers (7 hops after the first): the floor, a fill of 7/32 of the message.
-    assert chunk_bytes(512 << 10, 8) == 16 << 10
-    assert chunk_bytes(100, 7) == 16 << 10
+    assert chunk_bytes(100, 7) == 64 << 10
+    assert chunk_bytes(512 << 10, 8) == 64 << 10
+    assert chunk_bytes(512 << 10, 8, _STREAM_MIN_CHUNK_BYTES) == 16 << 10
+    assert chunk_bytes(nbytes, 7, _STREAM_MIN_CHUNK_BYTES) == chunk_bytes(nbytes, 7), "large messages: the floor does not bind"
 
 
 def _check(reports, a, receivers, relay) -> None:

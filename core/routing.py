@@ -92,6 +92,11 @@ def box_of(region: Region, shape: Sequence[int]) -> Box:
     return tuple(box)
 
 
+def _streams(num_senders: int) -> bool:
+    """The one rule for both the chains' order (`_build`) and how ranks relay them (`RoutingPlan.streams`)."""
+    return num_senders <= STREAMING_MAX_SENDERS
+
+
 def _box_numel(box: Box) -> int:
     return math.prod(hi - lo for lo, hi in box)
 
@@ -162,7 +167,7 @@ class RoutingPlan:
     def streams(self) -> bool:
         """Whether each chain streams across buckets (dataplane/relay.py `ChainLanes`) or a rank
         relays a bucket's chains in lockstep; see "Relay" above."""
-        return self.num_senders <= STREAMING_MAX_SENDERS
+        return _streams(self.num_senders)
 
     def to_dict(self) -> dict:
         return {"num_senders": self.num_senders, "num_buckets": self.num_buckets, "pieces": [p.to_dict() for p in self.pieces]}
@@ -415,7 +420,7 @@ def _build(
         sender_of[i] = pick
         egress[pick] += cost(i)
     bucket_size_bytes = _routed_bucket_size(bucket_size_bytes, sum(cost(i) for i in range(len(cells))))
-    streams = num_senders <= STREAMING_MAX_SENDERS
+    streams = _streams(num_senders)
     pieces: list[Piece] = []
     bucket, used = 0, 0
     for i, (t, box, receivers, _) in enumerate(cells):

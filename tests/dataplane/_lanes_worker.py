@@ -91,11 +91,8 @@ def _failure(rank: int, group: DataPlaneGroup, lanes: ChainLanes, store) -> dict
     """Rank 1 dies before sending on lane 2 while rank 2's lane 1 waits for bytes rank 0 holds back:
     lane 2's failure must end lane 1's wait at once, and a chain queued after it must fail unrun."""
     if rank == 0:
-        # Holds its bytes back until the test ends (rank 2 reports or the wait times out).
-        try:
-            store.wait(["never"], datetime.timedelta(seconds=TIMEOUT_S / 2))
-        except RuntimeError:
-            pass
+        # Holds its bytes back until rank 2 has its verdicts (its lane 1 must fail without them).
+        store.wait(["rank2-judged"], datetime.timedelta(seconds=TIMEOUT_S * 2))
         return {"ok": True}
     if rank == 1:
         store.wait(["rank2-posted"], datetime.timedelta(seconds=TIMEOUT_S))
@@ -113,4 +110,6 @@ def _failure(rank: int, group: DataPlaneGroup, lanes: ChainLanes, store) -> dict
             errors[name] = None
         except Exception as e:
             errors[name] = f"{type(e).__name__}: {e}"
-    return {"ok": True, "errors": errors, "elapsed_s": time.monotonic() - started, "later_first_byte": int(later[0])}
+    elapsed = time.monotonic() - started
+    store.set("rank2-judged", "1")
+    return {"ok": True, "errors": errors, "elapsed_s": elapsed}

@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
 
     deltas = encode_many(bases, news)
     t_encode = _timed(lambda: encode_many(bases, news), args.iters)
+    t_find = _timed(lambda: delta_kernel.find_changes(bases, news) or encode_many(bases, news), args.iters)
     ints_b = [b.view(-1).view(torch.int16) for b in bases]
     ints_n = [n.view(-1).view(torch.int16) for n in news]
-    t_find = _timed(lambda: delta_kernel.find_changes(ints_b, ints_n) or encode_many(bases, news), args.iters)
 
     sweep = {}
     for item in filter(None, args.sweep.split(",")):
@@ -134,14 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         saved = (delta_kernel._BLOCK, delta_kernel._NUM_WARPS, delta_kernel._COMPACT_WARPS, delta_kernel._TALLY_WARPS)
         delta_kernel._NUM_WARPS, delta_kernel._COMPACT_WARPS = mark_warps, compact_warps
         delta_kernel._TALLY_WARPS = tally[0] if tally else saved[3]
-        run = lambda: delta_kernel._run(delta_kernel._kernels(), ints_b, ints_n, interpret=False, block=block)  # noqa: E731
+        run = lambda: delta_kernel._run(delta_kernel._kernels(), bases, news, interpret=False, block=block)  # noqa: E731
         sweep[item] = _timed(run, args.iters)
         delta_kernel._BLOCK, delta_kernel._NUM_WARPS, delta_kernel._COMPACT_WARPS, delta_kernel._TALLY_WARPS = saved
         print(f"sweep {item}: find {sweep[item] * 1e3:.2f} ms", flush=True)
     if args.probe:
         # The compact kernel's parts: indices only, values only, neither (ranks only).
         for flags in ((True, False), (False, True), (False, False)):
-            run = lambda: delta_kernel._run(delta_kernel._kernels(), ints_b, ints_n, interpret=False, probe=flags)  # noqa: E731
+            run = lambda: delta_kernel._run(delta_kernel._kernels(), bases, news, interpret=False, probe=flags)  # noqa: E731
             sweep[f"probe idx={flags[0]} val={flags[1]}"] = t = _timed(run, args.iters)
             print(f"probe store idx {flags[0]} val {flags[1]}: find {t * 1e3:.2f} ms", flush=True)
 

@@ -190,8 +190,8 @@ class Delta:
         """A Delta from fields that the encoder built to the contract: __post_init__'s checks cost
         microseconds per tensor of host time, for hundreds of tensors a round."""
         d = object.__new__(cls)
-        for name, value in zip(("encoding", "numel", "num_changed", "positions", "escapes", "values"), fields, strict=True):
-            object.__setattr__(d, name, value)
+        for setter, value in zip(_DELTA_SETTERS, fields, strict=True):
+            setter(d, value)
         return d
 
     @property
@@ -247,6 +247,10 @@ class Delta:
         return torch.cumsum(gaps + 1, 0) - 1
 
 
+# The slots' own setters: a frozen dataclass refuses setattr, and these skip its per-call lookup.
+_DELTA_SETTERS = tuple(Delta.__dict__[name].__set__ for name in ("encoding", "numel", "num_changed", "positions", "escapes", "values"))
+
+
 def _int_view(t: torch.Tensor, what: str) -> torch.Tensor:
     """The tensor's elements as a flat tensor of integers of the element width (no copy)."""
     if not t.is_contiguous():
@@ -274,6 +278,9 @@ def _check_pair(i: int, base: torch.Tensor, new: torch.Tensor) -> None:
             f"tensor {i}: base and new must match in shape, dtype and device, got base "
             f"{list(base.shape)} {base.dtype} {base.device} and new {list(new.shape)} {new.dtype} {new.device}"
         )
+    for what, t in (("base", base), ("new", new)):
+        if not t.is_contiguous():
+            raise ValueError(f"{what} tensor {i} must be contiguous (a delta addresses elements in storage order)")
 
 
 def encode(base: torch.Tensor, new: torch.Tensor, *, allowed: Iterable[Encoding] | None = None) -> Delta:
@@ -287,7 +294,7 @@ def encode_many(
     *,
     allowed: Iterable[Encoding] | None = None,
 ) -> list[Delta]:
-    """`encode` for many tensors, in one pass per device and dtype (few launches, three syncs on a GPU).
+    """`encode` for many tensors, in one pass per device and dtype (few launches on a GPU).
 
     The returned deltas may share storage with each other (views of one buffer per batch)
     and, for dense, with `news`: copy them before changing either.
@@ -295,20 +302,57 @@ def encode_many(
     if len(bases) != len(news):
         raise ValueError(f"{len(bases)} bases but {len(news)} new tensors")
     allowed_list = None if allowed is None else list(allowed)
-    for i, (b, n) in enumerate(zip(bases, news)):
-        _check_pair(i, b, n)
     out: list[Delta | None] = [None] * len(bases)
     for members in _groups(bases):
-        base_ints = [_int_view(bases[i], f"base tensor {i}") for i in members]
-        new_ints = [_int_view(news[i], f"new tensor {i}") for i in members]
-        found = None
-        if base_ints[0].is_cuda:
-            found = delta_kernel.find_changes(base_ints, new_ints)
-        if found is None:
-            found = _find_changes_torch(base_ints, new_ints)
-        for i, d in zip(members, _build(found, new_ints, news[members[0]].dtype, allowed_list)):
+        if bases[members[0]].is_cuda and delta_kernel.kernel_available():
+            # Pieces of the batch are launched one after the other and finished in order: the
+            # checks and tables of piece k+1, and the choosing and building of piece k's deltas,
+            # run on the host while the GPU finds the changes of earlier pieces. In one piece,
+            # none of that host work overlapped the GPU but the building, behind compact's
+            # last 2 ms (on an H100's host: 3 ms before mark began, 1.5 ms between the read-back
+            # and compact, 0.7 ms of building past compact's end; BENCHMARKS.md).
+            launched = []
+            for piece in _pieces(members, bases):
+                for i in piece:
+                    _check_pair(i, bases[i], news[i])
+                pb, pn = [bases[i] for i in piece], [news[i] for i in piece]
+                launched.append((piece, pn, delta_kernel.launch(pb, pn)))
+            for piece, pn, lc in launched:
+                found = delta_kernel.finish(lc) if lc is not None else _find_changes_torch(
+                    [_int_view(bases[i], "base") for i in piece], [_int_view(t, "new") for t in pn]
+                )
+                for i, d in zip(piece, _build(found, pn, allowed_list)):
+                    out[i] = d
+            continue
+        for i in members:
+            _check_pair(i, bases[i], news[i])
+        group_news = [news[i] for i in members]
+        found = _find_changes_torch([_int_view(bases[i], "base") for i in members], [_int_view(t, "new") for t in group_news])
+        for i, d in zip(members, _build(found, group_news, allowed_list)):
             out[i] = d
     return out  # type: ignore[return-value]
+
+
+# A GPU batch is cut into at most this many pieces of at least _MIN_PIECE_BYTES each, in order:
+# each piece costs a few launches and a read-back of its own (tens of microseconds), and the
+# first piece's host work is the part nothing overlaps. Measured on an H100: BENCHMARKS.md.
+_MAX_PIECES = 8
+_MIN_PIECE_BYTES = 256 << 20
+
+
+def _pieces(members: list[int], tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Consecutive runs of `members` of about equal bytes (whole tensors)."""
+    sizes = [tensors[i].numel() * tensors[i].element_size() for i in members]
+    target = max(_MIN_PIECE_BYTES, -(-sum(sizes) // _MAX_PIECES))
+    pieces: list[list[int]] = [[]]
+    filled = 0
+    for i, size in zip(members, sizes):
+        if pieces[-1] and filled >= target:
+            pieces.append([])
+            filled = 0
+        pieces[-1].append(i)
+        filled += size
+    return pieces
 
 
 def _groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
@@ -341,20 +385,23 @@ def _select(values: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tenso
     return values[mask]
 
 
-def _build(found: BatchChanges, new_ints: Sequence[torch.Tensor], dtype: torch.dtype, allowed: list[Encoding] | None) -> list[Delta]:
+def _build(found: BatchChanges, news: Sequence[torch.Tensor], allowed: list[Encoding] | None) -> list[Delta]:
     """Chooses each tensor's encoding from exact byte counts and builds it with batch-wide ops only:
-    per-tensor work is slicing, so a model of hundreds of tensors costs few launches."""
+    per-tensor work is slicing, so a model of hundreds of tensors costs few launches. `news`: the
+    batch's new tensors (contiguous, one dtype)."""
     counts, esc8, esc16 = found.counts, found.escapes8, found.escapes16
-    es = new_ints[0].element_size() if new_ints else 1
+    es = news[0].element_size() if news else 1
+    dtype = news[0].dtype if news else torch.uint8
     order = _ORDER if allowed is None else [e for e in _ORDER if e in {*allowed, Encoding.DENSE}]
     # Sizes as plain tuples: a dict keyed by the enum costs a Python-level hash per lookup, a
     # millisecond per round for hundreds of tensors.
-    keep = [e in order for e in _ORDER]
+    # min keeps the first of equal sizes: ties go to the earlier encoding.
+    keep = [i for i, e in enumerate(_ORDER) if e in order]
     chosen = []
-    for k, t in enumerate(new_ints):
-        sizes = _size_row(t.numel(), counts[k], es, esc8[k], esc16[k])
-        best = min((size, i) for i, size in enumerate(sizes) if keep[i])
-        chosen.append(_ORDER[best[1]])
+    numels = [t.numel() for t in news]
+    for k, numel in enumerate(numels):
+        sizes = _size_row(numel, counts[k], es, esc8[k], esc16[k])
+        chosen.append(_ORDER[min(keep, key=sizes.__getitem__)])
     gaps = found.gaps
     codes8 = escapes8 = None
     if Encoding.GAPS8 in chosen:
@@ -385,18 +432,18 @@ def _build(found: BatchChanges, new_ints: Sequence[torch.Tensor], dtype: torch.d
     escapes8_of = torch.split(escapes8, esc8) if escapes8 is not None else None
     out = []
     lo = 0
-    for k, (new, enc) in enumerate(zip(new_ints, chosen)):
-        numel, n = new.numel(), counts[k]
+    for k, (numel, enc) in enumerate(zip(numels, chosen)):
+        n = counts[k]
         values, escapes = values_of[k], empty
         if enc is Encoding.DENSE:
-            positions, values = empty, new.view(dtype)
+            positions, values = empty, news[k].reshape(-1)
         elif enc is Encoding.INDICES:
             positions = found.indices[lo : lo + n]
             if positions.dtype != _index_dtype(numel):
                 positions = positions.to(_index_dtype(numel))
         elif enc is Encoding.BITMASK:
-            if found.bits is not None:
-                positions = found.bits[k]
+            if found.bit_buffer is not None:
+                positions = found.bits(k)
             else:
                 mask = torch.zeros(numel, dtype=torch.bool, device=device)
                 mask[found.indices[lo : lo + n]] = True

@@ -38,13 +38,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BatchChanges", "find_changes", "gaps_and_escapes", "kernel_available", "scatter"]
+__all__ = ["BatchChanges", "Launched", "find_changes", "finish", "gaps_and_escapes", "kernel_available", "launch", "scatter"]
 
 # Elements per program. A multiple of 8 (whole bit bytes); 4096 bf16 = 8 KiB per tensor read.
 _BLOCK = 4096
 _NUM_WARPS = 8
 _COMPACT_WARPS = 1
 _TALLY_WARPS = 4
+# Blocks per program of tally and compact (see tally).
+_TALLY_GROUP = 8
+_COMPACT_GROUP = 4
 # Output slots per pass of compact (one per thread at 4 warps).
 _CHUNK = 128
 # mark stages up to BLOCK / _CAP_DIVISOR changes per block (6.25%: a 2% step averages 82 of
@@ -56,6 +59,7 @@ _CAP_DIVISOR = 16
 # this many bytes, so that the compiler may use 16-byte loads.
 _ALIGN_BYTES = 16
 _SCATTER_BLOCK = 4096
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 _lock = threading.Lock()
 _layouts: dict[tuple[torch.device, tuple[int, ...], int], "_Layout"] = {}
@@ -169,6 +173,7 @@ def _kernels():
         BLOCK: tl.constexpr,
         CAP: tl.constexpr,
         EBITS: tl.constexpr,
+        GROUP: tl.constexpr,
     ):
         # Per block, what the chooser needs besides the counts, before compact: one read-back
         # then gives every size. A staged block reads its positions (contiguous, about 1% of
@@ -177,47 +182,54 @@ def _kernels():
         # change precedes it in the block and none lies in the 255 elements before it, a
         # difference of two running counts. Gaps inside a block stay below BLOCK <= 32768, so
         # 65535+ happens only at a block's first change, which `_first_gaps` handles.
-        pid = tl.program_id(0)
-        count = tl.load(counts_ptr + pid)
-        esc = count * 0
-        first = count * 0 + BLOCK
-        last = count * 0 - 1
-        if count > CAP:
-            r = tl.arange(0, BLOCK // 8)
-            left = tl.load(block_tab_ptr + pid)
-            bits_at = tl.load(block_tab_ptr + 3 * num_blocks + pid)
-            byte = tl.load(bits_ptr + bits_at + r, mask=r < left // 8, other=0).to(tl.int32)
-            per_row = _popcount8(byte)
-            excl = tl.cumsum(per_row, axis=0) - per_row
-            lo = tl.zeros_like(byte) + 8
-            hi = tl.zeros_like(byte) - 1
-            for j in tl.static_range(8):
-                on = ((byte >> j) & 1) != 0
-                lo = tl.where(on & (lo == 8), j, lo)
-                hi = tl.where(on, j, hi)
-            p = r * 8 + lo
-            w = tl.maximum(p - 255, 0)
-            before = tl.gather(excl, w // 8, 0) + _popcount8(tl.gather(byte, w // 8, 0) & ((1 << (w % 8)) - 1))
-            opens = (per_row > 0) & (excl > 0) & (p >= 255) & (before == excl)
-            esc = tl.sum(opens.to(tl.int32), axis=0)
-            first = tl.min(tl.where(per_row > 0, p, BLOCK), axis=0)
-            last = tl.max(tl.where(per_row > 0, r * 8 + hi, -1), axis=0)
-        elif count > 0:
-            k = tl.arange(0, CAP)
-            at = stage_ptr + pid.to(tl.int64) * CAP + k
-            pos = (tl.load(at, mask=k < count, other=0) >> EBITS).to(tl.int32)
-            prev = (tl.load(at - 1, mask=(k > 0) & (k < count), other=0) >> EBITS).to(tl.int32)
-            esc = tl.sum(((k > 0) & (k < count) & (pos - prev - 1 >= 0xFF)).to(tl.int32), axis=0)
-            first = tl.min(tl.where(k < count, pos, BLOCK), axis=0)
-            last = tl.max(tl.where(k < count, pos, -1), axis=0)
-        tl.store(info_ptr + pid, esc)
-        tl.store(info_ptr + num_blocks + pid, first)
-        tl.store(info_ptr + 2 * num_blocks + pid, last)
+        # GROUP blocks per program, one after the other: a block's work is a few loads, and
+        # with one program per block, 2M programs (Llama-8B) cost their scheduling.
+        for g in range(GROUP):
+            pid = tl.program_id(0) * GROUP + g
+            if pid < num_blocks:
+                count = tl.load(counts_ptr + pid)
+                esc = count * 0
+                first = count * 0 + BLOCK
+                last = count * 0 - 1
+                if count > CAP:
+                    r = tl.arange(0, BLOCK // 8)
+                    left = tl.load(block_tab_ptr + pid)
+                    bits_at = tl.load(block_tab_ptr + 2 * num_blocks + pid)
+                    byte = tl.load(bits_ptr + bits_at + r, mask=r < left // 8, other=0).to(tl.int32)
+                    per_row = _popcount8(byte)
+                    excl = tl.cumsum(per_row, axis=0) - per_row
+                    lo = tl.zeros_like(byte) + 8
+                    hi = tl.zeros_like(byte) - 1
+                    for j in tl.static_range(8):
+                        on = ((byte >> j) & 1) != 0
+                        lo = tl.where(on & (lo == 8), j, lo)
+                        hi = tl.where(on, j, hi)
+                    p = r * 8 + lo
+                    w = tl.maximum(p - 255, 0)
+                    before = tl.gather(excl, w // 8, 0) + _popcount8(tl.gather(byte, w // 8, 0) & ((1 << (w % 8)) - 1))
+                    opens = (per_row > 0) & (excl > 0) & (p >= 255) & (before == excl)
+                    esc = tl.sum(opens.to(tl.int32), axis=0)
+                    first = tl.min(tl.where(per_row > 0, p, BLOCK), axis=0)
+                    last = tl.max(tl.where(per_row > 0, r * 8 + hi, -1), axis=0)
+                elif count > 0:
+                    k = tl.arange(0, CAP)
+                    at = stage_ptr + pid.to(tl.int64) * CAP + k
+                    pos = (tl.load(at, mask=k < count, other=0) >> EBITS).to(tl.int32)
+                    prev = (tl.load(at - 1, mask=(k > 0) & (k < count), other=0) >> EBITS).to(tl.int32)
+                    esc = tl.sum(((k > 0) & (k < count) & (pos - prev - 1 >= 0xFF)).to(tl.int32), axis=0)
+                    first = tl.min(tl.where(k < count, pos, BLOCK), axis=0)
+                    last = tl.max(tl.where(k < count, pos, -1), axis=0)
+                tl.store(info_ptr + pid, esc)
+                tl.store(info_ptr + num_blocks + pid, first)
+                tl.store(info_ptr + 2 * num_blocks + pid, last)
 
     @triton.jit
     def compact(
         anchor_ptr,
-        block_tab_ptr,  # 4 rows of num_blocks: elements left in the block's span from e0, e0, new offset + e0, bits offset + e0 // 8
+        block_tab_ptr,  # 3 rows of num_blocks: elements left in the block's span from e0, e0, bits offset + e0 // 8
+        block_span_ptr,
+        span_ptr,  # mark's
+        num_spans,
         bits_ptr,
         counts_ptr,
         slots_ptr,
@@ -236,6 +248,7 @@ def _kernels():
         LOG2_ROWS: tl.constexpr,
         CAP: tl.constexpr,
         EBITS: tl.constexpr,
+        GROUP: tl.constexpr,
         STORE_IDX: tl.constexpr = True,
         STORE_VAL: tl.constexpr = True,
     ):
@@ -246,53 +259,58 @@ def _kernels():
         # the bits of that row, and loads the value from `new` (measured: storing from the row
         # side, lane by lane, spent two thirds of its time in partial-sector stores).
         # A block's first gap and first escape slot come from before this launch (`_first_gaps`).
-        pid = tl.program_id(0)
-        count = tl.load(counts_ptr + pid)
-        left = tl.load(block_tab_ptr + pid)
-        e0 = tl.load(block_tab_ptr + num_blocks + pid)
-        new_at = tl.multiple_of(tl.load(block_tab_ptr + 2 * num_blocks + pid), ALIGN)
-        bits_at = tl.load(block_tab_ptr + 3 * num_blocks + pid)
-        first = tl.load(slots_ptr + pid)
-        last = e0 * 0
-        first_gap = tl.load(first_gap_ptr + pid)
-        esc_at = tl.load(esc_first_ptr + pid)
-        if count > CAP:
-            r = tl.arange(0, BLOCK // 8)
-            byte = tl.load(bits_ptr + bits_at + r, mask=r < left // 8, other=0).to(tl.int32)
-            per_row = _popcount8(byte)
-            ends = tl.cumsum(per_row, axis=0)  # changes in rows 0..i
-            for c0 in range(0, count, CHUNK):
-                p = c0 + tl.arange(0, CHUNK)
-                live = p < count
-                # The first row whose running count passes p (p < count, so it exists).
-                row = tl.zeros([CHUNK], dtype=tl.int32)
-                for s in tl.static_range(LOG2_ROWS):
-                    half = (BLOCK // 8) >> (s + 1)
-                    row = tl.where(tl.gather(ends, row + (half - 1), 0) <= p, row + half, row)
-                row = tl.minimum(row, BLOCK // 8 - 1)
-                b = tl.gather(byte, row, 0)
-                k = p - (tl.gather(ends, row, 0) - _popcount8(b))  # rank of p within its row
-                lane = tl.zeros([CHUNK], dtype=tl.int32)
-                for j in tl.static_range(8):
-                    is_kth = (((b >> j) & 1) != 0) & (_popcount8(b & ((1 << j) - 1)) == k)
-                    lane = tl.where(is_kth, j, lane)
-                at = e0 + row.to(tl.int64) * 8 + lane
-                val = tl.load(anchor_ptr + new_at + at - e0, mask=live, other=0)
-                last, esc_at = _emit(
-                    at, val, p, live, first, last, first_gap, esc_at, idx_out_ptr, val_out_ptr, gap_out_ptr,
-                    code_out_ptr, esc_out_ptr, CHUNK, STORE_IDX, STORE_VAL,
-                )  # fmt: skip
-        elif count > 0:
-            for c0 in range(0, count, CHUNK):
-                p = c0 + tl.arange(0, CHUNK)
-                live = p < count
-                entry = tl.load(stage_ptr + pid.to(tl.int64) * CAP + p, mask=live, other=0)
-                at = e0 + (entry >> EBITS).to(tl.int64)
-                val = (entry & ((1 << EBITS) - 1)).to(val_out_ptr.dtype.element_ty)
-                last, esc_at = _emit(
-                    at, val, p, live, first, last, first_gap, esc_at, idx_out_ptr, val_out_ptr, gap_out_ptr,
-                    code_out_ptr, esc_out_ptr, CHUNK, STORE_IDX, STORE_VAL,
-                )  # fmt: skip
+        for g in range(GROUP):  # as in tally
+            pid = tl.program_id(0) * GROUP + g
+            if pid < num_blocks:
+                count = tl.load(counts_ptr + pid)
+                left = tl.load(block_tab_ptr + pid)
+                e0 = tl.load(block_tab_ptr + num_blocks + pid)
+                # The new tensors' offsets come from the span table, the one part of a call that is not
+                # a size: the per-block table is then the layout's, cached, with no per-call copy.
+                span = tl.load(block_span_ptr + pid)
+                new_at = tl.multiple_of(tl.load(span_ptr + 2 * num_spans + span) + e0, ALIGN)
+                bits_at = tl.load(block_tab_ptr + 2 * num_blocks + pid)
+                first = tl.load(slots_ptr + pid)
+                last = e0 * 0
+                first_gap = tl.load(first_gap_ptr + pid)
+                esc_at = tl.load(esc_first_ptr + pid)
+                if count > CAP:
+                    r = tl.arange(0, BLOCK // 8)
+                    byte = tl.load(bits_ptr + bits_at + r, mask=r < left // 8, other=0).to(tl.int32)
+                    per_row = _popcount8(byte)
+                    ends = tl.cumsum(per_row, axis=0)  # changes in rows 0..i
+                    for c0 in range(0, count, CHUNK):
+                        p = c0 + tl.arange(0, CHUNK)
+                        live = p < count
+                        # The first row whose running count passes p (p < count, so it exists).
+                        row = tl.zeros([CHUNK], dtype=tl.int32)
+                        for s in tl.static_range(LOG2_ROWS):
+                            half = (BLOCK // 8) >> (s + 1)
+                            row = tl.where(tl.gather(ends, row + (half - 1), 0) <= p, row + half, row)
+                        row = tl.minimum(row, BLOCK // 8 - 1)
+                        b = tl.gather(byte, row, 0)
+                        k = p - (tl.gather(ends, row, 0) - _popcount8(b))  # rank of p within its row
+                        lane = tl.zeros([CHUNK], dtype=tl.int32)
+                        for j in tl.static_range(8):
+                            is_kth = (((b >> j) & 1) != 0) & (_popcount8(b & ((1 << j) - 1)) == k)
+                            lane = tl.where(is_kth, j, lane)
+                        at = e0 + row.to(tl.int64) * 8 + lane
+                        val = tl.load(anchor_ptr + new_at + at - e0, mask=live, other=0)
+                        last, esc_at = _emit(
+                            at, val, p, live, first, last, first_gap, esc_at, idx_out_ptr, val_out_ptr, gap_out_ptr,
+                            code_out_ptr, esc_out_ptr, CHUNK, STORE_IDX, STORE_VAL,
+                        )  # fmt: skip
+                elif count > 0:
+                    for c0 in range(0, count, CHUNK):
+                        p = c0 + tl.arange(0, CHUNK)
+                        live = p < count
+                        entry = tl.load(stage_ptr + pid.to(tl.int64) * CAP + p, mask=live, other=0)
+                        at = e0 + (entry >> EBITS).to(tl.int64)
+                        val = (entry & ((1 << EBITS) - 1)).to(val_out_ptr.dtype.element_ty)
+                        last, esc_at = _emit(
+                            at, val, p, live, first, last, first_gap, esc_at, idx_out_ptr, val_out_ptr, gap_out_ptr,
+                            code_out_ptr, esc_out_ptr, CHUNK, STORE_IDX, STORE_VAL,
+                        )  # fmt: skip
 
     @triton.jit
     def scatter(
@@ -332,11 +350,6 @@ def kernel_available() -> bool:
     return torch.cuda.is_available() and _kernels() is not None
 
 
-def _takes(t: torch.Tensor) -> bool:
-    # 8-byte elements do not pack beside a position into mark's 64-bit staging entries.
-    return t.is_cuda and t.element_size() <= 4 and t.numel() % 8 == 0 and t.data_ptr() % _ALIGN_BYTES == 0
-
-
 @dataclass(slots=True)
 class _Layout:
     """Per-batch tables that depend only on the tensors' sizes: rounds repeat, so cached."""
@@ -346,10 +359,8 @@ class _Layout:
     num_blocks: int
     last_block: torch.Tensor  # per span, on the device: its last block (0 for an empty tensor)
     has_blocks: list[bool]
-    bits_offs: list[int]
-    # compact's per-block table (4 rows of num_blocks; see its signature), with row 2 holding
-    # e0 only: a call adds its new tensors' offsets, the one part that is not a size.
-    compact_tab: torch.Tensor
+    bits_offs: list[int]  # per span, its first byte in the batch's bits; one more entry, the end
+    compact_tab: torch.Tensor  # compact's per-block table (3 rows of num_blocks; see its signature)
     span_first_block: torch.Tensor  # per block, on the device: the first block of its span
 
 
@@ -367,9 +378,10 @@ def _layout(device: torch.device, numels: tuple[int, ...], block: int) -> _Layou
     for n in numels:
         bits_offs.append(pos)
         pos += n // 8
+    bits_offs.append(pos)
     span_numel = torch.tensor(numels, dtype=torch.int64)[block_span]
-    span_bits = torch.tensor(bits_offs, dtype=torch.int64)[block_span]
-    compact_tab = torch.stack((span_numel - block_elem, block_elem, block_elem, span_bits + block_elem // 8))
+    span_bits = torch.tensor(bits_offs[:-1], dtype=torch.int64)[block_span]
+    compact_tab = torch.stack((span_numel - block_elem, block_elem, span_bits + block_elem // 8))
     span_first_block = starts[block_span]
     layout = _Layout(
         block_span.to(device),
@@ -394,8 +406,9 @@ class BatchChanges:
 
     indices, values, gaps: per change (local element index, new value as an integer, elements
     skipped since the previous change of its tensor); counts, escapes8, escapes16: per tensor
-    (changes, gaps >= 255, gaps >= 65535); bits: per tensor, its packed change mask, or None
-    where not made; codes8: see below.
+    (changes, gaps >= 255, gaps >= 65535); bit_buffer: every tensor's packed change mask, one
+    after the other from the byte offsets in bit_offsets (`bits(k)`), or None where not made;
+    codes8: see below.
     """
 
     indices: torch.Tensor
@@ -404,9 +417,15 @@ class BatchChanges:
     counts: list[int]
     escapes8: list[int]
     escapes16: list[int]
-    bits: list[torch.Tensor] | None
+    bit_buffer: torch.Tensor | None
+    bit_offsets: list[int] | None = None  # per tensor its first byte, and one more entry: the end
     codes8: torch.Tensor | None = None  # the gaps clamped to 255 as uint8 (the gaps8 codes), where made
     escape_gaps8: torch.Tensor | None = None  # the gaps >= 255 in order (the gaps8 escapes), where codes8 is made
+
+    def bits(self, k: int) -> torch.Tensor:
+        """Tensor k's packed change mask (bit i of byte i // 8 for element i), a view; where made.
+        (Views on demand: slicing all of them costs host time per tensor that few rounds use.)"""
+        return self.bit_buffer[self.bit_offsets[k] : self.bit_offsets[k + 1]]
 
 
 def _per_span(running: list[int], present: list[bool]) -> list[int]:
@@ -423,103 +442,170 @@ def _per_span(running: list[int], present: list[bool]) -> list[int]:
     return out
 
 
-def find_changes(base_ints: Sequence[torch.Tensor], new_ints: Sequence[torch.Tensor]) -> BatchChanges | None:
+def find_changes(bases: Sequence[torch.Tensor], news: Sequence[torch.Tensor]) -> BatchChanges | None:
     """The batch's changes through the kernels, or None if any tensor is one they cannot take.
 
-    All tensors are flat, contiguous integer views of one dtype on one CUDA device.
+    All tensors are contiguous, of one dtype and one CUDA device, base and new alike in shape;
+    elements compare as integers of their width, whatever the dtype.
     """
+    launched = launch(bases, news)
+    return None if launched is None else finish(launched)
+
+
+def launch(bases: Sequence[torch.Tensor], news: Sequence[torch.Tensor]) -> "Launched | None":
+    """`find_changes` up to its read-back: mark, tally and the per-tensor counts are queued on the
+    GPU and on their way to the host; `finish` takes them on. A caller with several batches
+    launches them all first, so that the host's work for batch k+1 and its choosing and building
+    of batch k's deltas overlap the GPU's work (one batch's host work is milliseconds for a
+    model's hundreds of tensors, on a par with the kernels). None where find_changes says None."""
     kernels = _kernels()
-    if kernels is None or not base_ints:
+    # 8-byte elements do not pack beside a position into mark's 64-bit staging entries.
+    if kernels is None or not bases or not bases[0].is_cuda or bases[0].element_size() > 4:
         return None
-    if not all(_takes(t) for t in (*base_ints, *new_ints)):
-        return None
-    return _run(kernels, base_ints, new_ints, interpret=False)
+    return _launch(kernels, bases, news, interpret=False)
+
+
+@dataclass(slots=True)
+class Launched:
+    """One batch between `launch` and `finish`: its device buffers and its counts in flight."""
+
+    kernels: tuple
+    anchor: torch.Tensor
+    layout: "_Layout"
+    numels: tuple[int, ...]
+    span_table: torch.Tensor
+    bits: torch.Tensor
+    counts: torch.Tensor
+    stage: torch.Tensor
+    slots: torch.Tensor
+    first_gaps: torch.Tensor | None
+    esc8_first: torch.Tensor | None
+    running: torch.Tensor  # on the host: per tensor with blocks, running changes, escapes8, escapes16
+    ready: "torch.cuda.Event | None"  # recorded after the copy of `running`; None on the CPU
+    block: int
+    interpret: bool
 
 
 def _run(
     kernels,
-    base_ints: Sequence[torch.Tensor],
-    new_ints: Sequence[torch.Tensor],
+    bases: Sequence[torch.Tensor],
+    news: Sequence[torch.Tensor],
     *,
     interpret: bool,
     block: int = _BLOCK,
     probe: tuple[bool, bool] = (True, True),
-) -> BatchChanges:
-    """Launches mark and compact; `interpret` lets Triton's CPU interpreter run them on CPU tensors
-    (where a smaller `block` keeps the test fast and puts more block boundaries in it)."""
-    mark, tally, compact, _ = kernels
+) -> BatchChanges | None:
+    """Launches mark, tally and compact (None where a tensor's size or address does not suit
+    them); `interpret` lets Triton's CPU interpreter run them on CPU tensors (where a smaller
+    `block` keeps the test fast and puts more block boundaries in it)."""
+    launched = _launch(kernels, bases, news, interpret=interpret, block=block)
+    return None if launched is None else finish(launched, probe=probe)
+
+
+def _launch(
+    kernels, bases: Sequence[torch.Tensor], news: Sequence[torch.Tensor], *, interpret: bool, block: int = _BLOCK
+) -> Launched | None:
+    """mark, tally, the first gaps and the copy of the per-tensor counts to the host, queued.
+
+    The host work before mark is one pass over the tensors' sizes and addresses: nothing the GPU
+    does overlaps it in a batch of its own (no per-tensor views: the kernels address every
+    tensor from one anchor)."""
+    mark, tally, _, _ = kernels
     # Staged positions are int16, and gaps inside a block stay below 65535 (see mark).
     assert 128 <= block <= 1 << 15 and block & (block - 1) == 0, block
-    device = base_ints[0].device
-    es = base_ints[0].element_size()
-    anchor = base_ints[0]
-    anchor_ptr = anchor.data_ptr()
-    numels = tuple(t.numel() for t in base_ints)
+    first = bases[0]
+    device = first.device
+    es = first.element_size()
+    numels = tuple(t.numel() for t in bases)
+    base_ptrs = [t.data_ptr() for t in bases]
+    new_ptrs = [t.data_ptr() for t in news]
+    if any(n % 8 for n in numels) or any(p % _ALIGN_BYTES for p in base_ptrs) or any(p % _ALIGN_BYTES for p in new_ptrs):
+        return None
+    anchor = first.reshape(-1).view(_INT_OF_SIZE[es])
+    anchor_ptr = base_ptrs[0]
     num_spans = len(numels)
     layout = _layout(device, numels, block)
     nb = layout.num_blocks
-    table = (
-        list(numels)
-        + [(t.data_ptr() - anchor_ptr) // es for t in base_ints]
-        + [(t.data_ptr() - anchor_ptr) // es for t in new_ints]
-        + layout.bits_offs
-    )
-    span_table = torch.tensor(table, dtype=torch.int64).to(device)
-    bits = torch.empty(sum(numels) // 8, dtype=torch.uint8, device=device)
+    table = [
+        *numels,
+        *[(p - anchor_ptr) // es for p in base_ptrs],
+        *[(p - anchor_ptr) // es for p in new_ptrs],
+        *layout.bits_offs[:-1],
+    ]
+    span_table = torch.tensor(table, dtype=torch.int64, pin_memory=not interpret).to(device, non_blocking=True)
+    bits = torch.empty(layout.bits_offs[-1], dtype=torch.uint8, device=device)
     counts = torch.empty(nb, dtype=torch.int32, device=device)
     cap = block // _CAP_DIVISOR
     ebits = 8 * es
     stage = torch.empty(nb * cap, dtype=torch.int32 if es <= 2 else torch.int64, device=device)
     info = torch.empty((3, nb), dtype=torch.int32, device=device)
-    tab = layout.compact_tab.clone()
-    tab[2] += span_table[2 * num_spans : 3 * num_spans][layout.block_span]
-    extra = {} if interpret else {"num_warps": _NUM_WARPS}
-    align = _ALIGN_BYTES // es
     if nb:
         mark[(nb,)](
             anchor, layout.block_span, layout.block_elem, span_table, bits, counts, stage, num_spans,
-            BLOCK=block, ALIGN=align, CAP=cap, EBITS=ebits, **extra,
+            BLOCK=block, ALIGN=_ALIGN_BYTES // es, CAP=cap, EBITS=ebits, **({} if interpret else {"num_warps": _NUM_WARPS}),
         )  # fmt: skip
-        tally[(nb,)](
-            stage, tab, bits, counts, info, nb, BLOCK=block, CAP=cap, EBITS=ebits,
+        tally[(-(-nb // _TALLY_GROUP),)](
+            stage, layout.compact_tab, bits, counts, info, nb, BLOCK=block, CAP=cap, EBITS=ebits, GROUP=_TALLY_GROUP,
             **({} if interpret else {"num_warps": _TALLY_WARPS}),
         )  # fmt: skip
     ends = torch.cumsum(counts, 0, dtype=torch.int64)
     slots = ends - counts
-    present = layout.has_blocks
     first_gaps = esc8_first = None
     if nb:
         first_gaps, esc8_of, esc16_of = _first_gaps(counts, ends, slots, info, layout)
-        # The one read-back: per tensor, running sums over the blocks read at its last block. On
+        # The read-back: per tensor, running sums over the blocks read at its last block. On
         # the H200 for Llama-8B's 2M blocks, 1-D cumsums take microseconds where index_add took
         # 1.0 ms (atomics on 291 bins) and a cumsum along rows of a 2 x blocks table 3.6 ms.
         esc8_ends = torch.cumsum(esc8_of, 0)
         esc8_first = esc8_ends - esc8_of
-        running = torch.stack((ends, esc8_ends, torch.cumsum(esc16_of, 0)))[:, layout.last_block].tolist()
+        running = torch.stack((ends, esc8_ends, torch.cumsum(esc16_of, 0)))[:, layout.last_block]
     else:
-        running = [[], [], []]
-    span_counts, esc8, esc16 = (_per_span([v for v, p in zip(row, present) if p], present) for row in running)
+        running = torch.empty((3, 0), dtype=torch.int64, device=device)
+    ready = None
+    if not interpret:
+        host = torch.empty(running.shape, dtype=running.dtype, pin_memory=True)
+        running = host.copy_(running, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+    return Launched(
+        kernels, anchor, layout, numels, span_table, bits, counts, stage, slots, first_gaps, esc8_first, running,
+        ready, block, interpret,
+    )  # fmt: skip
+
+
+def finish(launched: Launched, *, probe: tuple[bool, bool] = (True, True)) -> BatchChanges:
+    """The batch's changes: waits for its counts, allocates its outputs and launches compact.
+    compact is the last launch, with no read-back behind it: the caller's host work (choosing and
+    building the deltas) overlaps it."""
+    lc = launched
+    if lc.ready is not None:
+        lc.ready.synchronize()
+    layout, numels, anchor, block = lc.layout, lc.numels, lc.anchor, lc.block
+    device = anchor.device
+    es = anchor.element_size()
+    num_spans = len(numels)
+    nb = layout.num_blocks
+    present = layout.has_blocks
+    span_counts, esc8, esc16 = (_per_span([v for v, p in zip(row, present) if p], present) for row in lc.running.tolist())
     total = sum(span_counts)
     idx_dtype = torch.int32 if max(numels, default=0) <= 1 << 31 else torch.int64
     idx_out = torch.empty(total, dtype=idx_dtype, device=device)
     val_out = torch.empty(total, dtype=anchor.dtype, device=device)
-    bit_views = [bits[o : o + n // 8] for o, n in zip(layout.bits_offs, numels)]
     if not total:
         empty = torch.empty(0, dtype=idx_dtype, device=device)
-        return BatchChanges(idx_out, val_out, empty, span_counts, [0] * num_spans, [0] * num_spans, bit_views)
+        return BatchChanges(idx_out, val_out, empty, span_counts, [0] * num_spans, [0] * num_spans, lc.bits, layout.bits_offs)
     gaps = torch.empty(total, dtype=idx_dtype, device=device)
     codes8 = torch.empty(total, dtype=torch.uint8, device=device)
     escape_gaps8 = torch.empty(sum(esc8), dtype=idx_dtype, device=device)
-    # Launched with no read-back behind it: the caller's host work (choosing and building the
-    # deltas) overlaps the kernel.
-    compact[(nb,)](
-        anchor, tab, bits, counts, slots, stage, idx_out, val_out, gaps, codes8, first_gaps, esc8_first,
-        escape_gaps8, nb,
-        BLOCK=block, ALIGN=align, CHUNK=_CHUNK, LOG2_ROWS=(block // 8).bit_length() - 1, CAP=cap, EBITS=ebits,
-        STORE_IDX=probe[0], STORE_VAL=probe[1],
-        **({} if interpret else {"num_warps": _COMPACT_WARPS}),
+    cap = block // _CAP_DIVISOR
+    lc.kernels[2][(-(-nb // _COMPACT_GROUP),)](
+        anchor, layout.compact_tab, layout.block_span, lc.span_table, num_spans, lc.bits, lc.counts, lc.slots,
+        lc.stage, idx_out, val_out, gaps, codes8, lc.first_gaps, lc.esc8_first, escape_gaps8, nb,
+        BLOCK=block, ALIGN=_ALIGN_BYTES // es, CHUNK=_CHUNK, LOG2_ROWS=(block // 8).bit_length() - 1, CAP=cap,
+        EBITS=8 * es, GROUP=_COMPACT_GROUP, STORE_IDX=probe[0], STORE_VAL=probe[1],
+        **({} if lc.interpret else {"num_warps": _COMPACT_WARPS}),
     )  # fmt: skip
-    return BatchChanges(idx_out, val_out, gaps, span_counts, esc8, esc16, bit_views, codes8, escape_gaps8)
+    return BatchChanges(idx_out, val_out, gaps, span_counts, esc8, esc16, lc.bits, layout.bits_offs, codes8, escape_gaps8)
 
 
 def _first_gaps(

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from weightsync.dataplane import delta as delta_mod
 from weightsync.dataplane.checksum import CHUNK_WORDS, tensor_checksum
 from weightsync.dataplane.delta import Delta, Encoding, apply_delta, apply_many, encode, encode_many, encoded_nbytes
 from weightsync.dataplane.delta_checksum import (
@@ -308,10 +309,10 @@ for dtype in (torch.int16, torch.int32, torch.uint8):
     assert torch.equal(got.codes8, want.gaps.clamp(max=255).to(torch.uint8)), dtype
     assert torch.equal(got.escape_gaps8.long(), want.gaps[want.gaps >= 255]), dtype
     assert torch.equal(got.values, want.values), dtype
-    for b, n, bits in zip(bases, news, got.bits):
-        assert torch.equal(bits, delta._pack_bits(b != n)), dtype
+    for k, (b, n) in enumerate(zip(bases, news)):
+        assert torch.equal(got.bits(k), delta._pack_bits(b != n)), dtype
     for allowed in (None, [Encoding.INDICES], [Encoding.BITMASK], [Encoding.GAPS16], [Encoding.GAPS8]):
-        deltas = delta._build(got, news, dtype, allowed)
+        deltas = delta._build(got, news, allowed)
         # The batched decode and the scatter kernel, as apply_many runs them on a GPU.
         targets = [b.clone() for b in bases]
         for enc in {d.encoding for d in deltas} - {Encoding.DENSE}:
@@ -385,3 +386,41 @@ def test_encode_on_cuda_equals_cpu():
     target = bases[0].cuda()
     with pytest.raises(ValueError, match=r"1 changes of indices deltas \[0\] address elements outside their targets"):
         apply_many([target], [Delta(Encoding.INDICES, bad.numel, bad.num_changed, positions, bad.escapes, bad.values)])
+
+
+def test_a_gpu_batch_is_cut_into_consecutive_pieces_of_about_equal_bytes(monkeypatch):
+    """encode_many's pieces (launched one after the other so that the host's work overlaps the GPU's):
+    whole tensors in their order, each piece but the last at least the target, at most _MAX_PIECES."""
+    monkeypatch.setattr(delta_mod, "_MIN_PIECE_BYTES", 1)
+    sizes = [4096, 100, 8192, 8, 0, 4096, 2048, 2048, 16384, 8]
+    tensors = [torch.empty(n, dtype=torch.bfloat16) for n in sizes]
+    members = list(range(len(sizes)))
+    for max_pieces in (1, 2, 3, 8, 64):
+        monkeypatch.setattr(delta_mod, "_MAX_PIECES", max_pieces)
+        pieces = delta_mod._pieces(members, tensors)
+        assert [i for p in pieces for i in p] == members and all(pieces)
+        assert len(pieces) <= max_pieces
+        target = -(-sum(2 * n for n in sizes) // max_pieces)
+        assert all(sum(2 * sizes[i] for i in p) >= target for p in pieces[:-1]), (max_pieces, pieces)
+    monkeypatch.setattr(delta_mod, "_MIN_PIECE_BYTES", 1 << 30)
+    assert delta_mod._pieces(members, tensors) == [members]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_encode_on_cuda_in_pieces_equals_cpu(monkeypatch):
+    """A batch launched in several pieces (one of them with a tensor the kernels cannot take, so
+    that piece alone uses torch ops) gives the CPU's deltas, in the caller's order."""
+    monkeypatch.setattr(delta_mod, "_MIN_PIECE_BYTES", 1)
+    monkeypatch.setattr(delta_mod, "_MAX_PIECES", 4)
+    sizes = (4096 * 64, 4096 * 8, 1000, 7, 4096 * 20, 4096 * 3, 64)
+    patterns = ["two_percent", "half", "last", "last", "sparse", "none", "all"]
+    bases = [_random(n, torch.bfloat16, seed=n) for n in sizes]
+    news = [_with_changes(b, _pattern(p, b.numel())) for b, p in zip(bases, patterns)]
+    assert delta_mod._pieces(list(range(len(sizes))), bases) == [[0], [1, 2, 3, 4], [5, 6]]
+    cpu = encode_many(bases, news)
+    gpu = encode_many([b.cuda() for b in bases], [n.cuda() for n in news])
+    for c, g in zip(cpu, gpu, strict=True):
+        assert (g.encoding, g.num_changed, g.nbytes) == (c.encoding, c.num_changed, c.nbytes)
+        assert torch.equal(g.indices().cpu(), c.indices())
+        assert torch.equal(_bits(g.values.cpu()), _bits(c.values))

@@ -14,7 +14,10 @@ batch of tensors (one dtype, one device) costs:
 2. Torch ops over the blocks: a cumsum gives every block its first output slot (blocks are in
    tensor order, then element order, so the output is sorted per tensor), a binary search the
    change before each block's first (`_first_gaps`); then the one read-back, per tensor: its
-   changes, escapes8 and escapes16, all that choosing an encoding needs.
+   changes, escapes8 and escapes16, all that choosing an encoding needs. `launch` queues
+   steps 1-2 and the read-back's copy, `finish` waits for it and queues step 3: a caller with
+   several batches launches them all first (`delta.encode_many` cuts a model into pieces), so
+   that its host work for one batch overlaps the GPU's for the others.
 3. `compact`: a block that fits its staging copies it to its output slots in order; a fuller
    one reads its bits back and fills its slots from the output side (thread t finds the t-th
    change of its block by a binary search over the rows' running counts), so stores are whole
@@ -140,16 +143,21 @@ def _kernels():
         base_off = tl.multiple_of(tl.load(span_ptr + num_spans + span), ALIGN)
         new_off = tl.multiple_of(tl.load(span_ptr + 2 * num_spans + span), ALIGN)
         bits_off = tl.load(span_ptr + 3 * num_spans + span)
-        rows = e0 // 8 + tl.arange(0, BLOCK // 8).to(tl.int64)
-        offs = rows[:, None] * 8 + tl.arange(0, 8)[None, :]
-        inside = offs < n
-        x = tl.load(anchor_ptr + base_off + offs, mask=inside, other=0, eviction_policy="evict_first")
-        y = tl.load(anchor_ptr + new_off + offs, mask=inside, other=0, eviction_policy="evict_first")
+        # Addresses as one 64-bit scalar per tensor plus 32-bit offsets inside the block: mark is
+        # bound by its instructions over every element as much as by its bytes.
+        local = tl.arange(0, BLOCK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
+        left = tl.minimum(n - e0, BLOCK).to(tl.int32)
+        inside = local < left
+        base_at = anchor_ptr + tl.multiple_of(base_off + e0, ALIGN)
+        new_at = anchor_ptr + tl.multiple_of(new_off + e0, ALIGN)
+        x = tl.load(base_at + local, mask=inside, other=0, eviction_policy="evict_first")
+        y = tl.load(new_at + local, mask=inside, other=0, eviction_policy="evict_first")
         changed = (x != y).to(tl.int32)
         packed = tl.sum(changed << tl.arange(0, 8)[None, :], axis=1)
         per_row = tl.sum(changed, axis=1)
         tl.store(counts_ptr + pid, tl.sum(per_row, axis=0))
-        tl.store(bits_ptr + bits_off + rows, packed.to(tl.uint8), mask=rows < n // 8)
+        row = tl.arange(0, BLOCK // 8)
+        tl.store(bits_ptr + (bits_off + e0 // 8) + row, packed.to(tl.uint8), mask=row < left // 8)
         # The values are in registers here; staging the first CAP changes of the block at their
         # rank (a scan over the block's rows, then over a row's 8 lanes inside one thread) spares
         # compact its binary search and its scattered reads of `new`. Position and value travel
@@ -157,7 +165,6 @@ def _kernels():
         # is instructions over every element, changed or not).
         rank = (tl.cumsum(per_row, axis=0) - per_row)[:, None] + (tl.cumsum(changed, axis=1) - changed)
         keep = (changed != 0) & (rank < CAP)
-        local = tl.arange(0, BLOCK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
         ety = stage_ptr.dtype.element_ty
         entry = (local.to(ety) << EBITS) | (y.to(ety) & ((1 << EBITS) - 1))
         tl.store(stage_ptr + pid.to(tl.int64) * CAP + rank, entry, mask=keep)

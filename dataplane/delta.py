@@ -304,38 +304,34 @@ def encode_many(
     allowed_list = None if allowed is None else list(allowed)
     out: list[Delta | None] = [None] * len(bases)
     for members in _groups(bases):
-        if bases[members[0]].is_cuda and delta_kernel.kernel_available():
-            # Pieces of the batch are launched one after the other and finished in order: the
-            # checks and tables of piece k+1, and the choosing and building of piece k's deltas,
-            # run on the host while the GPU finds the changes of earlier pieces. In one piece,
-            # none of that host work overlapped the GPU but the building, behind compact's
-            # last 2 ms (on an H100's host: 3 ms before mark began, 1.5 ms between the read-back
-            # and compact, 0.7 ms of building past compact's end; BENCHMARKS.md).
-            launched = []
-            for piece in _pieces(members, bases):
-                for i in piece:
-                    _check_pair(i, bases[i], news[i])
-                pb, pn = [bases[i] for i in piece], [news[i] for i in piece]
-                launched.append((piece, pn, delta_kernel.launch(pb, pn)))
-            for piece, pn, lc in launched:
-                found = delta_kernel.finish(lc) if lc is not None else _find_changes_torch(
-                    [_int_view(bases[i], "base") for i in piece], [_int_view(t, "new") for t in pn]
-                )
-                for i, d in zip(piece, _build(found, pn, allowed_list)):
-                    out[i] = d
-            continue
-        for i in members:
-            _check_pair(i, bases[i], news[i])
-        group_news = [news[i] for i in members]
-        found = _find_changes_torch([_int_view(bases[i], "base") for i in members], [_int_view(t, "new") for t in group_news])
-        for i, d in zip(members, _build(found, group_news, allowed_list)):
-            out[i] = d
+        on_gpu = bases[members[0]].is_cuda and delta_kernel.kernel_available()
+        # On a GPU, pieces of the batch are launched one after the other and finished in order:
+        # the checks and tables of piece k+1, and the choosing and building of piece k's deltas,
+        # run on the host while the GPU finds the changes of earlier pieces. In one piece, none
+        # of that host work overlapped the GPU but the building, behind compact's last 2 ms (on
+        # an H100's host: 3 ms before mark began, 1.5 ms between the read-back and compact,
+        # 0.7 ms of building past compact's end). A piece the kernels cannot take, and a batch
+        # on the CPU (one piece), use torch ops.
+        launched = []
+        for piece in _pieces(members, bases) if on_gpu else [members]:
+            for i in piece:
+                _check_pair(i, bases[i], news[i])
+            pb, pn = [bases[i] for i in piece], [news[i] for i in piece]
+            launched.append((piece, pb, pn, delta_kernel.launch(pb, pn) if on_gpu else None))
+        for piece, pb, pn, lc in launched:
+            if lc is not None:
+                found = delta_kernel.finish(lc)
+            else:
+                found = _find_changes_torch([_int_view(t, "base") for t in pb], [_int_view(t, "new") for t in pn])
+            for i, d in zip(piece, _build(found, pn, allowed_list)):
+                out[i] = d
     return out  # type: ignore[return-value]
 
 
 # A GPU batch is cut into at most this many pieces of at least _MIN_PIECE_BYTES each, in order:
 # each piece costs a few launches and a read-back of its own (tens of microseconds), and the
-# first piece's host work is the part nothing overlaps. Measured on an H100: BENCHMARKS.md.
+# first piece's host work is the part nothing overlaps. Not yet timed on a GPU: the count is a
+# first choice, to be set from bench/delta_codec.py runs.
 _MAX_PIECES = 8
 _MIN_PIECE_BYTES = 256 << 20
 

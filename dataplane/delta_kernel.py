@@ -143,8 +143,9 @@ def _kernels():
         base_off = tl.multiple_of(tl.load(span_ptr + num_spans + span), ALIGN)
         new_off = tl.multiple_of(tl.load(span_ptr + 2 * num_spans + span), ALIGN)
         bits_off = tl.load(span_ptr + 3 * num_spans + span)
-        # Addresses as one 64-bit scalar per tensor plus 32-bit offsets inside the block: mark is
-        # bound by its instructions over every element as much as by its bytes.
+        # Addresses as one 64-bit scalar per tensor plus 32-bit offsets inside the block: mark's
+        # extra cost over a copy is instructions over every element (staging, above all). Not
+        # yet timed on a GPU against the previous 64-bit offsets.
         local = tl.arange(0, BLOCK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
         left = tl.minimum(n - e0, BLOCK).to(tl.int32)
         inside = local < left
@@ -189,8 +190,9 @@ def _kernels():
         # change precedes it in the block and none lies in the 255 elements before it, a
         # difference of two running counts. Gaps inside a block stay below BLOCK <= 32768, so
         # 65535+ happens only at a block's first change, which `_first_gaps` handles.
-        # GROUP blocks per program, one after the other: a block's work is a few loads, and
-        # with one program per block, 2M programs (Llama-8B) cost their scheduling.
+        # GROUP blocks per program, one after the other: a block's work is a few loads, and tally
+        # and compact both took about 2 ms with one program per block (2M for Llama-8B) despite
+        # different work, so scheduling may be their cost. Not yet timed on a GPU.
         for g in range(GROUP):
             pid = tl.program_id(0) * GROUP + g
             if pid < num_blocks:

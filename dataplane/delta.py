@@ -307,11 +307,11 @@ def encode_many(
         on_gpu = bases[members[0]].is_cuda and delta_kernel.kernel_available()
         # On a GPU, pieces of the batch are launched one after the other and finished in order:
         # the checks and tables of piece k+1, and the choosing and building of piece k's deltas,
-        # run on the host while the GPU finds the changes of earlier pieces. In one piece, none
-        # of that host work overlapped the GPU but the building, behind compact's last 2 ms (on
-        # an H100's host: 3 ms before mark began, 1.5 ms between the read-back and compact,
-        # 0.7 ms of building past compact's end). A piece the kernels cannot take, and a batch
-        # on the CPU (one piece), use torch ops.
+        # run on the host while the GPU finds the changes of earlier pieces. In the one-launch
+        # design before this, none of that host work overlapped the GPU but the building (on an
+        # H100's host: 3 ms before mark began, 1.5 ms between the read-back and compact, 0.7 ms
+        # of building past compact's end). A piece the kernels cannot take, and a batch on the
+        # CPU (one piece), use torch ops.
         launched = []
         for piece in _pieces(members, bases) if on_gpu else [members]:
             for i in piece:
@@ -329,10 +329,10 @@ def encode_many(
 
 
 # A GPU batch is cut into at most this many pieces of at least _MIN_PIECE_BYTES each, in order:
-# each piece costs a few launches and a read-back of its own (tens of microseconds), and the
-# first piece's host work is the part nothing overlaps. Not yet timed on a GPU: the count is a
-# first choice, to be set from bench/delta_codec.py runs.
-_MAX_PIECES = 8
+# each piece costs a few launches and a read-back of its own, and the first piece's host work is
+# the part nothing overlaps. Llama-8B on an H100 (2026-12-07, one process, encode ms for 1, 2,
+# 4, 8, 16 pieces): 17.63, 17.30, 17.42, 17.97, 18.71 (BENCHMARKS.md "Encode in pieces").
+_MAX_PIECES = 2
 _MIN_PIECE_BYTES = 256 << 20
 
 

@@ -276,8 +276,22 @@ def test_the_update_trusts_the_base_and_a_recompute_does_not():
 
 _INTERPRETED_KERNEL = r"""
 import torch
+import triton.runtime.interpreter as interpreter
 from weightsync.dataplane import delta, delta_kernel
 from weightsync.dataplane.delta import Encoding
+
+# Triton 3.6's interpreter turns a loaded scalar into a loop bound with int(array) on a one-element
+# array, which numpy >= 2.4 refuses (seen on the GPU machine: Triton 3.6.0, numpy 2.5.2); later
+# Triton squeezes the array first. Give the interpreter that later behaviour; compiled kernels
+# never take this path.
+if hasattr(interpreter, "_patch_lang_tensor"):
+    _patch_tensor = interpreter._patch_lang_tensor
+
+    def _patch_lang_tensor(tensor, scope):
+        _patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = _patch_lang_tensor
 
 torch.manual_seed(0)
 # Blocks of 1024 elements; sizes that end mid-block; none, some, all changed; first and last element;

@@ -69,13 +69,18 @@ RELAY_MODES = ("auto", "broadcast", "chain", "tree")
 RELAY_ENV = "WEIGHTSYNC_GLOO_RELAY"
 # A tag no round uses: the receive that closes a failed gloo group's pairs (`release_blocked_waits`).
 _RELEASE_TAG = 0x7753
-# How long interpreter exit waits for our threads to come back from gloo (see `_native`). Once a
-# group's pairs are cut they return in milliseconds; the bound only matters if gloo ignores the cut.
+# Interpreter exit and our threads inside gloo (see `_NativeCalls`). Once a group's pairs are cut,
+# every wait that the cut reaches is back within milliseconds; _EXIT_GRACE_S is that, with room
+# for a loaded machine. A wait that the cut does not reach comes back only when its own timeout
+# expires: exit waits for that when it is within _EXIT_SAFE_S (sooner, it could come back while
+# the interpreter finalizes), and never longer than _EXIT_WAIT_S in all.
+_EXIT_GRACE_S = 1.0
+_EXIT_SAFE_S = 5.0
 _EXIT_WAIT_S = 10.0
 
 
 class _NativeCalls:
-    """Counts our daemon threads that are inside a blocking gloo call with the GIL released.
+    """Our daemon threads that are inside a blocking gloo call with the GIL released.
 
     Such a thread must be back in Python before the interpreter starts finalizing: a daemon thread
     that asks for the GIL then is ended by pthread_exit, whose forced unwind through torch's
@@ -83,38 +88,57 @@ class _NativeCalls:
     without an active exception") after it already reported its result. Measured: a push that
     reported FAILED exited -6 in about 1 of 3 runs when a peer's socket closed during its exit.
     `_quiesce_at_exit` (atexit, which runs before finalization) cuts the pairs of every group with
-    such a call pending and waits until the count is zero.
+    such a call pending and waits for them to come back.
+
+    Cutting the pairs does not end every wait. gloo's tcp `Pair::signalException` (pair.cc) fails
+    the buffers of sends and receives still queued on the pair, but not an unbound-buffer send that
+    has already started writing (`tx_` holds it without its buffer): when a peer posts its receive
+    and then stops reading (SIGSTOP, a hung host), that send's wait ends only at its own timeout.
+    Measured: a `weightsync push` whose receiver was SIGSTOPped mid-bucket reported FAILED 3 s after
+    the loss and then sat 10 s in exit, in 4 of 6 runs on a loaded 2-core machine. So each call
+    records `not_before`, the monotonic time at which its own gloo timeout expires: a call still
+    inside after the cut cannot come back sooner, and exit need not wait for one whose time is
+    far off.
     """
 
     def __init__(self) -> None:
-        self._count = 0
+        self._not_before: dict[int, float] = {}
+        self._next_token = 0
         self._changed = threading.Condition()
 
-    def enter(self) -> None:
+    def enter(self, not_before: float) -> int:
         with self._changed:
-            self._count += 1
+            token = self._next_token
+            self._next_token += 1
+            self._not_before[token] = not_before
+            return token
 
-    def leave(self) -> None:
+    def leave(self, token: int) -> None:
         with self._changed:
-            self._count -= 1
+            del self._not_before[token]
             self._changed.notify_all()
 
     @contextlib.contextmanager
-    def inside(self):
-        self.enter()
+    def inside(self, not_before: float):
+        token = self.enter(not_before)
         try:
             yield
         finally:
-            self.leave()
+            self.leave(token)
 
     @property
     def count(self) -> int:
         with self._changed:
-            return self._count
+            return len(self._not_before)
+
+    def soonest(self) -> float | None:
+        """The earliest `not_before` of the calls inside now; None when there are none."""
+        with self._changed:
+            return min(self._not_before.values(), default=None)
 
     def wait_zero(self, timeout_s: float) -> bool:
         with self._changed:
-            return self._changed.wait_for(lambda: self._count == 0, timeout_s)
+            return self._changed.wait_for(lambda: not self._not_before, max(0.0, timeout_s))
 
 
 _native = _NativeCalls()
@@ -127,9 +151,23 @@ def _quiesce_at_exit() -> None:
     for group in list(_live_groups):
         if group.backend is not None and group.transport == "gloo":
             group.release_blocked_waits()
-    if not _native.wait_zero(_EXIT_WAIT_S):
-        log.warning("%d data-plane thread(s) still inside gloo %g s into interpreter exit; the process may abort",
-                    _native.count, _EXIT_WAIT_S)
+    if _native.wait_zero(_EXIT_GRACE_S):
+        return
+    # What is still inside waits for its own timeout (see `_NativeCalls`).
+    give_up = time.monotonic() + _EXIT_WAIT_S
+    while (soonest := _native.soonest()) is not None:
+        now = time.monotonic()
+        if soonest - now > _EXIT_SAFE_S:
+            log.warning("%d data-plane thread(s) still inside gloo after their pairs were cut: each waits for its own "
+                        "timeout (the first in %.0f s), so none can come back while this process exits; leaving them",
+                        _native.count, soonest - now)
+            return
+        if now >= give_up:
+            log.warning("%d data-plane thread(s) still inside gloo %g s into interpreter exit; the process may abort",
+                        _native.count, _EXIT_WAIT_S)
+            return
+        # Until the soonest has had time to come back; then look again.
+        _native.wait_zero(min(give_up, max(soonest, now) + _EXIT_GRACE_S) - now)
 
 
 atexit.register(_quiesce_at_exit)
@@ -247,6 +285,8 @@ class DataPlaneGroup:
         self.round_index = 0
         self.update_id = ""
         self._round_deadline = float("inf")
+        # When this rank began its current round: no collective of the round started earlier.
+        self._round_started: float | None = None
         self._broken_reason: str | None = None
         self._buffers: list[torch.Tensor] = []
         # How dense rounds travel on a gloo group ("broadcast", "chain", "tree"); rank 0 picks it.
@@ -298,7 +338,8 @@ class DataPlaneGroup:
         """Counts rounds on this group; every rank counts the same rounds or the header check fails."""
         self.round_index += 1
         self.update_id = update_id
-        self._round_deadline = time.monotonic() + deadline_s
+        self._round_started = time.monotonic()
+        self._round_deadline = self._round_started + deadline_s
         return self.round_index
 
     def buffers(self, count: int, nbytes: int, device: torch.device) -> list[torch.Tensor]:
@@ -419,12 +460,13 @@ class DataPlaneGroup:
             self.wait(work, what)
             return
         self._check_requested_abort(what)
-        timeout = _timedelta(max(1.0, self._deadline() - time.monotonic()))
+        timeout_s = max(1.0, self._deadline() - time.monotonic())
+        timeout = _timedelta(timeout_s)
         future: concurrent.futures.Future = concurrent.futures.Future()
 
         def block() -> None:
             try:
-                with self.blocking_call():
+                with self.blocking_call(timeout_s):
                     work.wait(timeout)
                 future.set_result(None)
             except BaseException as e:  # handed to the waiting thread
@@ -450,14 +492,16 @@ class DataPlaneGroup:
         return self._worker.submit(tracked)
 
     @contextlib.contextmanager
-    def blocking_call(self):
+    def blocking_call(self, timeout_s: float | None = None):
         """Wraps a blocking call into this group's backend made on a thread of ours (the worker,
         a relay lane): counted, so that `release_blocked_waits` knows to cut the pairs and
-        interpreter exit waits for the thread to come back (`_native`)."""
+        interpreter exit waits for the thread to come back (`_native`). `timeout_s`: the
+        shortest timeout that any wait inside gives gloo; default timeout_s, what relays use."""
+        not_before = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         with self._blocked_lock:
             self._num_blocked += 1
         try:
-            with _native.inside():
+            with _native.inside(not_before):
                 yield
         finally:
             with self._blocked_lock:
@@ -677,11 +721,14 @@ class DataPlaneGroup:
             try:
                 holder.clear()
             finally:
-                _native.leave()
+                _native.leave(token)
 
         # Counted from before the thread starts, so that an exit right after this close waits
-        # for it: the destructor joins gloo's threads with the GIL released.
-        _native.enter()
+        # for it: the destructor joins gloo's threads with the GIL released. A collective they
+        # are stuck in started in this round, with timeout_s (`_set_op_timeout`), and cannot
+        # end by its timeout sooner than this; without a round nothing is pending.
+        pending_since = self._round_started if self.transport == "gloo" else None
+        token = _native.enter(time.monotonic() if pending_since is None else pending_since + self.timeout_s)
 
         threading.Thread(target=drop, name=f"weightsync-release-{self.group_id}", daemon=True).start()
         released.set()  # only now: this thread holds no reference any more

@@ -5,11 +5,15 @@ process's own exit, and multiprocessing children leave by os._exit without it.
 
 ROLE "peer" is rank 0: it hosts the store, joins the group, never sends, and stays up for
 PEER_S so that the subject's pending work can only end by our own release or gloo's timeout.
-ROLE "subject" is rank 1, in one of two scenarios:
+ROLE "subject" is rank 1 (rank 0 where it sends), in one of three scenarios:
 - "pending-recv": a receive from the peer blocks on the group's worker thread;
 - "broken-broadcast": a broadcast that the peer never starts is pending in gloo's own threads
-  when the group fails (as a receiver's round does when the coordinator ends it).
-Either way the subject then leaves Python with a finalizer that keeps interpreter finalization
+  when the group fails (as a receiver's round does when the coordinator ends it);
+- "stopped-peer-send": the peer posts a receive of SEND_BYTES and stops itself (SIGSTOP, as a
+  hung host); the subject's send to it fills the socket and waits in gloo when the round is
+  abandoned. Cutting the pairs does not end that wait (groups._NativeCalls): exit must leave it
+  rather than wait it out.
+Each time the subject then leaves Python with a finalizer that keeps interpreter finalization
 busy for FINALIZE_S: the window in which a daemon thread that comes back from gloo takes the
 process down with SIGABRT, made wide on purpose so that the race is decided every run.
 """
@@ -17,7 +21,10 @@ process down with SIGABRT, made wide on purpose so that the race is decided ever
 from __future__ import annotations
 
 import datetime
+import os
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -30,6 +37,8 @@ TIMEOUT_S = 30.0
 PEER_S = 20.0
 FINALIZE_S = 5.0
 PENDING_RECV_S = 2.0
+# Far more than the socket buffers on both ends hold (a few MiB on loopback).
+SEND_BYTES = 64 << 20
 
 
 class _SlowFinalizer:
@@ -49,12 +58,20 @@ def _group(rank: int, port: int) -> groups.DataPlaneGroup:
 
 
 def main(role: str, port: int, scenario: str) -> None:
+    # The subject hosts the store where it sends, as a trainer does: a stopped host must not freeze it.
+    subject_rank = 0 if scenario == "stopped-peer-send" else 1
     if role == "peer":
-        group = _group(0, port)
+        group = _group(1 - subject_rank, port)
         print("joined", flush=True)
+        if scenario == "stopped-peer-send":
+            group.store.set("peer-pid", str(os.getpid()))
+            # The receive is posted (its notice written to the subject) before this returns.
+            work = group.recv(torch.empty(SEND_BYTES, dtype=torch.uint8), subject_rank, "bucket 1/1")
+            os.kill(os.getpid(), signal.SIGSTOP)
+            del work
         time.sleep(PEER_S)
         return
-    group = _group(1, port)
+    group = _group(subject_rank, port)
     if scenario == "pending-recv":
         buf = torch.empty(16)
         group.submit(lambda: group.backend.recv([buf], 0, 5).wait(datetime.timedelta(seconds=PENDING_RECV_S)))
@@ -69,12 +86,38 @@ def main(role: str, port: int, scenario: str) -> None:
         assert isinstance(error, TransferError)
         released = groups._native.wait_zero(TIMEOUT_S)
         print(f"released {released} after {time.monotonic() - started:.3f} s", flush=True)
+    elif scenario == "stopped-peer-send":
+        peer_pid = int(group.store.get("peer-pid"))
+        deadline = time.monotonic() + 30
+        while _process_state(peer_pid) != "T":
+            assert time.monotonic() < deadline, "the peer never stopped"
+            time.sleep(0.01)
+        work = group.send(torch.zeros(SEND_BYTES, dtype=torch.uint8), 1, "bucket 1/1")
+
+        def abandon() -> None:  # as the coordinator's verdict does, once the send waits in gloo
+            while groups._native.count == 0:
+                time.sleep(0.01)
+            group.request_abort("exit-test", "the round ended FAILED on the coordinator")
+
+        threading.Thread(target=abandon, daemon=True).start()
+        try:
+            group.wait_p2p(work, "bucket 1/1")
+        except TransferError as e:
+            print(f"abandoned: {e}", flush=True)
+        else:
+            raise AssertionError("a send to a stopped peer completed")
     else:
-        raise ValueError(f"scenario {scenario!r}: expected pending-recv or broken-broadcast")
+        raise ValueError(f"scenario {scenario!r}: expected pending-recv, broken-broadcast or stopped-peer-send")
     global _finalizer
     _finalizer = _SlowFinalizer()
-    print("leaving", flush=True)
+    print(f"leaving at {time.monotonic():.3f}", flush=True)
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat ("T": stopped)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "")
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])

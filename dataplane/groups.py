@@ -508,13 +508,14 @@ class DataPlaneGroup:
                 self._num_blocked -= 1
 
     def release_blocked_waits(self) -> None:
-        """Makes every pending gloo point-to-point wait() raise now.
+        """Makes every pending gloo point-to-point wait() raise now, but one (see `_NativeCalls`).
 
         gloo's shutdown() and abort() leave a thread blocked in such a wait() (measured), and a
         daemon thread that comes back from C++ while the interpreter exits ends the process in
         std::terminate ("terminate called without an active exception"). An application timeout
         is gloo's one way to close every pair of its context (unbound_buffer.cc): pending sends
-        and receives then raise at once. Only for a group being closed with such waits pending:
+        and receives then raise at once, except a send already writing to a peer that stopped
+        reading, which waits for its own timeout. Only for a group being closed with such waits pending:
         a healthy close must not cut pairs that may still carry a peer's last bytes.
         """
         with self._blocked_lock:

@@ -66,8 +66,11 @@ _FILL_SHARE = 16
 _WINDOW = 16
 _TAG = 0
 # How long ChainLanes.close waits for its lanes' threads; idle ones end in microseconds, failed
-# ones once their group's pairs are cut (milliseconds).
+# ones once their group's pairs are cut (milliseconds). After a failure the wait is shorter: a
+# lane sending to a peer that stopped reading is not ended by the cut (groups.py `_NativeCalls`)
+# and would hold the round's end for the whole bound; exit accounts for it (`blocking_call`).
 _CLOSE_JOIN_S = 5.0
+_CLOSE_JOIN_FAILED_S = 1.0
 
 
 def links(order: Sequence[int], rank: int, shape: str) -> tuple[int | None, list[int]]:
@@ -303,16 +306,18 @@ class ChainLanes:
 
     def close(self) -> None:
         """Ends the lanes: chains still queued run first (or fail at once after a failure), then
-        each lane's thread returns; waits up to _CLOSE_JOIN_S for them. A lane thread still ending
+        each lane's thread returns; waits up to _CLOSE_JOIN_S for them (_CLOSE_JOIN_FAILED_S once
+        a lane or the group failed: what the cut pairs end is back by then). A lane thread still ending
         when the interpreter finalizes aborts the process (measured: every rank of
         tests/dataplane/test_lanes.py exited -6, "terminate called without an active exception",
         until close waited), so a round's lanes end with the round. One blocked in gloo past the
-        bound (a healthy group whose peer stalls) is left to its timeout, counted for exit by
-        `blocking_call`."""
+        bound (a healthy group whose peer stalls, a send to a stopped peer) is left to its
+        timeout, counted for exit by `blocking_call`."""
         for lane in self._queues.values():
             lane.put(None)
         self._queues = {}
-        deadline = time.monotonic() + _CLOSE_JOIN_S
+        failed = self._error is not None or self._group.is_broken
+        deadline = time.monotonic() + (_CLOSE_JOIN_FAILED_S if failed else _CLOSE_JOIN_S)
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         self._threads = []

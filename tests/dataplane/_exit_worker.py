@@ -95,7 +95,8 @@ def main(role: str, port: int, scenario: str) -> None:
         work = group.send(torch.zeros(SEND_BYTES, dtype=torch.uint8), 1, "bucket 1/1")
 
         def abandon() -> None:  # as the coordinator's verdict does, once the send waits in gloo
-            while groups._native.count == 0:
+            until = time.monotonic() + 30
+            while groups._native.count == 0 and time.monotonic() < until:
                 time.sleep(0.01)
             group.request_abort("exit-test", "the round ended FAILED on the coordinator")
 

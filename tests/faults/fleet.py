@@ -22,6 +22,14 @@ HEARTBEAT_TIMEOUT_S = 3.0
 COLLECTIVE_TIMEOUT_S = 8.0
 DEADLINE_S = 25.0
 BUCKET_BYTES = 1 << 20
+# Issue 10's target: every rank out of the round this long after a participant's loss is known.
+FAST_S = 5.0
+
+
+def out_of_round_bound_s(sig: int) -> float:
+    """How soon after `sig` reached a daemon every rank must be out of the round: a stopped daemon
+    (its sockets open, nothing read) is known lost only at the heartbeat timeout, a killed one at once."""
+    return FAST_S + (HEARTBEAT_TIMEOUT_S if sig == signal.SIGSTOP else 0.0)
 
 
 def cli(*args: str) -> list[str]:
@@ -297,6 +305,13 @@ class Fleet:
 
     def signal_daemon(self, daemon_id: str, sig: int) -> None:
         os.kill(self.daemons[daemon_id].pid, sig)
+
+    def bring_back(self, daemon_id: str, sig: int) -> None:
+        """Undoes `signal_daemon(daemon_id, sig)` for SIGKILL (a fresh daemon serving version 0) or SIGSTOP (SIGCONT)."""
+        if sig == signal.SIGKILL:
+            self.start_daemon(daemon_id, served_version=0)
+        else:
+            self.signal_daemon(daemon_id, signal.SIGCONT)
 
     def kill_coordinator(self) -> None:
         self.coordinator.kill()

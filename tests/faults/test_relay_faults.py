@@ -7,30 +7,16 @@ import time
 
 import pytest
 
-from tests.faults.fleet import HEARTBEAT_TIMEOUT_S, Fleet, make_weights, wait_for
+from tests.faults.fleet import Fleet, make_weights, out_of_round_bound_s, wait_for
 from weightsync.dataplane.groups import RELAY_ENV
 
 pytestmark = pytest.mark.slow
 
 LONG = dict(collective_timeout_s=120.0, deadline_s=300.0)
-# As in test_liveness.py: every rank out of the round this long after the loss is known.
-FAST_S = 5.0
 IDLE = 1
-# A stopped daemon (its sockets open, nothing read) is known lost only at the heartbeat timeout; a
-# killed one at once. Stopped, the rank sending to it is left in a gloo send that cutting the pairs
-# does not end (dataplane/groups.py `_NativeCalls`): leaving must not wait for that send.
+# Stopped, the rank sending to mem1 is left in a gloo send that cutting the pairs does not end
+# (dataplane/groups.py `_NativeCalls`): leaving must not wait for that send.
 SIGNALS = pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["sigkill", "sigstop"])
-
-
-def _bound_s(sig: int) -> float:
-    return FAST_S + (HEARTBEAT_TIMEOUT_S if sig == signal.SIGSTOP else 0.0)
-
-
-def _bring_back(fleet: Fleet, sig: int) -> None:
-    if sig == signal.SIGKILL:
-        fleet.start_daemon("mem1", served_version=0)
-    else:
-        fleet.signal_daemon("mem1", signal.SIGCONT)
 
 
 @pytest.fixture
@@ -58,11 +44,11 @@ def test_lost_relay_daemon_takes_every_rank_out_fast_and_the_next_round_heals(fl
             push.kill()
         push.wait(10)
     assert rc == 1 and summary["daemons"]["mem1"] == "FAILED", summary
-    assert trainer_s < _bound_s(sig), f"trainer left the round {trainer_s:.1f} s after the loss (bound {_bound_s(sig):g} s)"
-    assert survivors_s < _bound_s(sig), f"receivers left the round {survivors_s:.1f} s after the loss (bound {_bound_s(sig):g} s)"
+    assert trainer_s < out_of_round_bound_s(sig), f"trainer left the round {trainer_s:.1f} s after the loss (bound {out_of_round_bound_s(sig):g} s)"
+    assert survivors_s < out_of_round_bound_s(sig), f"receivers left the round {survivors_s:.1f} s after the loss (bound {out_of_round_bound_s(sig):g} s)"
     info = fleet.daemons_info()
     assert info["mem0"].dirty and info["mem2"].dirty, "engines that took part in a failed round are flagged"
-    _bring_back(fleet, sig)
+    fleet.bring_back("mem1", sig)
     fleet.clear_failpoints()
     fleet.wait_daemons(list(fleet.daemons))
     rc, summary = fleet.push(2, **LONG)
@@ -98,11 +84,11 @@ def test_lost_hop_of_a_routed_relay_takes_every_rank_out_fast_and_the_next_round
             push.kill()
         push.wait(10)
     assert rc == 1 and summary["state"] == "FAILED" and summary["daemons"]["mem1"] == "FAILED", (rc, summary)
-    assert trainer_s < _bound_s(sig), f"trainer left the round {trainer_s:.1f} s after the loss (bound {_bound_s(sig):g} s)"
-    assert survivors_s < _bound_s(sig), f"receivers left the round {survivors_s:.1f} s after the loss (bound {_bound_s(sig):g} s)"
+    assert trainer_s < out_of_round_bound_s(sig), f"trainer left the round {trainer_s:.1f} s after the loss (bound {out_of_round_bound_s(sig):g} s)"
+    assert survivors_s < out_of_round_bound_s(sig), f"receivers left the round {survivors_s:.1f} s after the loss (bound {out_of_round_bound_s(sig):g} s)"
     info = fleet.daemons_info()
     assert info["mem0"].dirty and info["mem2"].dirty, "engines that took part in a failed round are flagged"
-    _bring_back(fleet, sig)
+    fleet.bring_back("mem1", sig)
     fleet.clear_failpoints()
     fleet.wait_daemons(list(fleet.daemons))
     rc, summary = fleet.push(2, **LONG)
